@@ -1,0 +1,544 @@
+"""
+bpe.py: byte-level Byte Pair Encoding, the tokenizer of every stage.
+
+A language model reads integers, not text. This file turns text into ids and
+back, and it is the only place in stagegpt that does so.
+
+The algorithm, as in the lectures:
+  1. Text is UTF-8 bytes, so the first 256 ids are the 256 byte values and any
+     text at all can be encoded (nothing is ever "unknown").
+  2. Count every adjacent pair of ids in the training text.
+  3. Merge the most frequent pair into a new id (256, 257, ...), everywhere.
+  4. Repeat until the vocabulary has the size we asked for.
+Encoding new text replays the merges in the order they were learned.
+
+Before counting, the text is pre-split by a regular expression (GPT-2's or
+GPT-4's) into words, numbers, punctuation and whitespace, so that a merge never
+glues a word to the punctuation after it ("dog." and "dog!" share "dog").
+
+Tie rule: when several pairs are equally frequent, the smallest pair wins,
+comparing the first id and then the second (so (97, 98) beats (97, 99) and
+(98, 0)).
+
+Two trainers give exactly the same merges:
+  train_naive  recounts every pair of the whole text after each merge (readable);
+  train_fast   counts each distinct pre-token once, keeps pair counts up to date
+               by touching only the words that contain the merged pair, and finds
+               the most frequent pair with a heap.
+Two encoders give exactly the same ids:
+  Tokenizer.encode_reference  the merge loop in plain Python (readable);
+  Tokenizer.encode            the same merges exported to tiktoken (fast, Rust).
+
+Special tokens (document separator, chat turn markers, end of turn, reward) get
+the ids after the merges. They are never learned from text, and plain `encode`
+never produces them: the text "<|end|>" typed by a user is just characters.
+Only `encode(text, allow_special=True)` turns those strings into control ids.
+
+Command line:
+  python bpe.py train  --input FILE --vocab-size N --out PATH [--pattern gpt4|gpt2]
+  python bpe.py encode --tokenizer PATH "some text"     (shows the pieces)
+  python bpe.py decode --tokenizer PATH 72 101 108
+"""
+
+import argparse
+import hashlib
+import heapq
+import json
+import os
+import sys
+import time
+
+import regex  # the `regex` package (installed with tiktoken): \p{L} classes and possessive quantifiers
+import tiktoken
+
+# -----------------------------------------------------------------------------
+# Pre-split patterns. These are tiktoken's own strings, so that the pure-Python
+# split and tiktoken's Rust split cut text at the same places.
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+
+# -----------------------------------------------------------------------------
+# Special tokens, reserved in every tokenizer, with ids right after the merges
+# in this order. The chat template below is the only place they are combined.
+
+DOC_SEP = "<|endoftext|>"      # between documents in pretraining data
+USER = "<|user|>"              # starts a user turn
+ASSISTANT = "<|assistant|>"    # starts an assistant turn
+END_OF_TURN = "<|end|>"        # ends any turn; generation stops here
+REWARD = "<|reward|>"          # the reward model reads its score at this token
+SPECIAL_TOKENS = [DOC_SEP, USER, ASSISTANT, END_OF_TURN, REWARD]
+
+FORMAT_NAME = "stagegpt-bpe"
+FORMAT_VERSION = 1
+
+
+# -----------------------------------------------------------------------------
+# The algorithm in plain loops
+
+def get_pair_counts(ids, counts=None):
+    """Count adjacent pairs: [1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}.
+    Adds into `counts` when given, so counts over many chunks can be summed."""
+    counts = {} if counts is None else counts
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + 1
+    return counts
+
+
+def merge_pair(ids, pair, new_id):
+    """Replace every occurrence of `pair` in `ids` by `new_id`, scanning left to
+    right: merge_pair([5, 5, 5], (5, 5), 9) -> [9, 5]."""
+    merged = []
+    i = 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(ids[i])
+            i += 1
+    return merged
+
+
+def resolve_pattern(pattern):
+    """'gpt2' or 'gpt4' -> the regex string; a regex string is returned as is
+    after checking that it compiles."""
+    if pattern in PATTERNS:
+        return PATTERNS[pattern]
+    if not isinstance(pattern, str) or not any(c in pattern for c in "\\|[(?+*"):
+        raise ValueError(f"unknown pattern {pattern!r}: use one of {sorted(PATTERNS)} or a regex string")
+    try:
+        regex.compile(pattern)
+    except regex.error as e:
+        raise ValueError(f"pattern {pattern!r} is not a valid regex: {e}") from None
+    return pattern
+
+
+def split_text(text, pattern=GPT4_PATTERN):
+    """Pre-split text into the chunks BPE works inside. Special-token strings
+    are boundaries and are dropped (their ids are reserved, never learned), so a
+    merge can never span a document separator.
+    split_text("Hi there!") -> ['Hi', ' there', '!']"""
+    compiled = regex.compile(resolve_pattern(pattern))
+    chunks = []
+    for piece in _split_on_specials(text):
+        chunks.extend(compiled.findall(piece))
+    return chunks
+
+
+def _split_on_specials(text):
+    """Text between special-token strings: 'a<|end|>b' -> ['a', 'b']."""
+    specials = "|".join(regex.escape(s) for s in SPECIAL_TOKENS)
+    return [piece for piece in regex.split(specials, text) if piece]
+
+
+def _check_num_merges(num_merges):
+    if not isinstance(num_merges, int) or num_merges < 0:
+        raise ValueError(f"number of merges must be a non-negative integer, got {num_merges!r}")
+
+
+def train_naive(text, num_merges, pattern=GPT4_PATTERN):
+    """The readable trainer: after every merge, count all pairs of the whole
+    text again. Returns the merges in creation order, a list of (id, id) pairs;
+    merge i creates id 256 + i. Stops early if no pair is left to merge."""
+    _check_num_merges(num_merges)
+    chunks = [list(chunk.encode("utf-8")) for chunk in split_text(text, pattern)]
+    merges = []
+    for _ in range(num_merges):
+        counts = {}
+        for ids in chunks:
+            get_pair_counts(ids, counts)
+        if not counts:
+            break  # every chunk is a single token
+        best = min(counts, key=lambda p: (-counts[p], p))  # most frequent; ties: smallest pair
+        new_id = 256 + len(merges)
+        chunks = [merge_pair(ids, best, new_id) for ids in chunks]
+        merges.append(best)
+    return merges
+
+
+def count_words(text, pattern=GPT4_PATTERN):
+    """Distinct pre-tokens and how often each occurs, as byte-id tuples:
+    count_words("a a b") -> {(97,): 1, (32, 97): 1, (32, 98): 1}."""
+    counts = {}
+    for chunk in split_text(text, pattern):
+        key = tuple(chunk.encode("utf-8"))
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def train_fast(text, num_merges, pattern=GPT4_PATTERN, verbose=False):
+    """The fast trainer; returns exactly the merges of train_naive.
+
+    Three ideas make it fast:
+      - each distinct pre-token ("word") is stored once with its count, so
+        " the" appearing 20,000 times is merged once, not 20,000 times;
+      - pair counts are kept up to date: a merge touches only the words that
+        contain the merged pair (pair_words remembers which ones);
+      - the most frequent pair comes from a heap of (-count, pair). Entries go
+        stale when counts change; a popped entry whose count is no longer the
+        live count is dropped (lazy deletion).
+    """
+    _check_num_merges(num_merges)
+    word_counts = count_words(text, pattern)
+    words = [list(w) for w in word_counts]      # word index -> current ids
+    freqs = list(word_counts.values())         # word index -> occurrences
+    pair_counts = {}                           # pair -> occurrences in the text
+    pair_words = {}                            # pair -> indices of words that (may) contain it
+    for w, ids in enumerate(words):
+        for pair in zip(ids, ids[1:]):
+            pair_counts[pair] = pair_counts.get(pair, 0) + freqs[w]
+            pair_words.setdefault(pair, set()).add(w)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges = []
+    start = time.time()
+    while len(merges) < num_merges and heap:
+        neg_count, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -neg_count:
+            continue  # stale entry: the live count was pushed separately
+        new_id = 256 + len(merges)
+        changed = {}  # pair -> new count, for pairs whose count moved
+        for w in pair_words.pop(pair):
+            ids = words[w]
+            new_ids = merge_pair(ids, pair, new_id)
+            if len(new_ids) == len(ids):
+                continue  # stale membership: an earlier merge removed the pair
+            for p in zip(ids, ids[1:]):
+                pair_counts[p] -= freqs[w]
+                changed[p] = pair_counts[p]
+            for p in zip(new_ids, new_ids[1:]):
+                pair_counts[p] = pair_counts.get(p, 0) + freqs[w]
+                changed[p] = pair_counts[p]
+                pair_words.setdefault(p, set()).add(w)
+            words[w] = new_ids
+        for p, count in changed.items():
+            if count > 0:
+                heapq.heappush(heap, (-count, p))
+            else:
+                pair_counts.pop(p, None)
+        pair_counts.pop(pair, None)
+        merges.append(pair)
+        if verbose:
+            _report_progress(len(merges), num_merges, pair, -neg_count, start)
+    return merges
+
+
+def _report_progress(done, total, pair, count, start):
+    every = max(1, total // 20)
+    if done % every and done != total:
+        return
+    elapsed = time.time() - start
+    rate = done / max(elapsed, 1e-9)
+    eta = (total - done) / max(rate, 1e-9)
+    print(f"merge {done:6d}/{total} ({100 * done / total:3.0f}%) {pair} -> {255 + done} "
+          f"count {count} | "
+          f"{rate:,.0f} merges/s, ETA {eta:.1f}s", flush=True)
+
+
+def build_vocab(merges):
+    """id -> bytes for the 256 bytes and every merge (special tokens excluded)."""
+    token_bytes = [bytes([b]) for b in range(256)]
+    for a, b in merges:
+        token_bytes.append(token_bytes[a] + token_bytes[b])
+    return token_bytes
+
+
+def encode_chunk(ids, ranks):
+    """Apply learned merges to one pre-token, earliest-learned first.
+    `ranks` maps pair -> the id it merges into (smaller id = learned earlier).
+    encode_chunk([97, 98, 99], {(97, 98): 256, (256, 99): 257}) -> [257]"""
+    ids = list(ids)
+    while len(ids) >= 2:
+        pairs = set(zip(ids, ids[1:]))
+        pair = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+        if pair not in ranks:
+            break  # nothing left that was learned
+        ids = merge_pair(ids, pair, ranks[pair])
+    return ids
+
+
+# -----------------------------------------------------------------------------
+# The tokenizer: merges + pattern + special tokens, with fast and reference paths
+
+class Tokenizer:
+    """A trained byte-level BPE tokenizer.
+
+    ids 0..255      the bytes
+    ids 256..       one per merge, in creation order
+    then            the special tokens, in SPECIAL_TOKENS order
+    """
+
+    def __init__(self, merges, pattern="gpt4"):
+        self.pattern = resolve_pattern(pattern)
+        self.merges = [tuple(int(x) for x in pair) for pair in merges]
+        self.ranks = {pair: 256 + i for i, pair in enumerate(self.merges)}
+        self.token_bytes = build_vocab(self.merges)
+        n = len(self.token_bytes)
+        self.special_ids = {s: n + i for i, s in enumerate(SPECIAL_TOKENS)}
+        self.special_by_id = {i: s for s, i in self.special_ids.items()}
+        self.vocab_size = n + len(SPECIAL_TOKENS)
+        self._encoding = None  # the tiktoken.Encoding, built on first use
+        self._regex = regex.compile(self.pattern)
+
+    # --- fast path (tiktoken) ---------------------------------------------
+    def to_tiktoken(self, name="stagegpt"):
+        """The same tokenizer as a tiktoken.Encoding: every byte string ranked by
+        its id (bytes first, merges in creation order), specials after them."""
+        mergeable_ranks = {b: i for i, b in enumerate(self.token_bytes)}
+        if len(mergeable_ranks) != len(self.token_bytes):
+            raise ValueError("two ids share one byte string; tiktoken cannot represent this tokenizer")
+        return tiktoken.Encoding(
+            name=name,
+            pat_str=self.pattern,
+            mergeable_ranks=mergeable_ranks,
+            special_tokens=dict(self.special_ids),
+            explicit_n_vocab=self.vocab_size,
+        )
+
+    @property
+    def encoding(self):
+        if self._encoding is None:
+            self._encoding = self.to_tiktoken()
+        return self._encoding
+
+    def encode(self, text, allow_special=False):
+        """Text -> ids through tiktoken. Special-token strings in `text` are
+        plain characters unless allow_special=True (never for user text)."""
+        if allow_special:
+            return self.encoding.encode(text, allowed_special="all")
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts, allow_special=False, num_threads=8):
+        """Many texts at once, on several threads (tiktoken releases the GIL)."""
+        if allow_special:
+            return self.encoding.encode_batch(texts, num_threads=num_threads, allowed_special="all")
+        return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    # --- reference path (plain Python) --------------------------------------
+    def encode_reference(self, text, allow_special=False):
+        """Text -> ids with the plain-Python merge loop. Same ids as encode()."""
+        ids = []
+        if allow_special:
+            specials = "(" + "|".join(regex.escape(s) for s in SPECIAL_TOKENS) + ")"
+            parts = regex.split(specials, text)  # odd positions are the specials
+        else:
+            parts = [text]
+        for k, part in enumerate(parts):
+            if allow_special and k % 2 == 1:
+                ids.append(self.special_ids[part])
+                continue
+            for chunk in self._regex.findall(part):
+                ids.extend(encode_chunk(chunk.encode("utf-8"), self.ranks))
+        return ids
+
+    # --- decoding ------------------------------------------------------------
+    def decode_bytes(self, ids):
+        """ids -> the raw bytes they stand for (special tokens as their strings)."""
+        out = []
+        for i in ids:
+            i = int(i)
+            if 0 <= i < len(self.token_bytes):
+                out.append(self.token_bytes[i])
+            elif i in self.special_by_id:
+                out.append(self.special_by_id[i].encode("utf-8"))
+            else:
+                raise ValueError(f"token id {i} is outside this tokenizer's vocabulary (0..{self.vocab_size - 1})")
+        return b"".join(out)
+
+    def decode(self, ids):
+        """ids -> text. Ids that cut a multi-byte character in half decode to the
+        replacement character U+FFFD instead of failing."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def pieces(self, ids):
+        """The text of each id on its own, for showing how text was cut."""
+        return [self.decode_bytes([i]).decode("utf-8", errors="replace") for i in ids]
+
+    # --- chat template -------------------------------------------------------
+    def encode_chat(self, prompt, response=None):
+        """The one chat template of stagegpt:
+            <|user|> prompt <|end|> <|assistant|> response <|end|>
+        Returns (prompt_ids, response_ids); response_ids is [] when response is
+        None (a prompt waiting for the model's answer). User and model text are
+        encoded as plain text, so "<|end|>" typed by a user stays characters."""
+        sid = self.special_ids
+        prompt_ids = [sid[USER]] + self.encode(prompt) + [sid[END_OF_TURN], sid[ASSISTANT]]
+        response_ids = [] if response is None else self.encode(response) + [sid[END_OF_TURN]]
+        return prompt_ids, response_ids
+
+    # --- save / load -------------------------------------------------------------
+    def to_dict(self):
+        """A plain dict (str, int, list only) that a checkpoint can embed and
+        torch.load(weights_only=True) can read back."""
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "pattern": self.pattern,
+            "merges": [list(pair) for pair in self.merges],
+            "special_tokens": dict(self.special_ids),
+        }
+
+    @classmethod
+    def from_dict(cls, d, source="tokenizer dict"):
+        """Inverse of to_dict; checks every field and names what is wrong."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+            raise ValueError(f"{source} is not a stagegpt tokenizer (no 'format': '{FORMAT_NAME}')")
+        if d.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{source} has format version {d.get('version')!r}; this bpe.py reads version {FORMAT_VERSION}")
+        merges = d.get("merges")
+        if not isinstance(merges, list):
+            raise ValueError(f"{source}: 'merges' must be a list of [id, id] pairs")
+        for i, pair in enumerate(merges):
+            ok = (isinstance(pair, (list, tuple)) and len(pair) == 2
+                  and all(isinstance(x, int) and 0 <= x < 256 + i for x in pair))
+            if not ok:
+                raise ValueError(f"{source}: merge {i} is {pair!r}; each merge must be two ids below {256 + i}")
+        try:
+            tok = cls(merges, d.get("pattern"))
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        if d.get("special_tokens") != tok.special_ids:
+            raise ValueError(f"{source}: special tokens {d.get('special_tokens')!r} do not match the "
+                             f"expected {tok.special_ids!r}")
+        if len(set(tok.token_bytes)) != len(tok.token_bytes):
+            raise ValueError(f"{source}: two merges produce the same bytes")
+        return tok
+
+    def save(self, path):
+        """Write a small human-readable JSON file (one merge per line), atomically:
+        to a temporary file first, then renamed over `path`."""
+        d = self.to_dict()
+        head = {k: v for k, v in d.items() if k != "merges"}
+        lines = ["{"]
+        for k, v in head.items():
+            lines.append(f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)},")
+        merge_lines = [f"    [{a}, {b}]" for a, b in self.merges]
+        lines.append('  "merges": [' + ("\n" + ",\n".join(merge_lines) + "\n  " if merge_lines else "") + "]")
+        lines.append("}")
+        _atomic_write_text(path, "\n".join(lines) + "\n")
+
+    @classmethod
+    def load(cls, path):
+        if not os.path.isfile(path):
+            raise ValueError(f"tokenizer file {path} does not exist: train one with "
+                             f"`python bpe.py train --input FILE --vocab-size N --out {path}`")
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"tokenizer file {path} is corrupt (not valid JSON: {e}); retrain it") from None
+        return cls.from_dict(d, source=f"tokenizer file {path}")
+
+    def sha256(self):
+        """A fingerprint of the tokenizer's content (pattern, merges, specials)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode("utf-8")
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _atomic_write_text(path, text):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def min_vocab_size():
+    """256 byte tokens + the special tokens: the smallest possible vocabulary."""
+    return 256 + len(SPECIAL_TOKENS)
+
+
+def train_tokenizer(text, vocab_size, pattern="gpt4", trainer="fast", verbose=False):
+    """Train a Tokenizer whose vocabulary (bytes + merges + specials) has
+    `vocab_size` ids, or fewer if the text runs out of pairs to merge."""
+    if not isinstance(vocab_size, int) or vocab_size < min_vocab_size():
+        raise ValueError(f"vocab size {vocab_size} is too small: it must be at least {min_vocab_size()} "
+                         f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens)")
+    if not text:
+        raise ValueError("training text is empty: give at least some text to learn merges from")
+    pattern_str = resolve_pattern(pattern)
+    num_merges = vocab_size - min_vocab_size()
+    if trainer == "fast":
+        merges = train_fast(text, num_merges, pattern_str, verbose=verbose)
+    elif trainer == "naive":
+        merges = train_naive(text, num_merges, pattern_str)
+    else:
+        raise ValueError(f"unknown trainer {trainer!r}: use 'fast' or 'naive'")
+    if verbose and len(merges) < num_merges:
+        print(f"the text ran out of pairs after {len(merges)} merges: "
+              f"vocabulary is {len(merges) + min_vocab_size()}, not {vocab_size}")
+    return Tokenizer(merges, pattern_str)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def read_text_file(path):
+    """A UTF-8 text file's content, or one clear error naming the file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"input file {path} does not exist: give the path of a UTF-8 text file")
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.strip():
+        raise ValueError(f"input file {path} is empty: give a text file with something to learn from")
+    if b"\x00" in data:
+        raise ValueError(f"input file {path} looks binary (it contains NUL bytes): give a UTF-8 text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"input file {path} is not UTF-8 text ({e.reason} at byte {e.start}): "
+                         f"convert it to UTF-8 first") from None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="bpe.py", description="Byte-level BPE tokenizer: train, encode, decode.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="learn merges from a text file")
+    p_train.add_argument("--input", required=True, help="UTF-8 text file to learn from")
+    p_train.add_argument("--vocab-size", type=int, required=True,
+                         help=f"total ids: 256 bytes + merges + {len(SPECIAL_TOKENS)} specials")
+    p_train.add_argument("--out", required=True, help="where to write the tokenizer JSON")
+    p_train.add_argument("--pattern", default="gpt4", help="pre-split regex: gpt4 (default), gpt2, or a regex")
+    p_train.add_argument("--trainer", default="fast", choices=["fast", "naive"])
+    p_enc = sub.add_parser("encode", help="show how a text is cut into tokens")
+    p_enc.add_argument("--tokenizer", required=True)
+    p_enc.add_argument("--allow-special", action="store_true", help="turn special-token strings into their ids")
+    p_enc.add_argument("text")
+    p_dec = sub.add_parser("decode", help="turn ids back into text")
+    p_dec.add_argument("--tokenizer", required=True)
+    p_dec.add_argument("ids", nargs="+", type=int)
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "train":
+            text = read_text_file(args.input)
+            resolve_pattern(args.pattern)  # fail before the slow part
+            t0 = time.time()
+            tok = train_tokenizer(text, args.vocab_size, args.pattern, args.trainer, verbose=True)
+            tok.save(args.out)
+            print(f"trained {len(tok.merges)} merges on {len(text.encode('utf-8')):,} bytes in "
+                  f"{time.time() - t0:.2f}s; vocabulary {tok.vocab_size}; saved {args.out}")
+        elif args.command == "encode":
+            tok = Tokenizer.load(args.tokenizer)
+            ids = tok.encode(args.text, allow_special=args.allow_special)
+            for i, piece in zip(ids, tok.pieces(ids)):
+                print(f"{i:6d}  {piece!r}")
+            n_bytes = len(args.text.encode("utf-8"))
+            print(f"{len(ids)} tokens for {n_bytes} bytes ({n_bytes / max(len(ids), 1):.2f} bytes/token)")
+        elif args.command == "decode":
+            tok = Tokenizer.load(args.tokenizer)
+            print(tok.decode(args.ids))
+    except ValueError as e:
+        print(f"bpe.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

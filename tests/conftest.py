@@ -1,0 +1,5 @@
+"""Make the repository root importable, so tests can `import bpe` etc."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
