@@ -194,6 +194,7 @@ def train_fast(text, num_merges, pattern=GPT4_PATTERN, verbose=False):
     heapq.heapify(heap)
 
     merges = []
+    pieces = build_vocab([]) if verbose else None  # id -> bytes, only to show progress
     start = time.time()
     while len(merges) < num_merges and heap:
         neg_count, pair = heapq.heappop(heap)
@@ -222,11 +223,12 @@ def train_fast(text, num_merges, pattern=GPT4_PATTERN, verbose=False):
         pair_counts.pop(pair, None)
         merges.append(pair)
         if verbose:
-            _report_progress(len(merges), num_merges, pair, -neg_count, start)
+            pieces.append(pieces[pair[0]] + pieces[pair[1]])
+            _report_progress(len(merges), num_merges, pair, pieces[-1], -neg_count, start)
     return merges
 
 
-def _report_progress(done, total, pair, count, start):
+def _report_progress(done, total, pair, piece, count, start):
     every = max(1, total // 20)
     if done % every and done != total:
         return
@@ -234,7 +236,7 @@ def _report_progress(done, total, pair, count, start):
     rate = done / max(elapsed, 1e-9)
     eta = (total - done) / max(rate, 1e-9)
     print(f"merge {done:6d}/{total} ({100 * done / total:3.0f}%) {pair} -> {255 + done} "
-          f"count {count} | "
+          f"{piece.decode('utf-8', errors='replace')!r} count {count} | "
           f"{rate:,.0f} merges/s, ETA {eta:.1f}s", flush=True)
 
 
