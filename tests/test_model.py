@@ -1,0 +1,417 @@
+"""Tests for model.py: the GPT against torch built-ins and brute-force references,
+and the checkpoint contract."""
+
+import hashlib
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bpe
+import model
+from model import (GPT, CheckpointError, GPTConfig, KVCache, RMSNorm, apply_rope, causal_mask, clean_state_dict,
+                   configure_optimizer, explicit_attention, file_sha256, flops_per_token, load_checkpoint,
+                   model_flops_utilization, model_from_checkpoint, parent_record, peak_flops, rope_tables,
+                   sample_next_token, save_checkpoint, tokenizer_from_checkpoint)
+
+VARIANTS = [
+    {},
+    {"norm": "rmsnorm"},
+    {"mlp": "swiglu"},
+    {"pos": "rope"},
+    {"norm": "rmsnorm", "mlp": "swiglu", "pos": "rope", "bias": False},
+]
+
+
+def tiny_config(**overrides):
+    args = dict(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_embd=32)
+    args.update(overrides)
+    return GPTConfig(**args)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPT(tiny_config(**overrides)).eval()
+
+
+def set_attention(m, kind):
+    for block in m.transformer.h:
+        block.attn.attention = kind
+
+
+# --- configuration ----------------------------------------------------------------
+
+def test_config_rejects_bad_options():
+    with pytest.raises(ValueError, match="norm='batchnorm'"):
+        GPTConfig(norm="batchnorm")
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=10, n_head=3)
+    with pytest.raises(ValueError, match="even head size"):
+        GPTConfig(n_embd=12, n_head=4, pos="rope")
+    with pytest.raises(ValueError, match="unknown model options"):
+        GPTConfig.from_dict({"n_layer": 2, "n_layers": 3})
+    assert GPTConfig.from_dict({"n_layer": 3}).n_layer == 3
+
+
+def test_gpt2_parameter_count():
+    m = GPT(GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768))
+    assert m.num_params() == 124_439_808, "GPT-2 small with tied weights has 124,439,808 parameters"
+    assert m.lm_head.weight is m.transformer.wte.weight
+
+
+# --- building blocks against references ------------------------------------------
+
+def test_rmsnorm_matches_formula_and_torch():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16)
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 16))
+    expected = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    assert torch.allclose(norm(x), expected, atol=1e-6)
+    reference = torch.nn.RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        reference.weight.copy_(norm.weight)
+    assert torch.allclose(norm(x), reference(x), atol=1e-6)
+
+
+def test_rope_tables_hand_values():
+    cos, sin = rope_tables(head_size=4, max_len=3, theta=100.0)
+    assert cos.shape == (3, 2)
+    # position p, pair i: angle p * 100^(-2i/4) -> pair 0: p, pair 1: p / 10
+    expected = torch.tensor([[0.0, 0.0], [1.0, 0.1], [2.0, 0.2]])
+    assert torch.allclose(cos, expected.cos()) and torch.allclose(sin, expected.sin())
+
+
+def test_apply_rope_equals_complex_rotation():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8)
+    cos, sin = rope_tables(8, 5)
+    as_complex = torch.view_as_complex(x.reshape(2, 3, 5, 4, 2))
+    rotation = torch.polar(torch.ones_like(cos), torch.atan2(sin, cos))  # e^(i * angle)
+    expected = torch.view_as_real(as_complex * rotation).reshape(2, 3, 5, 8)
+    assert torch.allclose(apply_rope(x, cos, sin), expected, atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    cos, sin = rope_tables(8, 20)
+
+    def score(pq, pk):
+        return (apply_rope(q, cos[pq:pq + 1], sin[pq:pq + 1]) * apply_rope(k, cos[pk:pk + 1], sin[pk:pk + 1])).sum()
+
+    assert torch.allclose(score(5, 2), score(15, 12), atol=1e-5)
+    assert not torch.allclose(score(5, 2), score(5, 4), atol=1e-3)
+
+
+def test_causal_mask_hand_example():
+    assert causal_mask(3, 3, "cpu").tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    # two new queries after two cached keys: they sit at positions 2 and 3
+    assert causal_mask(2, 4, "cpu").tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def test_explicit_attention_matches_sdpa():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8)
+    mask = causal_mask(4, 6, "cpu")
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(explicit_attention(q, k, v, mask), expected, atol=1e-5)
+
+
+def test_swiglu_mlp_is_gated():
+    m = tiny_model(mlp="swiglu")
+    mlp = m.transformer.h[0].mlp
+    assert mlp.c_fc.out_features == 64 * math.ceil(8 * 32 / 3 / 64)
+    x = torch.randn(2, 3, 32)
+    expected = mlp.c_proj(F.silu(mlp.c_gate(x)) * mlp.c_fc(x))
+    assert torch.allclose(mlp(x), expected)
+
+
+# --- the model ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_changing_a_future_token_never_changes_earlier_logits(variant):
+    m = tiny_model(**variant)
+    idx = torch.randint(0, 97, (2, 20))
+    changed = idx.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % 97
+    a, _ = m(idx)
+    b, _ = m(changed)
+    assert torch.equal(a[:, :12], b[:, :12]), "positions before 12 must not see token 12"
+    assert not torch.allclose(a[:, 12:], b[:, 12:]), "positions from 12 on do see it"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_explicit_path_agrees_with_sdpa(variant):
+    m = tiny_model(**variant)
+    idx = torch.randint(0, 97, (3, 30))
+    sdpa_logits, _ = m(idx)
+    set_attention(m, "explicit")
+    explicit_logits, _ = m(idx)
+    assert torch.allclose(sdpa_logits, explicit_logits, atol=1e-5)
+
+
+def test_hidden_states_shape_and_block_size_limit():
+    m = tiny_model()
+    assert m.hidden_states(torch.zeros(2, 7, dtype=torch.long)).shape == (2, 7, 32)
+    with pytest.raises(ValueError, match="longer than block_size 48"):
+        m(torch.zeros(1, 49, dtype=torch.long))
+
+
+def test_loss_at_init_is_about_ln_vocab():
+    m = GPT(GPTConfig(vocab_size=500, block_size=32, n_layer=2, n_head=2, n_embd=64))
+    torch.manual_seed(1)
+    idx = torch.randint(0, 500, (8, 32))
+    targets = torch.randint(0, 500, (8, 32))
+    _, loss = m(idx, targets)
+    assert abs(loss.item() - math.log(500)) < 0.1, f"loss {loss.item():.3f} vs ln(500) = {math.log(500):.3f}"
+
+
+def test_loss_ignores_minus_one_targets():
+    m = tiny_model()
+    idx = torch.randint(0, 97, (2, 10))
+    targets = torch.randint(0, 97, (2, 10))
+    targets[:, :4] = -1
+    logits, loss = m(idx, targets)
+    expected = F.cross_entropy(logits[:, 4:].reshape(-1, 97), targets[:, 4:].reshape(-1))
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    m = GPT(tiny_config())
+    idx = torch.randint(0, 97, (4, 16))
+    targets = torch.randint(0, 97, (4, 16))
+    opt = configure_optimizer(m, learning_rate=1e-2, weight_decay=0.0)
+    for _ in range(150):
+        _, loss = m(idx, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, f"a tiny model should memorise one batch, loss is {loss.item():.3f}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kv_cache_generation_equals_full_recomputation(variant):
+    m = tiny_model(**variant)
+    prompt = torch.randint(0, 97, (3, 6))
+    greedy_cached = m.generate(prompt, 30, temperature=0)
+    greedy_full = m.generate(prompt, 30, temperature=0, use_cache=False)
+    assert torch.equal(greedy_cached, greedy_full)
+    sampled_cached = m.generate(prompt, 30, temperature=1.0, top_k=20, seed=7)
+    sampled_full = m.generate(prompt, 30, temperature=1.0, top_k=20, seed=7, use_cache=False)
+    assert torch.equal(sampled_cached, sampled_full)
+
+
+def test_kv_cache_chunked_prefill_matches_full_forward():
+    m = tiny_model(pos="rope")
+    idx = torch.randint(0, 97, (2, 12))
+    full = m.hidden_states(idx)
+    cache = KVCache(m.config, 2, 12, "cpu", torch.float32)
+    parts = [m.hidden_states(idx[:, :5], cache), m.hidden_states(idx[:, 5:9], cache), m.hidden_states(idx[:, 9:], cache)]
+    assert cache.pos == 12
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+
+
+def test_generate_seed_is_deterministic_and_stop_token_ends_rows():
+    m = tiny_model()
+    prompt = torch.randint(0, 97, (2, 4))
+    a = m.generate(prompt, 10, temperature=1.0, seed=3)
+    assert torch.equal(a, m.generate(prompt, 10, temperature=1.0, seed=3))
+    assert not torch.equal(a, m.generate(prompt, 10, temperature=1.0, seed=4))
+    first = m.generate(prompt, 1, temperature=0)[:, -1]
+    out = m.generate(prompt, 10, temperature=0, stop_token=int(first[0]))
+    assert out[0, 4] == first[0] and (out[0, 4:] == first[0]).all(), "a finished row is padded with the stop token"
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        m.generate(prompt, 100)
+
+
+def test_generate_restores_training_mode():
+    m = tiny_model()
+    m.train()
+    m.generate(torch.zeros(1, 2, dtype=torch.long), 2)
+    assert m.training
+
+
+def test_sample_next_token_greedy_and_top_k():
+    logits = torch.tensor([[0.1, 2.0, -1.0, 1.5], [3.0, 0.0, 0.0, 0.0]])
+    assert sample_next_token(logits, temperature=0).tolist() == [1, 0]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert sample_next_token(logits, 1.0, top_k=1, generator=gen).tolist() == [1, 0]
+    picks = {int(sample_next_token(logits, 5.0, top_k=2, generator=gen)[0]) for _ in range(200)}
+    assert picks == {1, 3}, "top_k=2 keeps exactly the two largest logits"
+
+
+def test_sample_next_token_top_p_hand_example():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    gen = torch.Generator().manual_seed(0)
+    # mass before each id: 0, 0.5, 0.8, 0.95 -> with p = 0.7 only ids 0 and 1 remain
+    picks = [int(sample_next_token(logits, 1.0, top_p=0.7, generator=gen)) for _ in range(400)]
+    assert set(picks) == {0, 1}
+    share = picks.count(0) / len(picks)
+    assert abs(share - 0.5 / 0.8) < 0.08, "the kept ids are renormalised"
+    assert set(int(sample_next_token(logits, 1.0, top_p=0.4, generator=gen)) for _ in range(50)) == {0}
+
+
+def test_sample_next_token_follows_softmax_of_scaled_logits():
+    logits = torch.tensor([[1.0, 0.0, -1.0]])
+    gen = torch.Generator().manual_seed(0)
+    n = 4000
+    picks = sample_next_token(logits.expand(n, 3), temperature=2.0, generator=gen)
+    empirical = torch.bincount(picks, minlength=3).float() / n
+    assert torch.allclose(empirical, F.softmax(logits[0] / 2.0, dim=-1), atol=0.03)
+
+
+# --- optimizer and efficiency --------------------------------------------------------
+
+def test_optimizer_decays_matrices_only():
+    m = tiny_model()
+    opt = configure_optimizer(m, learning_rate=1e-3, weight_decay=0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == m.num_params()
+    assert any(p is m.transformer.wte.weight for p in decay["params"])
+    assert opt.defaults["fused"] is True
+
+
+def test_flops_per_token_formula():
+    config = tiny_config()
+    assert flops_per_token(config, 1000) == 6 * 1000 + 12 * 2 * 32 * 48
+
+
+def test_peak_flops_and_mfu():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+    assert peak_flops("cpu") is None
+    assert model_flops_utilization(1e9, 494.5e3, "NVIDIA H100 PCIe") == pytest.approx(0.5)
+    assert model_flops_utilization(1e9, 1.0, "cpu") is None
+
+
+# --- checkpoints ---------------------------------------------------------------------
+
+def make_ckpt(m, stage="pretrain"):
+    tok = bpe.Tokenizer(bpe.train_naive("hello hello world", 3))
+    return {"stage": stage, "model_args": vars(m.config).copy(), "model": clean_state_dict(m),
+            "tokenizer": tok.to_dict(), "config": {"lr": 1e-3}, "parent": None, "metrics": {"val_loss": 1.5}}
+
+
+def test_clean_state_dict_strips_compile_and_ddp_prefixes():
+    m = tiny_model()
+
+    class Wrapper(torch.nn.Module):  # what DistributedDataParallel looks like from outside
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    compiled = torch.compile(m)  # compiles lazily, so this costs nothing here
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    expected = set(m.state_dict())
+    assert set(clean_state_dict(compiled)) == expected
+    assert set(clean_state_dict(Wrapper(compiled))) == expected
+    assert set(clean_state_dict(Wrapper(m))) == expected
+
+
+def test_checkpoint_round_trip(tmp_path):
+    m = tiny_model(pos="rope", mlp="swiglu")
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(make_ckpt(m), str(path))
+    ckpt = load_checkpoint(str(tmp_path), stages={"pretrain"})  # a folder means folder/ckpt.pt
+    assert ckpt["format"] == "stagegpt-ckpt" and ckpt["version"] == 1
+    again = model_from_checkpoint(ckpt).eval()
+    idx = torch.randint(0, 97, (2, 9))
+    assert torch.equal(again(idx)[0], m(idx)[0])
+    assert tokenizer_from_checkpoint(ckpt).merges == bpe.train_naive("hello hello world", 3)
+    assert "rope_cos" not in ckpt["model"], "derived buffers are not saved"
+
+
+def test_interrupted_save_keeps_old_checkpoint(tmp_path, monkeypatch):
+    m = tiny_model()
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(make_ckpt(m), str(path))
+    before = file_sha256(str(path))
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(make_ckpt(m), str(path))
+    assert file_sha256(str(path)) == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"], "no temporary file is left behind"
+    monkeypatch.undo()
+    load_checkpoint(str(path))
+
+
+def test_save_refuses_incomplete_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="lacks"):
+        save_checkpoint({"stage": "pretrain"}, str(tmp_path / "x.pt"))
+
+
+def test_bad_checkpoints_give_one_clear_line(tmp_path):
+    m = tiny_model()
+    good = tmp_path / "good.pt"
+    save_checkpoint(make_ckpt(m, stage="rm"), str(good))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(str(truncated))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a stagegpt checkpoint"):
+        load_checkpoint(str(foreign))
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(str(text))
+    with pytest.raises(CheckpointError, match="is a 'rm' checkpoint; this needs one of"):
+        load_checkpoint(str(good), stages={"pretrain", "sft"})
+    old = make_ckpt(m)
+    old.update(format="stagegpt-ckpt", version=0)
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="format version 0"):
+        load_checkpoint(str(tmp_path / "old.pt"))
+    assert issubclass(CheckpointError, ValueError)
+
+
+class Exploit:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_pickle_is_refused_without_running_code(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "stagegpt-ckpt", "payload": Exploit(str(marker))}, evil)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        load_checkpoint(str(evil))
+    assert not marker.exists(), "loading must not execute code from the file"
+
+
+def test_model_from_checkpoint_mismatch_is_clear(tmp_path):
+    ckpt = make_ckpt(tiny_model())
+    ckpt["model_args"]["n_embd"] = 64
+    with pytest.raises(CheckpointError, match="do not fit its model_args"):
+        model_from_checkpoint(ckpt)
+
+
+def test_file_sha256_and_parent_record(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(b"stagegpt" * 1000)
+    assert file_sha256(str(path)) == hashlib.sha256(b"stagegpt" * 1000).hexdigest()
+    record = parent_record(str(path))
+    assert record == {"path": str(path.resolve()), "sha256": hashlib.sha256(b"stagegpt" * 1000).hexdigest()}

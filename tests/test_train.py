@@ -1,0 +1,323 @@
+"""Tests for train.py and the training plumbing it shares through model.py."""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bpe
+import model
+import train
+from model import (GPT, GPTConfig, convert_value, cosine_lr, load_checkpoint, parse_config, pick_device,
+                   pick_dtype, plot_curves, read_jsonl_log, truncate_log)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pseudo_english(n_words, seed=0):
+    rng = random.Random(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "park", "with", "red", "ball"]
+    sentences = []
+    for _ in range(n_words // 6):
+        sentences.append(" ".join(rng.choice(words) for _ in range(6)).capitalize() + ".")
+    return " ".join(sentences)
+
+
+def make_dataset(folder, n_words=6000, vocab_size=300):
+    """A small prepared dataset in prepare_data.py's layout."""
+    os.makedirs(folder, exist_ok=True)
+    text = pseudo_english(n_words)
+    tok = bpe.train_tokenizer(text, vocab_size)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    cut = int(len(text) * 0.9)
+    for split, part in (("train", text[:cut]), ("val", text[cut:])):
+        np.array(tok.encode(part), dtype=np.uint16).tofile(os.path.join(folder, f"{split}.bin"))
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump({"vocab_size": tok.vocab_size, "dtype": "uint16"}, f)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_dataset(str(root / "toy"))
+    return str(root)
+
+
+def tiny_config(data_dir, out_dir, **overrides):
+    config = dict(train.DEFAULTS)
+    config.update(train.PRESETS["tiny"])
+    config.update(config="tiny", data_dir=data_dir, dataset="toy", out_dir=str(out_dir), sample_tokens=0,
+                  log_interval=1000)
+    config.update(overrides)
+    return config
+
+
+# --- configuration ----------------------------------------------------------------
+
+def test_parse_config_presets_overrides_and_flags():
+    config, flags = parse_config(["--config", "tiny", "--max_iters=7", "--learning_rate", "0.5", "--compile=true",
+                                  "--resume"], train.DEFAULTS, train.PRESETS, "train.py")
+    assert config["config"] == "tiny" and config["n_embd"] == train.PRESETS["tiny"]["n_embd"]
+    assert config["max_iters"] == 7 and config["learning_rate"] == 0.5 and config["compile"] is True
+    assert flags == {"resume"}
+    assert parse_config([], train.DEFAULTS, train.PRESETS, "train.py")[0] == train.DEFAULTS
+
+
+def test_parse_config_errors_are_one_line():
+    with pytest.raises(ValueError, match=r"unknown config key --max_iter \(did you mean max_iters"):
+        parse_config(["--max_iter=3"], train.DEFAULTS, train.PRESETS, "train.py")
+    with pytest.raises(ValueError, match="--max_iters='ten' is not a valid int"):
+        parse_config(["--max_iters=ten"], train.DEFAULTS, train.PRESETS, "train.py")
+    with pytest.raises(ValueError, match="unknown config 'huge'"):
+        parse_config(["--config", "huge"], train.DEFAULTS, train.PRESETS, "train.py")
+    with pytest.raises(ValueError, match="cannot read argument"):
+        parse_config(["stray"], train.DEFAULTS, train.PRESETS, "train.py")
+
+
+def test_convert_value_types():
+    assert convert_value("a", "3", 1) == 3 and convert_value("a", "3", 1.0) == 3.0
+    assert convert_value("a", "no", True) is False and convert_value("a", "1", False) is True
+    assert convert_value("a", "rope", "learned") == "rope"
+    with pytest.raises(ValueError, match="not a valid bool"):
+        convert_value("a", "maybe", True)
+    with pytest.raises(ValueError, match="not a valid float"):
+        convert_value("a", "fast", 1.0)
+
+
+def test_help_lists_presets_and_keys(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--help"], train.DEFAULTS, train.PRESETS, "train.py")
+    out = capsys.readouterr().out
+    assert "presets: tiny, small, gpt2" in out and "--learning_rate" in out
+
+
+def test_pick_device_and_dtype():
+    assert pick_device("cpu") == "cpu"
+    assert pick_device("auto") in ("cuda", "mps", "cpu")
+    assert pick_dtype("auto", "cpu") == "float32"
+    assert pick_dtype("bfloat16", "cpu") == "bfloat16"
+    with pytest.raises(ValueError, match="dtype 'fp8'"):
+        pick_dtype("fp8", "cpu")
+
+
+# --- learning rate, clipping, data -------------------------------------------------
+
+def test_cosine_lr_warmup_peak_and_end():
+    assert cosine_lr(0, 1.0, 10, 110) == pytest.approx(0.1)
+    assert cosine_lr(9, 1.0, 10, 110) == pytest.approx(1.0), "peak at the end of warmup"
+    assert cosine_lr(10, 1.0, 10, 110) == pytest.approx(1.0)
+    assert cosine_lr(60, 1.0, 10, 110) == pytest.approx(0.1 + 0.5 * 0.9), "half-way: the cosine is at 0"
+    assert cosine_lr(110, 1.0, 10, 110) == pytest.approx(0.1), "ends at 10% of the peak"
+    assert cosine_lr(500, 1.0, 10, 110) == pytest.approx(0.1)
+    lrs = [cosine_lr(i, 1.0, 10, 110) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])), "decay is monotone"
+
+
+def test_clip_gradients_scales_to_max_norm():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    layer(torch.randn(5, 4)).pow(2).sum().backward()
+    grads = [p.grad.clone() for p in layer.parameters()]
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    returned = train.clip_gradients(layer, max_norm=float(norm) / 2)
+    assert torch.allclose(returned, norm)
+    for g, p in zip(grads, layer.parameters()):
+        assert torch.allclose(p.grad, g / 2, atol=1e-5), "every gradient scaled by the same factor"
+    assert torch.allclose(train.clip_gradients(layer, 0), norm / 2), "0 disables clipping but reports the norm"
+
+
+def test_get_batch_windows_are_shifted_slices():
+    data = np.arange(100, dtype=np.uint16)
+    gen = torch.Generator().manual_seed(0)
+    x, y = train.get_batch(data, 8, 5, gen)
+    assert x.shape == (5, 8) and x.dtype == torch.int64
+    for row_x, row_y in zip(x, y):
+        start = int(row_x[0])
+        assert row_x.tolist() == list(range(start, start + 8))
+        assert row_y.tolist() == list(range(start + 1, start + 9))
+    again = train.get_batch(data, 8, 5, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], x), "the same seed gives the same windows"
+
+
+def test_token_byte_lengths_and_bits_per_byte():
+    tok = bpe.Tokenizer(bpe.train_naive("abab abab", 2))
+    lengths = train.token_byte_lengths(tok)
+    assert lengths.shape == (tok.vocab_size,)
+    assert lengths[97] == 1 and lengths[256] == len(tok.token_bytes[256]) and lengths[-1] == 1
+    assert train.bits_per_byte(math.log(2) * 10, 5) == pytest.approx(2.0)
+
+
+# --- one step, accumulation, DDP ----------------------------------------------------
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16))
+
+
+def test_forward_backward_accumulation_equals_one_big_batch():
+    torch.manual_seed(1)
+    x, y = torch.randint(0, 50, (8, 16)), torch.randint(0, 50, (8, 16))
+    big = tiny_gpt()
+    train.forward_backward(big, [(x, y)], train.nullcontext())
+    small = tiny_gpt()
+    loss = train.forward_backward(small, [(x[:4], y[:4]), (x[4:], y[4:])], train.nullcontext())
+    for a, b in zip(big.parameters(), small.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    assert torch.allclose(loss, big(x, y)[1], atol=1e-6)
+
+
+def _ddp_worker(rank, world, port, path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(1)
+    x, y = torch.randint(0, 50, (8, 16)), torch.randint(0, 50, (8, 16))
+    ddp = train.DDP(tiny_gpt())
+    mine = [(x[rank * 4:rank * 4 + 2], y[rank * 4:rank * 4 + 2]), (x[rank * 4 + 2:rank * 4 + 4], y[rank * 4 + 2:rank * 4 + 4])]
+    train.forward_backward(ddp, mine, train.nullcontext())
+    if rank == 0:
+        torch.save([p.grad for p in ddp.module.parameters()], path)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    port = 29500 + random.Random(os.getpid()).randint(0, 2000)
+    path = str(tmp_path / "grads.pt")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=True)
+    ddp_grads = torch.load(path)
+    torch.manual_seed(1)
+    x, y = torch.randint(0, 50, (8, 16)), torch.randint(0, 50, (8, 16))
+    single = tiny_gpt()
+    train.forward_backward(single, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)], train.nullcontext())
+    for a, b in zip(single.parameters(), ddp_grads):
+        assert torch.allclose(a.grad, b, atol=1e-6), "DDP over 2 processes must equal one process on the global batch"
+
+
+# --- whole runs ------------------------------------------------------------------------
+
+def test_tiny_run_learns_and_writes_its_files(data_dir, tmp_path):
+    out = tmp_path / "run"
+    metrics = train.run(tiny_config(data_dir, out, max_iters=60, eval_interval=30))
+    ckpt = load_checkpoint(str(out / "ckpt.pt"), stages={"pretrain"})
+    assert ckpt["metrics"]["iter"] == 60 and ckpt["parent"] is None
+    log = read_jsonl_log(str(out / "log.jsonl"))
+    evals = [r for r in log if "val_loss" in r]
+    assert evals[0]["val_loss"] < math.log(ckpt["model_args"]["vocab_size"]) - 1.0, "it learned something"
+    assert metrics["val_bpb"] > 0 and (out / "loss.png").stat().st_size > 1000
+    assert bpe.Tokenizer.from_dict(ckpt["tokenizer"]).vocab_size == ckpt["model_args"]["vocab_size"]
+
+
+def test_exact_resume_is_bit_for_bit(data_dir, tmp_path):
+    common = dict(max_iters=12, eval_interval=100, dropout=0.1, warmup_iters=3)
+    train.run(tiny_config(data_dir, tmp_path / "straight", log_interval=1, **common))
+    train.run(tiny_config(data_dir, tmp_path / "resumed", log_interval=1, stop_at_iter=6, **common))
+    train.run(tiny_config(data_dir, tmp_path / "resumed", log_interval=1, **common), flags={"resume"})
+    straight = [r["loss"] for r in read_jsonl_log(str(tmp_path / "straight" / "log.jsonl")) if "loss" in r]
+    resumed = [r["loss"] for r in read_jsonl_log(str(tmp_path / "resumed" / "log.jsonl")) if "loss" in r]
+    assert len(straight) == 12 and straight == resumed, "N steps == N/2 + resume + N/2, bit for bit"
+    a = load_checkpoint(str(tmp_path / "straight"))["model"]
+    b = load_checkpoint(str(tmp_path / "resumed"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_autocast_path_on_cpu(data_dir, tmp_path):
+    metrics = train.run(tiny_config(data_dir, tmp_path / "bf16", dtype="bfloat16", max_iters=30, eval_interval=30))
+    assert math.isfinite(metrics["val_loss"]) and metrics["val_loss"] < 5.0
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] > 5 and loss is not None:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="loss is nan at iteration 5"):
+        train.run(tiny_config(data_dir, out, max_iters=20, eval_interval=2))
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["resume"]["iter"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_existing_checkpoint_is_not_overwritten_without_a_flag(data_dir, tmp_path):
+    out = tmp_path / "keep"
+    train.run(tiny_config(data_dir, out, max_iters=4, eval_interval=4))
+    before = model.file_sha256(str(out / "ckpt.pt"))
+    with pytest.raises(ValueError, match="already exists: pass --resume"):
+        train.run(tiny_config(data_dir, out, max_iters=4))
+    assert model.file_sha256(str(out / "ckpt.pt")) == before
+    train.run(tiny_config(data_dir, out, max_iters=4, eval_interval=4), flags={"overwrite"})
+
+
+def test_main_bad_inputs_give_one_line(data_dir, tmp_path, capsys):
+    cases = [
+        (["--config", "tiny", "--dataset=nothing", f"--data_dir={tmp_path}"], "is not prepared"),
+        (["--config", "tiny", "--norm=batchnorm"], "norm='batchnorm'"),
+        (["--config", "tiny", "--n_embd=33"], "divisible"),
+        (["--config", "tiny", "--batch_size=x"], "not a valid int"),
+        (["--config", "tiny", f"--data_dir={data_dir}", "--dataset=toy", "--block_size=100000"], "fewer than block_size"),
+        (["--config", "tiny", f"--out_dir={tmp_path}/none", "--resume"], "does not exist"),
+    ]
+    for argv, message in cases:
+        assert train.main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("train.py: error:") and message in err and err.count("\n") == 1, err
+
+
+def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path):
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", "tiny", f"--data_dir={data_dir}",
+           "--dataset=toy", f"--out_dir={out}", "--max_iters=100000", "--eval_interval=100000",
+           "--log_interval=5", "--sample_tokens=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not (out / "log.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "continue with --resume" in output
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["resume"]["iter"] >= 5
+
+
+# --- logs and plots --------------------------------------------------------------------
+
+def test_jsonl_log_skips_torn_line_and_truncates(tmp_path):
+    path = str(tmp_path / "log.jsonl")
+    model.append_jsonl(path, {"iter": 1, "loss": 2.0})
+    model.append_jsonl(path, {"iter": 2, "loss": 1.5})
+    model.append_jsonl(path, {"iter": 3, "loss": 1.2})
+    with open(path, "a") as f:
+        f.write('{"iter": 4, "lo')
+    assert [r["iter"] for r in read_jsonl_log(path)] == [1, 2, 3]
+    truncate_log(path, 2)
+    assert [r["iter"] for r in read_jsonl_log(path)] == [1, 2]
+    assert read_jsonl_log(str(tmp_path / "none.jsonl")) == []
+
+
+def test_plot_curves_writes_a_png(tmp_path):
+    path = str(tmp_path / "loss.png")
+    plot_curves([{"iter": i, "loss": 1 / (i + 1)} for i in range(10)], [("loss", "loss")], path, "t")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_format_eta():
+    assert model.format_eta(5) == "5s" and model.format_eta(75) == "1m15s" and model.format_eta(3725) == "1h02m"

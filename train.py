@@ -1,0 +1,431 @@
+"""
+train.py: pretraining, the next-token objective on a corpus of token ids.
+
+    python train.py --config small                  # a 2-core laptop CPU, minutes
+    python train.py --config small --max_iters=500  # any key can be overridden
+    python train.py --config small --resume         # continue out/small/pretrain/ckpt.pt
+    torchrun --standalone --nproc_per_node=8 train.py --config gpt2   # GPUs
+
+Reads data/<dataset>/{train.bin, val.bin, meta.json, tokenizer.json} written by
+prepare_data.py (and runs it first for the embedded default dataset if it is
+missing), writes out/<config>/pretrain/{ckpt.pt, log.jsonl, loss.png}.
+
+The loop, as in nanoGPT: sample random windows of block_size + 1 tokens; the
+model predicts token t+1 from tokens <= t; AdamW with warmup + cosine decay,
+gradient accumulation and clipping; evaluate train/val loss and bits per byte
+now and then; save a checkpoint that a later stage (or --resume) starts from.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import bpe
+from model import (GPT, CheckpointError, GPTConfig, autocast_context, clean_state_dict, configure_optimizer,
+                   cosine_lr, flops_per_token, format_eta, load_checkpoint, model_flops_utilization, parse_config,
+                   pick_device, pick_dtype, plot_curves, append_jsonl, read_jsonl_log, rng_state, save_checkpoint,
+                   set_rng_state, truncate_log)
+
+STAGE = "pretrain"
+
+# -----------------------------------------------------------------------------
+# Configuration: defaults, then a preset (--config NAME), then --key=value overrides.
+
+DEFAULTS = dict(
+    config="default",
+    # data
+    dataset="tinyworld",        # data/<dataset>/ from prepare_data.py
+    data_dir="data",
+    out_dir="",                 # "" means out/<config>/pretrain
+    # model (see model.GPTConfig)
+    n_layer=4, n_head=4, n_embd=128, block_size=256, dropout=0.0, bias=True,
+    norm="layernorm", mlp="gelu", pos="learned", attention="sdpa",
+    # optimisation
+    batch_size=16,              # sequences per micro-step, per process
+    grad_accum=1,               # micro-steps per optimizer step, summed over all processes
+    max_iters=1000,
+    learning_rate=1e-3,
+    min_lr_ratio=0.1,           # cosine decays to this fraction of the peak
+    warmup_iters=100,
+    weight_decay=0.1,
+    beta1=0.9, beta2=0.95,
+    grad_clip=1.0,              # clip the global gradient norm; 0 disables
+    # evaluation, logging, saving
+    eval_interval=250, eval_iters=20, log_interval=10,
+    sample_tokens=64,           # show a sample at each evaluation; 0 disables
+    stop_at_iter=0,             # stop (and save) after this many iterations; 0 = run to max_iters
+    # system
+    device="auto",              # auto | cpu | cuda | cuda:1 | mps
+    dtype="auto",               # auto | float32 | bfloat16 | float16
+    compile=False,              # torch.compile the model
+    seed=1337,
+)
+
+PRESETS = {
+    # seconds, for tests
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_iters=40,
+                 warmup_iters=5, eval_interval=20, eval_iters=2, log_interval=10, sample_tokens=16,
+                 learning_rate=3e-3),
+    # a 2-core laptop CPU: a fluent-looking model of tinyworld in about 5 minutes
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, max_iters=1500,
+                  warmup_iters=100, eval_interval=250, eval_iters=20, learning_rate=2e-3,
+                  dtype="bfloat16"),
+    # GPT-2 124M on GPUs (8 x 80 GB: 0.5M tokens per step as in the GPT-2 paper)
+    "gpt2": dict(dataset="tinystories", n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16,
+                 grad_accum=32, max_iters=5000, learning_rate=6e-4, warmup_iters=300, eval_interval=250,
+                 eval_iters=50, log_interval=10, sample_tokens=64, compile=True),
+}
+
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "norm", "mlp", "pos", "attention")
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+def load_dataset(config):
+    """The memmapped train/val token arrays, the tokenizer and meta.json."""
+    folder = os.path.join(config["data_dir"], config["dataset"])
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.exists(meta_path) and config["dataset"] == "tinyworld":
+        print(f"{folder} is not prepared yet: building the embedded tinyworld dataset (offline, about a minute)")
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py"),
+                        "--dataset", "tinyworld", "--data-dir", config["data_dir"]], check=True)
+    if not os.path.exists(meta_path):
+        raise ValueError(f"dataset {config['dataset']!r} is not prepared ({meta_path} is missing): "
+                         f"run `python prepare_data.py --dataset {config['dataset']}` first")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    tokenizer = bpe.Tokenizer.load(os.path.join(folder, "tokenizer.json"))
+    data = {}
+    for split in ("train", "val"):
+        path = os.path.join(folder, f"{split}.bin")
+        if not os.path.exists(path):
+            raise ValueError(f"{path} is missing: rerun `python prepare_data.py --dataset {config['dataset']} --force`")
+        data[split] = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+        if len(data[split]) <= config["block_size"] + 1:
+            raise ValueError(f"{path} has {len(data[split])} tokens, fewer than block_size + 2 = "
+                             f"{config['block_size'] + 2}: use a smaller --block_size or more data")
+    return data, tokenizer, meta
+
+
+def get_batch(data, block_size, batch_size, generator):
+    """batch_size random windows of data: inputs x and targets y = x shifted by
+    one, both (batch_size, block_size) int64. Starts drawn from `generator`."""
+    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
+    x = torch.stack([torch.from_numpy(data[s:s + block_size].astype(np.int64)) for s in starts.tolist()])
+    y = torch.stack([torch.from_numpy(data[s + 1:s + 1 + block_size].astype(np.int64)) for s in starts.tolist()])
+    return x, y
+
+
+def token_byte_lengths(tokenizer):
+    """(vocab_size,) float: UTF-8 bytes of each token; a special token counts as 1
+    (it stands where a separator character would be)."""
+    lengths = [len(b) for b in tokenizer.token_bytes] + [1] * len(tokenizer.special_ids)
+    return torch.tensor(lengths, dtype=torch.float64)
+
+
+def bits_per_byte(total_nats, total_bytes):
+    """Loss summed over tokens (nats) -> bits per byte of text. Unlike loss per
+    token, this does not depend on the tokenizer, so runs with different
+    vocabularies compare."""
+    return total_nats / math.log(2) / total_bytes
+
+
+@torch.no_grad()
+def evaluate(model, data, config, byte_lengths, ctx, device):
+    """Mean loss on eval_iters fixed batches of each split, and val bits per byte.
+    The batches come from their own generator, so evaluation never disturbs the
+    training data order (and every evaluation sees the same batches)."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        generator = torch.Generator().manual_seed(config["seed"] + (1 if split == "train" else 2))
+        nats, n_tokens, n_bytes = 0.0, 0, 0.0
+        for _ in range(config["eval_iters"]):
+            x, y = get_batch(data[split], config["block_size"], config["batch_size"], generator)
+            x, y = x.to(device), y.to(device)
+            with ctx:
+                _, loss = model(x, y)
+            nats += loss.item() * y.numel()
+            n_tokens += y.numel()
+            n_bytes += byte_lengths[y.cpu()].sum().item()
+        out[f"{split}_loss"] = nats / n_tokens
+        out[f"{split}_bpb"] = bits_per_byte(nats, n_bytes)
+    model.train()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# One optimizer step
+
+def forward_backward(model, micro_batches, ctx, scaler=None):
+    """Accumulate gradients over micro-batches [(x, y), ...]; returns the mean
+    loss (a tensor). Under DDP, gradients are all-reduced only on the last
+    micro-step: the earlier backward passes run inside no_sync()."""
+    total = 0.0
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = nullcontext() if (last or not isinstance(model, DDP)) else model.no_sync()
+        with sync:
+            with ctx:
+                _, loss = model(x, y)
+                loss = loss / len(micro_batches)  # the mean over micro-batches, not the sum
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        total = total + loss.detach()
+    return total
+
+
+def clip_gradients(model, max_norm):
+    """Scale all gradients down together if their global L2 norm exceeds
+    max_norm. Returns the norm before clipping."""
+    if max_norm <= 0:
+        return torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+# -----------------------------------------------------------------------------
+# Distributed setup
+
+def setup_distributed(config):
+    """(rank, world_size, device). Under torchrun: one process per GPU with NCCL,
+    or per CPU process with gloo."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(config["device"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = pick_device(config["device"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+class StopRequested:
+    """Ctrl-C sets a flag; the loop saves at the end of the current step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            signal.signal(signal.SIGINT, self.previous)
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)")
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def resolve_out_dir(config):
+    return config["out_dir"] or os.path.join("out", config["config"], STAGE)
+
+
+def run(config, flags=()):
+    """Train; returns the metrics of the final evaluation."""
+    rank, world, device = setup_distributed(config)
+    master = rank == 0
+    device_type = "cuda" if device.startswith("cuda") else ("mps" if device.startswith("mps") else "cpu")
+    dtype = pick_dtype(config["dtype"], device_type)
+    ctx = autocast_context(device_type, dtype)
+    scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
+    if config["grad_accum"] % world:
+        raise ValueError(f"grad_accum={config['grad_accum']} must be divisible by the number of processes ({world})")
+    accum_per_rank = config["grad_accum"] // world
+
+    out_dir = resolve_out_dir(config)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    resume = None
+    if "resume" in flags:
+        resume = load_checkpoint(ckpt_path, stages={STAGE})
+        saved = resume["config"]
+        # the run continues with its own config; only run-length and system keys may change
+        for key in DEFAULTS:
+            if key not in ("max_iters", "stop_at_iter", "device", "dtype", "compile", "eval_interval",
+                           "log_interval", "sample_tokens", "out_dir"):
+                config[key] = saved.get(key, config[key])
+    elif os.path.exists(ckpt_path) and "overwrite" not in flags:
+        raise ValueError(f"{ckpt_path} already exists: pass --resume to continue it, "
+                         f"or --overwrite to start over (it will be replaced)")
+
+    data, tokenizer, meta = load_dataset(config)
+    torch.manual_seed(config["seed"] + rank)
+    model_config = GPTConfig(vocab_size=tokenizer.vocab_size, **{k: config[k] for k in MODEL_KEYS})
+    model = GPT(model_config).to(device)
+    optimizer = configure_optimizer(model, config["learning_rate"], config["weight_decay"],
+                                    (config["beta1"], config["beta2"]), device_type)
+    # the data order: a generator per process, so ranks see different windows
+    data_gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    start_iter = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["resume"]["optimizer"])
+        start_iter = resume["resume"]["iter"]
+        data_gen.set_state(resume["resume"]["data_rng"][rank])
+        set_rng_state(resume["resume"]["rng"])
+        if master:
+            truncate_log(log_path, start_iter)
+            print(f"resuming {ckpt_path} at iteration {start_iter}")
+    elif master:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(log_path):
+            os.remove(log_path)
+
+    raw_model = model
+    if config["compile"]:
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+
+    n_params = raw_model.num_params()
+    flops_tok = flops_per_token(model_config, n_params)
+    device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else device_type
+    tokens_per_iter = config["grad_accum"] * config["batch_size"] * config["block_size"]
+    byte_lengths = token_byte_lengths(tokenizer)
+    if master:
+        print(f"{STAGE}: {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, dataset "
+              f"{config['dataset']} ({len(data['train']):,} train tokens), {tokens_per_iter:,} tokens/iter, "
+              f"device {device} x{world}, {dtype}{', compiled' if config['compile'] else ''}")
+
+    def save(it, metrics):
+        data_states = [data_gen.get_state()]
+        if world > 1:  # every rank's data position, so a resumed run continues each (all ranks take part)
+            data_states = [None] * world
+            dist.all_gather_object(data_states, data_gen.get_state())
+        if not master:
+            return
+        checkpoint = {
+            "stage": STAGE,
+            "model_args": vars(model_config).copy(),
+            "model": clean_state_dict(raw_model),
+            "tokenizer": tokenizer.to_dict(),
+            "config": dict(config),
+            "parent": None,
+            "metrics": metrics,
+            "data": {"dataset": config["dataset"], "meta": meta},
+            "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(), "data_rng": data_states},
+        }
+        save_checkpoint(checkpoint, ckpt_path)
+
+    def show_sample():
+        if not master or config["sample_tokens"] <= 0:
+            return
+        prompt = torch.tensor([[tokenizer.special_ids[bpe.DOC_SEP]]], device=device)
+        with ctx:
+            out = raw_model.generate(prompt, min(config["sample_tokens"], config["block_size"] - 1),
+                                     temperature=0.8, top_k=50, seed=config["seed"])
+        print("sample:", repr(tokenizer.decode(out[0, 1:].tolist())))
+
+    stopper = StopRequested()
+    end_iter = config["max_iters"] if config["stop_at_iter"] <= 0 else min(config["stop_at_iter"], config["max_iters"])
+    metrics = {}
+    t_start = time.time()
+    t_last = t_start
+    tokens_since_log = 0
+    it = start_iter
+    try:
+        while it < end_iter:
+            lr = cosine_lr(it, config["learning_rate"], config["warmup_iters"], config["max_iters"],
+                           config["min_lr_ratio"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches = []
+            for _ in range(accum_per_rank):
+                x, y = get_batch(data["train"], config["block_size"], config["batch_size"], data_gen)
+                micro_batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+            loss = forward_backward(model, micro_batches, ctx, scaler)
+            if world > 1:  # the mean over all processes, so every rank sees the same value
+                dist.all_reduce(loss)
+                loss = loss / world
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = clip_gradients(raw_model, config["grad_clip"])
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at iteration {it}: stopping; the last good "
+                                         f"checkpoint {ckpt_path} is kept. Try a lower --learning_rate or "
+                                         f"--dtype=float32")
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            it += 1
+            tokens_since_log += tokens_per_iter
+
+            if master and (it % config["log_interval"] == 0 or it == end_iter):
+                now = time.time()
+                tok_per_s = tokens_since_log / max(now - t_last, 1e-9)
+                mfu = model_flops_utilization(flops_tok, tok_per_s / world, device_name)
+                eta = (end_iter - it) * tokens_per_iter / max(tok_per_s, 1e-9)
+                mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
+                print(f"iter {it:6d}/{end_iter} | loss {loss_value:.4f} | lr {lr:.2e} | grad {grad_norm:.2f} | "
+                      f"{tok_per_s / 1e3:.1f}k tok/s{mfu_text} | ETA {format_eta(eta)}", flush=True)
+                append_jsonl(log_path, {"iter": it, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                                        "tok_per_s": tok_per_s, "mfu": mfu, "time": now - t_start})
+                t_last, tokens_since_log = now, 0
+
+            at_eval = it % config["eval_interval"] == 0 or it == end_iter
+            if at_eval or stopper.requested:
+                if master:
+                    metrics = evaluate(raw_model, data, config, byte_lengths, ctx, device)
+                    metrics["iter"] = it
+                    print(f"eval {it}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
+                          f"val {metrics['val_bpb']:.3f} bits/byte")
+                    append_jsonl(log_path, {"iter": it, **metrics})
+                save(it, metrics)
+                if master:
+                    plot_curves(read_jsonl_log(log_path), [("train (per step)", "loss"), ("train", "train_loss"),
+                                                     ("val", "val_loss")],
+                                os.path.join(out_dir, "loss.png"), f"pretraining loss ({config['config']})")
+                    if at_eval:
+                        show_sample()
+                t_last = time.time()  # evaluation time is not training throughput
+                if stopper.requested:
+                    print(f"saved {ckpt_path} at iteration {it}; continue with --resume")
+                    break
+    finally:
+        stopper.restore()
+        if world > 1:
+            dist.destroy_process_group()
+    if master:
+        print(f"done: {it} iterations in {format_eta(time.time() - t_start)}; checkpoint {ckpt_path}")
+    return metrics
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config, flags = parse_config(argv, DEFAULTS, PRESETS, "train.py", __doc__.strip().splitlines()[0])
+        GPTConfig(**{k: config[k] for k in MODEL_KEYS})  # check model options before any work
+        run(config, flags)
+    except (ValueError, CheckpointError, FloatingPointError, subprocess.CalledProcessError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
