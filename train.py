@@ -99,7 +99,7 @@ def load_dataset(config):
     if not os.path.exists(meta_path) and config["dataset"] == "tinyworld":
         print(f"{folder} is not prepared yet: building the embedded tinyworld dataset (offline, about a minute)")
         subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py"),
-                        "--dataset", "tinyworld", "--data-dir", config["data_dir"]], check=True)
+                        "--dataset", "tinyworld", "--data-root", config["data_dir"]], check=True)
     if not os.path.exists(meta_path):
         raise ValueError(f"dataset {config['dataset']!r} is not prepared ({meta_path} is missing): "
                          f"run `python prepare_data.py --dataset {config['dataset']}` first")
@@ -282,6 +282,9 @@ def run(config, flags=()):
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["resume"]["optimizer"])
         start_iter = resume["resume"]["iter"]
+        if len(resume["resume"]["data_rng"]) != world:
+            raise ValueError(f"{ckpt_path} was saved by {len(resume['resume']['data_rng'])} process(es): "
+                             f"resume it with the same number (now {world})")
         data_gen.set_state(resume["resume"]["data_rng"][rank])
         set_rng_state(resume["resume"]["rng"])
         if master:

@@ -321,3 +321,13 @@ def test_plot_curves_writes_a_png(tmp_path):
 
 def test_format_eta():
     assert model.format_eta(5) == "5s" and model.format_eta(75) == "1m15s" and model.format_eta(3725) == "1h02m"
+
+
+@pytest.mark.slow
+def test_compiled_run_saves_clean_keys(data_dir, tmp_path):
+    """torch.compile on CPU takes ~30 s, so this one is marked slow."""
+    out = tmp_path / "compiled"
+    train.run(tiny_config(data_dir, out, max_iters=4, eval_interval=4, compile=True))
+    ckpt = load_checkpoint(str(out))
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    model.model_from_checkpoint(ckpt)
