@@ -78,8 +78,8 @@ PRESETS = {
                  learning_rate=3e-3),
     # a 2-core laptop CPU: a fluent-looking model of tinyworld in about 5 minutes
     "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, max_iters=1500,
-                  warmup_iters=100, eval_interval=250, eval_iters=20, learning_rate=2e-3,
-                  dtype="bfloat16"),
+                  warmup_iters=100, eval_interval=300, eval_iters=20, learning_rate=2e-3,
+                  dtype="bfloat16", compile=True),
     # GPT-2 124M on GPUs (8 x 80 GB: 0.5M tokens per step as in the GPT-2 paper)
     "gpt2": dict(dataset="tinystories", n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16,
                  grad_accum=32, max_iters=5000, learning_rate=6e-4, warmup_iters=300, eval_interval=250,
