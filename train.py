@@ -77,8 +77,8 @@ PRESETS = {
                  warmup_iters=5, eval_interval=20, eval_iters=2, log_interval=10, sample_tokens=16,
                  learning_rate=3e-3),
     # a 2-core laptop CPU: a fluent-looking model of tinyworld in about 5 minutes
-    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, max_iters=1500,
-                  warmup_iters=100, eval_interval=300, eval_iters=20, learning_rate=2e-3,
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, max_iters=1300,
+                  warmup_iters=100, eval_interval=260, eval_iters=20, learning_rate=2e-3,
                   dtype="bfloat16", compile=True),
     # GPT-2 124M on GPUs (8 x 80 GB: 0.5M tokens per step as in the GPT-2 paper)
     "gpt2": dict(dataset="tinystories", n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16,
@@ -216,6 +216,29 @@ def setup_distributed(config):
     return rank, world, device
 
 
+def compile_or_fall_back(model, config, ctx, device, master):
+    """torch.compile the model and build its kernels now, with one forward and
+    backward pass on a dummy batch of the training shape. Where compiling fails
+    (no C++ compiler on a laptop, say) the run goes on uncompiled."""
+    compiled = torch.compile(model)
+    rng = torch.get_rng_state()  # the dummy pass must not move the random state
+    try:
+        x = torch.zeros(config["batch_size"], config["block_size"], dtype=torch.long, device=device)
+        with ctx:
+            _, loss = compiled(x, x)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return compiled
+    except Exception as e:  # torch raises many kinds here, all meaning "cannot compile"
+        model.zero_grad(set_to_none=True)
+        if master:
+            print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); "
+                  f"training without it")
+        return model
+    finally:
+        torch.set_rng_state(rng)
+
+
 # -----------------------------------------------------------------------------
 # The run
 
@@ -297,7 +320,7 @@ def run(config, flags=()):
 
     raw_model = model
     if config["compile"]:
-        model = torch.compile(model)
+        model = compile_or_fall_back(model, config, ctx, device, master)
     if world > 1:
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
 

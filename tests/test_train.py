@@ -331,3 +331,15 @@ def test_compiled_run_saves_clean_keys(data_dir, tmp_path):
     ckpt = load_checkpoint(str(out))
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     model.model_from_checkpoint(ckpt)
+
+
+def test_compile_failure_falls_back_to_eager(data_dir, tmp_path, monkeypatch, capsys):
+    def broken_compile(module):
+        def fail(*args, **kwargs):
+            raise RuntimeError("no C++ compiler found")
+        return fail
+
+    monkeypatch.setattr(train.torch, "compile", broken_compile)
+    metrics = train.run(tiny_config(data_dir, tmp_path / "fallback", compile=True, max_iters=4, eval_interval=4))
+    assert "torch.compile failed (RuntimeError: no C++ compiler found); training without it" in capsys.readouterr().out
+    assert math.isfinite(metrics["val_loss"])
