@@ -61,6 +61,7 @@ def main():
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both loops")
     parser.add_argument("--out-dir", default="out/bench/train")
     args = parser.parse_args()
     config = dict(train.DEFAULTS, **train.PRESETS[args.config], config=args.config, dataset=args.dataset,
@@ -69,13 +70,20 @@ def main():
     n_params = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **{k: config[k] for k in train.MODEL_KEYS})).num_params()
     print(f"preset {args.config}: {n_params / 1e6:.2f}M parameters, batch {config['batch_size']} x "
           f"{config['block_size']}, dtype {config['dtype']}, compile {config['compile']}; dataset {args.dataset}; "
-          f"{torch.get_num_threads()} threads; median of {args.iters} iterations after {args.warmup} warm-up\n")
-    ours = train_py_tokens_per_s(config, args.iters, args.warmup, args.out_dir)
-    plain = plain_loop_tokens_per_s(config, data, tokenizer.vocab_size, args.iters, args.warmup)
+          f"{torch.get_num_threads()} threads; median of {args.iters} iterations after {args.warmup} warm-up, {args.rounds} rounds\n")
+    # alternate the two loops, so that a machine that speeds up or slows down
+    # during the run (shared cores, heat) affects both alike
+    ours_rounds, plain_rounds = [], []
+    for _ in range(args.rounds):
+        plain_rounds.append(plain_loop_tokens_per_s(config, data, tokenizer.vocab_size, args.iters, args.warmup))
+        ours_rounds.append(train_py_tokens_per_s(config, args.iters, args.warmup, args.out_dir))
+    print("rounds (plain, train.py):", ", ".join(f"({p:,.0f}, {o:,.0f})" for p, o in zip(plain_rounds, ours_rounds)))
+    ours, plain = statistics.median(ours_rounds), statistics.median(plain_rounds)
     print(f"\n| {'training loop':44s} | {'tokens/s':>10s} |")
     print(f"|{'-' * 46}|{'-' * 12}|")
     print(f"| {'plain nanoGPT-style loop (fp32, AdamW)':44s} | {plain:>10,.0f} |")
-    print(f"| {'train.py (' + config['dtype'] + ', fused AdamW)':44s} | {ours:>10,.0f} |")
+    label = f"train.py ({config['dtype']}, fused AdamW{', compiled' if config['compile'] else ''})"
+    print(f"| {label:44s} | {ours:>10,.0f} |")
     print(f"| {'speedup (target >= 1.25x)':44s} | {ours / plain:>9.2f}x |")
 
 
