@@ -20,7 +20,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -31,6 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
+import prepare_data
 from model import (GPT, CheckpointError, GPTConfig, autocast_context, clean_state_dict, configure_optimizer,
                    cosine_lr, flops_per_token, format_eta, load_checkpoint, model_flops_utilization, parse_config,
                    pick_device, pick_dtype, plot_curves, append_jsonl, read_jsonl_log, rng_state, save_checkpoint,
@@ -97,9 +97,8 @@ def load_dataset(config):
     folder = os.path.join(config["data_dir"], config["dataset"])
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.exists(meta_path) and config["dataset"] == "tinyworld":
-        print(f"{folder} is not prepared yet: building the embedded tinyworld dataset (offline, about a minute)")
-        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py"),
-                        "--dataset", "tinyworld", "--data-root", config["data_dir"]], check=True)
+        print(f"{folder} is not prepared yet: building the embedded tinyworld dataset (offline, seconds)")
+        prepare_data.prepare(dataset="tinyworld", data_root=config["data_dir"])
     if not os.path.exists(meta_path):
         raise ValueError(f"dataset {config['dataset']!r} is not prepared ({meta_path} is missing): "
                          f"run `python prepare_data.py --dataset {config['dataset']}` first")
@@ -121,10 +120,10 @@ def load_dataset(config):
 def get_batch(data, block_size, batch_size, generator):
     """batch_size random windows of data: inputs x and targets y = x shifted by
     one, both (batch_size, block_size) int64. Starts drawn from `generator`."""
-    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
-    x = torch.stack([torch.from_numpy(data[s:s + block_size].astype(np.int64)) for s in starts.tolist()])
-    y = torch.stack([torch.from_numpy(data[s + 1:s + 1 + block_size].astype(np.int64)) for s in starts.tolist()])
-    return x, y
+    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).numpy()
+    # one read of block_size + 1 tokens per window: x is all but the last, y all but the first
+    windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
+    return windows[:, :-1], windows[:, 1:]
 
 
 def token_byte_lengths(tokenizer):
@@ -447,7 +446,7 @@ def main(argv=None):
         config, flags = parse_config(argv, DEFAULTS, PRESETS, "train.py", __doc__.strip().splitlines()[0])
         GPTConfig(**{k: config[k] for k in MODEL_KEYS})  # check model options before any work
         run(config, flags)
-    except (ValueError, CheckpointError, FloatingPointError, subprocess.CalledProcessError) as e:
+    except (ValueError, CheckpointError, FloatingPointError, prepare_data.DataError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
     return 0

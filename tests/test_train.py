@@ -5,6 +5,7 @@ import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -190,7 +191,9 @@ def _ddp_worker(rank, world, port, path):
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
-    port = 29500 + random.Random(os.getpid()).randint(0, 2000)
+    with socket.socket() as probe:  # a port that is free right now, not a guessed one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     path = str(tmp_path / "grads.pt")
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=True)
     ddp_grads = torch.load(path)
