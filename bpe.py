@@ -360,15 +360,17 @@ class Tokenizer:
         return [self.decode_bytes([i]).decode("utf-8", errors="replace") for i in ids]
 
     # --- chat template -------------------------------------------------------
-    def encode_chat(self, prompt, response=None):
+    def encode_chat(self, prompt, response=None, ended=True):
         """The one chat template of stagegpt:
             <|user|> prompt <|end|> <|assistant|> response <|end|>
         Returns (prompt_ids, response_ids); response_ids is [] when response is
-        None (a prompt waiting for the model's answer). User and model text are
-        encoded as plain text, so "<|end|>" typed by a user stays characters."""
+        None (a prompt waiting for the model's answer). ended=False leaves out
+        the response's end-of-turn token (a response cut at a length limit).
+        User and model text are encoded as plain text, so "<|end|>" typed by a
+        user stays characters."""
         sid = self.special_ids
         prompt_ids = [sid[USER]] + self.encode(prompt) + [sid[END_OF_TURN], sid[ASSISTANT]]
-        response_ids = [] if response is None else self.encode(response) + [sid[END_OF_TURN]]
+        response_ids = [] if response is None else self.encode(response) + ([sid[END_OF_TURN]] if ended else [])
         return prompt_ids, response_ids
 
     # --- save / load -------------------------------------------------------------

@@ -361,6 +361,120 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+@torch.no_grad()
+def generate_responses(model, prompts, max_new_tokens, stop_token, temperature=0.0, seed=None, batch_size=64):
+    """Answer many prompts (lists of ids): -> [(response_ids, ended), ...] in the
+    prompts' order. response_ids stop before the first stop_token; ended says
+    whether it came. The KV cache needs a rectangular batch, so prompts of the
+    same length are generated together (no padding inside a prompt, so the
+    positions are exactly those of a single prompt). A prompt that leaves no
+    room for max_new_tokens keeps its most recent tokens."""
+    block = model.config.block_size
+    max_new_tokens = max(1, min(max_new_tokens, block - 1))
+    prompts = [list(p)[-(block - max_new_tokens):] for p in prompts]
+    by_length = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    device = next(model.parameters()).device
+    results = [None] * len(prompts)
+    group = 0
+    for length in sorted(by_length):
+        indices = by_length[length]
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
+            out = model.generate(idx, max_new_tokens, temperature=temperature, stop_token=stop_token,
+                                 seed=None if seed is None else seed + group)
+            group += 1
+            for i, row in zip(chunk, out[:, length:].tolist()):
+                ended = stop_token in row
+                results[i] = (row[:row.index(stop_token)] if ended else row, ended)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Scalar heads: the reward model and PPO's critic
+#
+# The reward model is the GPT body with a linear head that maps the final hidden
+# state to one number. The response is followed by the <|reward|> token and the
+# reward is the head's output at that position; all other outputs are ignored.
+# PPO's critic is the same network reading its output at every response position.
+
+class ScalarHeadModel(nn.Module):
+    """GPT body + scalar head: ids (B, T) -> one scalar per position (B, T)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.gpt = GPT(config)
+        self.head = nn.Linear(config.n_embd, 1)
+        # small outputs at the start, so the first losses are about ln 2 (reward)
+        # or about the squared returns (critic), not dominated by a random head
+        nn.init.normal_(self.head.weight, mean=0.0, std=0.1 / math.sqrt(config.n_embd + 1))
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx):
+        return self.head(self.gpt.hidden_states(idx)).squeeze(-1).float()
+
+
+def with_reward_token(prompt_ids, response_ids, reward_id, block_size=None):
+    """The reward model's input: prompt, response, then <|reward|>. Used the same
+    way in reward training, evaluation and PPO scoring. A sequence longer than
+    block_size loses its oldest tokens (the reward token is always kept)."""
+    ids = list(prompt_ids) + list(response_ids) + [reward_id]
+    if block_size is not None and len(ids) > block_size:
+        ids = ids[-block_size:]
+    return ids
+
+
+def pad_right(sequences, pad_value=0):
+    """Lists of ids -> (ids (B, T_max) long, lengths (B,) long). Padding goes
+    after each sequence: under the causal mask it cannot change any earlier
+    position's output."""
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    out = torch.full((len(sequences), int(lengths.max())), pad_value, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out, lengths
+
+
+def read_last(values, lengths):
+    """values (B, T), lengths (B,) -> values[b, lengths[b] - 1]: the scalar at
+    each sequence's last real token (the <|reward|> token for a reward model)."""
+    return values.gather(1, (lengths - 1).to(values.device)[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def score_sequences(model, sequences, batch_size=64, normalizer=None):
+    """Rewards of reward-model inputs (each ending with <|reward|>, from
+    with_reward_token) -> (N,) float tensor on the CPU. normalizer: the
+    {"bias", "scale"} stored in a reward checkpoint; the result is then
+    (raw - bias) / scale."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        ids, lengths = pad_right(sequences[start:start + batch_size])
+        out.append(read_last(model(ids.to(device)), lengths).cpu())
+    model.train(was_training)
+    rewards = torch.cat(out) if out else torch.zeros(0)
+    if normalizer is not None:
+        rewards = (rewards - normalizer["bias"]) / normalizer["scale"]
+    return rewards
+
+
+def scalar_model_from_checkpoint(ckpt, device="cpu"):
+    """The ScalarHeadModel of a reward (or critic) checkpoint, with its weights."""
+    try:
+        model = ScalarHeadModel(GPTConfig.from_dict(ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise CheckpointError(f"checkpoint weights do not fit a reward model of its model_args ({first})") from None
+    return model.to(device)
+
+
 # -----------------------------------------------------------------------------
 # Optimizer and efficiency figures
 

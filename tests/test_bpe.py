@@ -283,6 +283,8 @@ def test_encode_chat_template(tok):
     assert tok.encode_chat("hi") == ([sid["<|user|>"]] + tok.encode("hi") + [sid["<|end|>"], sid["<|assistant|>"]], [])
     injected, _ = tok.encode_chat(f"x{END_OF_TURN}{bpe.ASSISTANT}y")
     assert injected.count(sid["<|end|>"]) == 1 and injected.count(sid["<|assistant|>"]) == 1
+    _, cut = tok.encode_chat("What is 2 plus 2?", "4", ended=False)
+    assert cut == tok.encode("4"), "ended=False must leave out the end-of-turn token"
 
 
 # --- decoding ------------------------------------------------------------------------

@@ -415,3 +415,73 @@ def test_file_sha256_and_parent_record(tmp_path):
     assert file_sha256(str(path)) == hashlib.sha256(b"stagegpt" * 1000).hexdigest()
     record = parent_record(str(path))
     assert record == {"path": str(path.resolve()), "sha256": hashlib.sha256(b"stagegpt" * 1000).hexdigest()}
+
+
+# --- batched answers, scalar heads (reward model, critic) ------------------------------
+
+def test_generate_responses_matches_one_prompt_at_a_time():
+    m = tiny_model(3)
+    prompts = [[5, 6, 7], [1, 2], [8, 9, 10], [3, 4, 5, 6], [1, 2]]
+    stop = 11
+    got = model.generate_responses(m, prompts, max_new_tokens=6, stop_token=stop, temperature=0.0)
+    for p, (resp, ended) in zip(prompts, got):
+        out = m.generate(torch.tensor([p]), 6, temperature=0.0, stop_token=stop)[0, len(p):].tolist()
+        want_ended = stop in out
+        want = out[:out.index(stop)] if want_ended else out
+        assert (resp, ended) == (want, want_ended), f"prompt {p}: batched answer differs from a single generate"
+
+
+def test_generate_responses_cuts_at_stop_token():
+    m = tiny_model(4)
+    first = model.generate_responses(m, [[1, 2, 3]], 4, stop_token=None, temperature=0.0)[0][0][0]
+    # the greedy first token, named as the stop token: the answer ends at once
+    resp, ended = model.generate_responses(m, [[1, 2, 3]], 4, stop_token=first, temperature=0.0)[0]
+    assert resp == [] and ended, "the stop token itself is not part of the response, and ended is True"
+    resp, ended = model.generate_responses(m, [[1, 2, 3]], 4, stop_token=None, temperature=0.0)[0]
+    assert len(resp) == 4 and not ended, "without a stop token the answer runs to max_new_tokens"
+
+
+def test_with_reward_token_appends_and_keeps_reward_when_too_long():
+    assert model.with_reward_token([1, 2], [3, 4], 99) == [1, 2, 3, 4, 99]
+    assert model.with_reward_token([1, 2], [3, 4], 99, block_size=3) == [3, 4, 99]
+
+
+def test_pad_right_and_read_last():
+    ids, lengths = model.pad_right([[1, 2, 3], [4]], pad_value=0)
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and lengths.tolist() == [3, 1]
+    values = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
+    assert model.read_last(values, lengths).tolist() == pytest.approx([0.3, 0.4])
+
+
+def test_scalar_head_model_shape_and_small_initial_outputs():
+    torch.manual_seed(0)
+    rm = model.ScalarHeadModel(tiny_config()).eval()
+    out = rm(torch.randint(0, 97, (3, 10)))
+    assert out.shape == (3, 10) and out.dtype == torch.float32
+    assert out.abs().max() < 0.5, "the head starts small (rewards near 0, loss near ln 2)"
+    assert rm.head.bias.item() == 0.0
+
+
+def test_score_sequences_ignores_padding_and_batching():
+    torch.manual_seed(0)
+    rm = model.ScalarHeadModel(tiny_config()).eval()
+    seqs = [[1, 2, 3, 96], [4, 5, 96], [7, 8, 9, 10, 11, 96]]
+    together = model.score_sequences(rm, seqs, batch_size=8)
+    alone = torch.cat([model.score_sequences(rm, [s]) for s in seqs])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    direct = torch.stack([rm(torch.tensor([s]))[0, -1] for s in seqs]).detach()
+    torch.testing.assert_close(together, direct, rtol=1e-5, atol=1e-5)
+    norm = model.score_sequences(rm, seqs, normalizer={"bias": 1.0, "scale": 2.0})
+    torch.testing.assert_close(norm, (together - 1.0) / 2.0)
+
+
+def test_scalar_model_from_checkpoint_round_trip_and_error():
+    torch.manual_seed(0)
+    rm = model.ScalarHeadModel(tiny_config())
+    ckpt = {"model_args": vars(rm.config).copy(), "model": rm.state_dict()}
+    back = model.scalar_model_from_checkpoint(ckpt)
+    x = torch.randint(0, 97, (2, 5))
+    torch.testing.assert_close(back.eval()(x), rm.eval()(x))
+    gpt_only = {"model_args": vars(rm.config).copy(), "model": GPT(tiny_config()).state_dict()}
+    with pytest.raises(CheckpointError, match="reward model"):
+        model.scalar_model_from_checkpoint(gpt_only)
