@@ -1079,6 +1079,32 @@ def gold_score(record, text, ended=True):
     return round(gold_components(record, text, ended)["total"], 6)
 
 
+def grade_answers(records, answers):
+    """Grade a model's answers to prompt records, as the simulated labeler would.
+    answers: [(text, ended), ...] in the records' order. Returns the overall
+    figures and the same per task type:
+        {"n", "accuracy", "gold", "end_rate", "words", "by_task": {task: {...}}}
+    accuracy: share answered correctly (is_correct); gold: mean gold_score;
+    end_rate: share closed by the end-of-turn token; words: mean length."""
+    if len(records) != len(answers):
+        raise ValueError(f"{len(records)} records but {len(answers)} answers")
+    groups = {}
+    for record, (text, ended) in zip(records, answers):
+        row = (is_correct(record, text), gold_score(record, text, ended), bool(ended), len(tokens_of(text)))
+        groups.setdefault("all", []).append(row)
+        groups.setdefault(record.get("task", "open"), []).append(row)
+
+    def summary(rows):
+        n = len(rows)
+        return {"n": n, "accuracy": sum(r[0] for r in rows) / n, "gold": sum(r[1] for r in rows) / n,
+                "end_rate": sum(r[2] for r in rows) / n, "words": sum(r[3] for r in rows) / n}
+
+    out = summary(groups.pop("all")) if records else {"n": 0, "accuracy": 0.0, "gold": 0.0, "end_rate": 0.0,
+                                                       "words": 0.0}
+    out["by_task"] = {task: summary(rows) for task, rows in sorted(groups.items())}
+    return out
+
+
 # -----------------------------------------------------------------------------
 # Preference labels with human-like noise (Bradley-Terry).
 

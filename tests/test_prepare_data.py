@@ -273,6 +273,24 @@ def test_gold_rule1_empty_is_worst():
     assert worst_nonempty > P.GOLD_EMPTY
 
 
+def test_grade_answers_hand_computed():
+    story = story_record()
+    arith = {"task": "arithmetic", "prompt": "What is 2 plus 3?", "reference": "5", "answer_kind": "number"}
+    records = [story, story, arith]
+    answers = [("Mia went to the park.", True), ("The beach.", False), ("It is 5.", True)]
+    got = P.grade_answers(records, answers)
+    golds = [P.gold_score(r, t, e) for r, (t, e) in zip(records, answers)]
+    assert got["n"] == 3
+    assert got["accuracy"] == pytest.approx(2 / 3)
+    assert got["gold"] == pytest.approx(sum(golds) / 3)
+    assert got["end_rate"] == pytest.approx(2 / 3)
+    assert got["words"] == pytest.approx((5 + 2 + 3) / 3)
+    assert got["by_task"]["story_qa"]["accuracy"] == pytest.approx(0.5)
+    assert got["by_task"]["arithmetic"] == {"n": 1, "accuracy": 1.0, "gold": golds[2], "end_rate": 1.0, "words": 3.0}
+    with pytest.raises(ValueError, match="2 records but 1 answers"):
+        P.grade_answers(records[:2], answers[:1])
+
+
 def test_gold_rule2_correctness():
     rec = story_record()
     assert P.gold_score(rec, "Mia went to the park.") == 3.0
