@@ -26,11 +26,14 @@ import json
 import math
 import os
 import random
+import signal
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 # -----------------------------------------------------------------------------
@@ -844,3 +847,92 @@ def format_eta(seconds):
     if seconds >= 60:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds}s"
+
+
+# -----------------------------------------------------------------------------
+# One optimizer step, processes, interruption: the same in every training stage
+
+def forward_backward(model, micro_batches, ctx, scaler=None):
+    """Accumulate gradients over micro-batches [(x, y), ...]; returns the mean
+    loss (a tensor). Under DDP, gradients are all-reduced only on the last
+    micro-step: the earlier backward passes run inside no_sync()."""
+    total = 0.0
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if (last or not isinstance(model, DDP)) else model.no_sync()
+        with sync:
+            with ctx:
+                _, loss = model(x, y)
+                loss = loss / len(micro_batches)  # the mean over micro-batches, not the sum
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        total = total + loss.detach()
+    return total
+
+
+def clip_gradients(model, max_norm):
+    """Scale all gradients down together if their global L2 norm exceeds
+    max_norm. Returns the norm before clipping."""
+    if max_norm <= 0:
+        return torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+
+def setup_distributed(config):
+    """(rank, world_size, device). Under torchrun: one process per GPU with NCCL,
+    or per CPU process with gloo."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(config["device"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = pick_device(config["device"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def compile_or_fall_back(model, example_batch, ctx, master=True):
+    """torch.compile the model and build its kernels now, with one forward and
+    backward pass on example_batch = (x, y) of the training shape. Where compiling
+    fails (no C++ compiler on a laptop, say) the run goes on uncompiled."""
+    compiled = torch.compile(model)
+    rng = torch.get_rng_state()  # the dummy pass must not move the random state
+    try:
+        with ctx:
+            _, loss = compiled(*example_batch)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return compiled
+    except Exception as e:  # torch raises many kinds here, all meaning "cannot compile"
+        model.zero_grad(set_to_none=True)
+        if master:
+            print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); "
+                  f"training without it")
+        return model
+    finally:
+        torch.set_rng_state(rng)
+
+
+class StopRequested:
+    """Ctrl-C sets a flag; the loop saves at the end of the current step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            signal.signal(signal.SIGINT, self.previous)
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)")
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self.previous)

@@ -19,10 +19,8 @@ now and then; save a checkpoint that a later stage (or --resume) starts from.
 import json
 import math
 import os
-import signal
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -31,10 +29,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 import prepare_data
-from model import (GPT, CheckpointError, GPTConfig, autocast_context, clean_state_dict, configure_optimizer,
-                   cosine_lr, flops_per_token, format_eta, load_checkpoint, model_flops_utilization, parse_config,
-                   pick_device, pick_dtype, plot_curves, append_jsonl, read_jsonl_log, rng_state, save_checkpoint,
-                   set_rng_state, truncate_log)
+from model import (GPT, CheckpointError, GPTConfig, StopRequested, append_jsonl, autocast_context, clean_state_dict,
+                   clip_gradients, compile_or_fall_back, configure_optimizer, cosine_lr, flops_per_token, format_eta,
+                   forward_backward, load_checkpoint, model_flops_utilization, parse_config, pick_dtype,
+                   plot_curves, read_jsonl_log, rng_state, save_checkpoint, set_rng_state, setup_distributed,
+                   truncate_log)
 
 STAGE = "pretrain"
 
@@ -165,99 +164,7 @@ def evaluate(model, data, config, byte_lengths, ctx, device):
 
 
 # -----------------------------------------------------------------------------
-# One optimizer step
-
-def forward_backward(model, micro_batches, ctx, scaler=None):
-    """Accumulate gradients over micro-batches [(x, y), ...]; returns the mean
-    loss (a tensor). Under DDP, gradients are all-reduced only on the last
-    micro-step: the earlier backward passes run inside no_sync()."""
-    total = 0.0
-    for i, (x, y) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        sync = nullcontext() if (last or not isinstance(model, DDP)) else model.no_sync()
-        with sync:
-            with ctx:
-                _, loss = model(x, y)
-                loss = loss / len(micro_batches)  # the mean over micro-batches, not the sum
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
-        total = total + loss.detach()
-    return total
-
-
-def clip_gradients(model, max_norm):
-    """Scale all gradients down together if their global L2 norm exceeds
-    max_norm. Returns the norm before clipping."""
-    if max_norm <= 0:
-        return torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-
-
-# -----------------------------------------------------------------------------
-# Distributed setup
-
-def setup_distributed(config):
-    """(rank, world_size, device). Under torchrun: one process per GPU with NCCL,
-    or per CPU process with gloo."""
-    if "RANK" not in os.environ:
-        return 0, 1, pick_device(config["device"])
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = pick_device(config["device"])
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return rank, world, device
-
-
-def compile_or_fall_back(model, config, ctx, device, master):
-    """torch.compile the model and build its kernels now, with one forward and
-    backward pass on a dummy batch of the training shape. Where compiling fails
-    (no C++ compiler on a laptop, say) the run goes on uncompiled."""
-    compiled = torch.compile(model)
-    rng = torch.get_rng_state()  # the dummy pass must not move the random state
-    try:
-        x = torch.zeros(config["batch_size"], config["block_size"], dtype=torch.long, device=device)
-        with ctx:
-            _, loss = compiled(x, x)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        return compiled
-    except Exception as e:  # torch raises many kinds here, all meaning "cannot compile"
-        model.zero_grad(set_to_none=True)
-        if master:
-            print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); "
-                  f"training without it")
-        return model
-    finally:
-        torch.set_rng_state(rng)
-
-
-# -----------------------------------------------------------------------------
 # The run
-
-class StopRequested:
-    """Ctrl-C sets a flag; the loop saves at the end of the current step and exits."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.handle)
-
-    def handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C: stop now
-            signal.signal(signal.SIGINT, self.previous)
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)")
-
-    def restore(self):
-        signal.signal(signal.SIGINT, self.previous)
-
 
 def resolve_out_dir(config):
     return config["out_dir"] or os.path.join("out", config["config"], STAGE)
@@ -319,7 +226,8 @@ def run(config, flags=()):
 
     raw_model = model
     if config["compile"]:
-        model = compile_or_fall_back(model, config, ctx, device, master)
+        x = torch.zeros(config["batch_size"], config["block_size"], dtype=torch.long, device=device)
+        model = compile_or_fall_back(model, (x, x), ctx, master)
     if world > 1:
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
 

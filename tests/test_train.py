@@ -1,5 +1,6 @@
 """Tests for train.py and the training plumbing it shares through model.py."""
 
+import contextlib
 import json
 import math
 import os
@@ -130,11 +131,11 @@ def test_clip_gradients_scales_to_max_norm():
     layer(torch.randn(5, 4)).pow(2).sum().backward()
     grads = [p.grad.clone() for p in layer.parameters()]
     norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
-    returned = train.clip_gradients(layer, max_norm=float(norm) / 2)
+    returned = model.clip_gradients(layer, max_norm=float(norm) / 2)
     assert torch.allclose(returned, norm)
     for g, p in zip(grads, layer.parameters()):
         assert torch.allclose(p.grad, g / 2, atol=1e-5), "every gradient scaled by the same factor"
-    assert torch.allclose(train.clip_gradients(layer, 0), norm / 2), "0 disables clipping but reports the norm"
+    assert torch.allclose(model.clip_gradients(layer, 0), norm / 2), "0 disables clipping but reports the norm"
 
 
 def test_get_batch_windows_are_shifted_slices():
@@ -169,9 +170,9 @@ def test_forward_backward_accumulation_equals_one_big_batch():
     torch.manual_seed(1)
     x, y = torch.randint(0, 50, (8, 16)), torch.randint(0, 50, (8, 16))
     big = tiny_gpt()
-    train.forward_backward(big, [(x, y)], train.nullcontext())
+    model.forward_backward(big, [(x, y)], contextlib.nullcontext())
     small = tiny_gpt()
-    loss = train.forward_backward(small, [(x[:4], y[:4]), (x[4:], y[4:])], train.nullcontext())
+    loss = model.forward_backward(small, [(x[:4], y[:4]), (x[4:], y[4:])], contextlib.nullcontext())
     for a, b in zip(big.parameters(), small.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6)
     assert torch.allclose(loss, big(x, y)[1], atol=1e-6)
@@ -184,7 +185,7 @@ def _ddp_worker(rank, world, port, path):
     x, y = torch.randint(0, 50, (8, 16)), torch.randint(0, 50, (8, 16))
     ddp = train.DDP(tiny_gpt())
     mine = [(x[rank * 4:rank * 4 + 2], y[rank * 4:rank * 4 + 2]), (x[rank * 4 + 2:rank * 4 + 4], y[rank * 4 + 2:rank * 4 + 4])]
-    train.forward_backward(ddp, mine, train.nullcontext())
+    model.forward_backward(ddp, mine, contextlib.nullcontext())
     if rank == 0:
         torch.save([p.grad for p in ddp.module.parameters()], path)
     torch.distributed.destroy_process_group()
@@ -200,7 +201,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     torch.manual_seed(1)
     x, y = torch.randint(0, 50, (8, 16)), torch.randint(0, 50, (8, 16))
     single = tiny_gpt()
-    train.forward_backward(single, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)], train.nullcontext())
+    model.forward_backward(single, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)], contextlib.nullcontext())
     for a, b in zip(single.parameters(), ddp_grads):
         assert torch.allclose(a.grad, b, atol=1e-6), "DDP over 2 processes must equal one process on the global batch"
 
