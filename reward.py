@@ -1,0 +1,657 @@
+"""
+reward.py: a reward model trained on preference pairs.
+
+    python reward.py --config small                  # a 2-core laptop CPU, about 3 minutes
+    python reward.py --config small --max_iters=500  # any key can be overridden
+    python reward.py --config small --resume         # continue out/small/rm/ckpt.pt
+    python reward.py --score --ckpt out/small/rm --prompt "What is 3 plus 4?" --response "3 plus 4 is 7."
+
+Reads the SFT checkpoint out/<config>/sft/ckpt.pt (--init: any sft or pretrain
+checkpoint) and data/<dataset>/prefs_{train,val}.jsonl (and prefs_ranked_*.jsonl
+when prepare_data.py wrote them), writes out/<config>/rm/{ckpt.pt, log.jsonl,
+loss.png, accuracy.png}.
+
+The lecture's design: the response is followed by the special <|reward|> token;
+the transformer's output at that position goes through a scalar head
+(model.ScalarHeadModel) and every other output is ignored. The labeller said
+"chosen is better than rejected", so the loss asks for r_chosen > r_rejected:
+
+    loss = -log sigmoid(r_chosen - r_rejected - margin)     (Bradley-Terry)
+
+A ranking of K responses gives all K-choose-2 (better, worse) pairs, trained
+together in one batch (InstructGPT). After training, a bias and scale are stored
+so that the SFT model's own responses to the PPO prompts score mean 0, std 1.
+"""
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import bpe
+import prepare_data
+from model import (CheckpointError, ScalarHeadModel, GPTConfig, append_jsonl, autocast_context, clean_state_dict,
+                   configure_optimizer, cosine_lr, format_eta, generate_responses, load_checkpoint,
+                   model_from_checkpoint, pad_right, parent_record, parse_config, pick_device, pick_dtype,
+                   plot_curves, read_jsonl_log, read_last, rng_state, save_checkpoint, scalar_model_from_checkpoint,
+                   score_sequences, set_rng_state, tokenizer_from_checkpoint, truncate_log, with_reward_token)
+
+STAGE = "rm"
+INIT_STAGES = ("sft", "pretrain")  # a reward model starts from a language model, never from another rm/ppo
+
+# -----------------------------------------------------------------------------
+# Configuration: defaults, then a preset (--config NAME), then --key=value overrides.
+
+DEFAULTS = dict(
+    config="default",
+    # data and checkpoints
+    dataset="tinyworld",        # data/<dataset>/prefs_*.jsonl from prepare_data.py
+    data_dir="data",
+    init="",                    # "" means out/<config>/sft; a pretrain checkpoint works too
+    out_dir="",                 # "" means out/<config>/rm
+    # optimisation
+    batch_size=32,              # preference pairs per step (a ranked record's pairs are never split)
+    max_iters=375,
+    learning_rate=3e-4,         # lower than pretraining: the body is already trained
+    min_lr_ratio=0.1,
+    warmup_iters=30,
+    weight_decay=0.0,
+    beta1=0.9, beta2=0.95,
+    grad_clip=1.0,              # clip the global gradient norm; 0 disables
+    margin=0.0,                 # loss = -log sigmoid(r_chosen - r_rejected - margin)
+    # evaluation, logging
+    eval_interval=125, log_interval=25,
+    eval_batch_size=64,         # sequences per forward pass when scoring
+    stop_at_iter=0,             # stop (and save) after this many iterations; 0 = run to max_iters
+    # normalisation: SFT answers to PPO prompts should score mean 0, std 1
+    norm_prompts=256,           # how many prompts_ppo prompts (0: no normalisation, bias 0 and scale 1)
+    norm_max_new_tokens=64,     # answer length limit (use ppo.py's)
+    temperature=1.0,            # sampling temperature of those answers (use ppo.py's)
+    # system
+    device="auto",              # auto | cpu | cuda | mps
+    dtype="auto",               # auto | float32 | bfloat16 | float16
+    seed=1337,
+)
+
+PRESETS = {
+    # seconds, for tests
+    "tiny": dict(batch_size=8, max_iters=30, warmup_iters=3, eval_interval=15, log_interval=5,
+                 learning_rate=1e-3, norm_prompts=16, norm_max_new_tokens=8, eval_batch_size=32),
+    # a 2-core laptop CPU: about 3 epochs of tinyworld's 4000 pairs in about 3 minutes
+    "small": dict(batch_size=32, max_iters=375, warmup_iters=30, eval_interval=125, log_interval=25,
+                  learning_rate=3e-4, norm_prompts=256, norm_max_new_tokens=64),
+    # GPT-2 124M on a GPU, human preferences (InstructGPT: one epoch, lr ~1e-5)
+    "gpt2": dict(dataset="hh", batch_size=64, max_iters=1000, warmup_iters=50, eval_interval=200,
+                 log_interval=10, learning_rate=1e-5, norm_prompts=512, norm_max_new_tokens=128,
+                 eval_batch_size=128),
+}
+
+
+# -----------------------------------------------------------------------------
+# The reward model's input: one function builds it, everywhere
+
+def reward_input(tokenizer, prompt, response, ended=True, block_size=None):
+    """prompt and response text -> the ids the reward model reads:
+        <|user|> prompt <|end|> <|assistant|> response [<|end|>] <|reward|>
+    The chat template of bpe.py, then model.with_reward_token (which ppo.py
+    applies to generated ids directly: the same layout). ended=False: the
+    response was cut at a length limit, so it has no end-of-turn token."""
+    prompt_ids, response_ids = tokenizer.encode_chat(prompt, response, ended)
+    return with_reward_token(prompt_ids, response_ids, tokenizer.special_ids[bpe.REWARD], block_size)
+
+
+def ranking_pairs(k):
+    """All K-choose-2 (better, worse) index pairs of a best-first ranking of k
+    responses: (0, 1), (0, 2), ..., (k-2, k-1)."""
+    return [(i, j) for i in range(k) for j in range(i + 1, k)]
+
+
+# -----------------------------------------------------------------------------
+# Data: preference records -> groups, one per prompt
+#
+# A group is one record: its sequences (reward-model inputs) and its pairs
+# (better, worse) as indices into them, with the noiseless verdict of each pair:
+#   {"seqs": [ids, ...], "pairs": [(i, j), ...], "gold": [True | False | None, ...]}
+# gold True: the gold labeller agrees that i is better; None: no gold label.
+
+def _is_text(value):
+    return isinstance(value, str) and value.strip() != ""
+
+
+def validate_pair_record(record):
+    """The problem with a chosen/rejected record as one phrase, or None."""
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in record:
+            return f"missing field '{key}'"
+        if not isinstance(record[key], str):
+            return f"field '{key}' must be a string, got {type(record[key]).__name__}"
+    if not record["prompt"].strip():
+        return "the prompt is empty"
+    for key in ("chosen_ended", "rejected_ended"):
+        if not isinstance(record.get(key, True), bool):
+            return f"field '{key}' must be true or false"
+    if record.get("gold_prefers_chosen") is not None and not isinstance(record["gold_prefers_chosen"], bool):
+        return "field 'gold_prefers_chosen' must be true, false or null"
+    if record["chosen"] == record["rejected"] and record.get("chosen_ended", True) == record.get("rejected_ended", True):
+        return f"chosen and rejected are the same response ({record['chosen'][:40]!r}): a preference needs two"
+    return None
+
+
+def validate_ranked_record(record):
+    """The problem with a ranked-K record (responses best first) as one phrase, or None."""
+    if not _is_text(record.get("prompt")):
+        return "missing or empty field 'prompt'"
+    responses = record.get("responses")
+    if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
+        return "field 'responses' must be a list of at least 2 strings, best first"
+    k = len(responses)
+    ended = record.get("ended", [True] * k)
+    if not isinstance(ended, list) or len(ended) != k or not all(isinstance(e, bool) for e in ended):
+        return f"field 'ended' must be a list of {k} true/false values"
+    gold = record.get("gold")
+    if gold is not None and (not isinstance(gold, list) or len(gold) != k
+                             or not all(isinstance(g, (int, float)) and not isinstance(g, bool) for g in gold)):
+        return f"field 'gold' must be a list of {k} numbers or null"
+    if len(set(zip(responses, ended))) < k:
+        return "two responses of the ranking are the same"
+    return None
+
+
+def record_to_group(record, tokenizer, block_size):
+    """One validated record -> a group (see above). A pair record's chosen is
+    index 0, its rejected index 1; a ranked record's responses stay best first."""
+    if "responses" in record:
+        k = len(record["responses"])
+        ended = record.get("ended", [True] * k)
+        seqs = [reward_input(tokenizer, record["prompt"], r, e, block_size) for r, e in zip(record["responses"], ended)]
+        pairs = ranking_pairs(k)
+        gold_scores = record.get("gold")
+        gold = [None if gold_scores is None or gold_scores[i] == gold_scores[j] else gold_scores[i] > gold_scores[j]
+                for i, j in pairs]
+        return {"seqs": seqs, "pairs": pairs, "gold": gold}
+    seqs = [reward_input(tokenizer, record["prompt"], record["chosen"], record.get("chosen_ended", True), block_size),
+            reward_input(tokenizer, record["prompt"], record["rejected"], record.get("rejected_ended", True),
+                         block_size)]
+    return {"seqs": seqs, "pairs": [(0, 1)], "gold": [record.get("gold_prefers_chosen")]}
+
+
+def load_preferences(path, tokenizer, block_size):
+    """A prefs_*.jsonl (pairs) or prefs_ranked_*.jsonl (rankings) file -> groups.
+    Every record is checked; the first bad one is a DataError naming the file
+    and line."""
+    groups = []
+    for line, record in enumerate(prepare_data.read_jsonl(path), start=1):  # read_jsonl: one record per line
+        ranked = "responses" in record
+        problem = validate_ranked_record(record) if ranked else validate_pair_record(record)
+        if problem:
+            kind = "ranked record (prompt, responses best first)" if ranked else "pair (prompt, chosen, rejected)"
+            raise prepare_data.DataError(f"{path} line {line}: {problem}; each line must be a preference {kind}")
+        groups.append(record_to_group(record, tokenizer, block_size))
+    if not groups:
+        raise prepare_data.DataError(f"{path} holds no preference records")
+    return groups
+
+
+def load_split(folder, split, tokenizer, block_size):
+    """Groups of prefs_<split>.jsonl plus prefs_ranked_<split>.jsonl when it exists."""
+    groups = load_preferences(os.path.join(folder, f"prefs_{split}.jsonl"), tokenizer, block_size)
+    ranked = os.path.join(folder, f"prefs_ranked_{split}.jsonl")
+    if os.path.exists(ranked):
+        groups += load_preferences(ranked, tokenizer, block_size)
+    return groups
+
+
+def pair_batches(groups, batch_size, seed, epoch):
+    """One epoch's batches: lists of group indices, the groups in an order drawn
+    from (seed, epoch), packed so that a batch holds at most batch_size pairs and
+    a group's pairs (chosen and rejected of one prompt, or all pairs of a
+    ranking) are never split. A group larger than batch_size is a batch alone."""
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    batches, current, n_pairs = [], [], 0
+    for g in order:
+        size = len(groups[g]["pairs"])
+        if current and n_pairs + size > batch_size:
+            batches.append(current)
+            current, n_pairs = [], 0
+        current.append(g)
+        n_pairs += size
+    if current:
+        batches.append(current)
+    return batches
+
+
+def collate(groups):
+    """Groups -> one batch: ids (B, T) padded on the right, lengths (B,), and
+    for every pair the rows of its better and worse sequence, better (P,) and
+    worse (P,), and its gold verdict (P,) float: 1 agree, 0 disagree, nan unknown.
+    Each sequence is in the batch once, however many pairs it is in."""
+    seqs, better, worse, gold = [], [], [], []
+    for group in groups:
+        offset = len(seqs)
+        seqs += group["seqs"]
+        for (i, j), g in zip(group["pairs"], group["gold"]):
+            better.append(offset + i)
+            worse.append(offset + j)
+            gold.append(float("nan") if g is None else float(g))
+    ids, lengths = pad_right(seqs)
+    return ids, lengths, torch.tensor(better), torch.tensor(worse), torch.tensor(gold)
+
+
+# -----------------------------------------------------------------------------
+# The loss and the metrics
+
+def sequence_rewards(model, ids, lengths):
+    """ids (B, T), lengths (B,) -> the reward of each sequence (B,): the head's
+    output at its last real token, <|reward|>. Padding after it, or anything
+    else after it, cannot change it (causal attention)."""
+    return read_last(model(ids), lengths)
+
+
+def pairwise_loss(r_chosen, r_rejected, margin=0.0):
+    """Mean of -log sigmoid(r_chosen - r_rejected - margin), written as
+    softplus(-(...)): log(sigmoid(x)) underflows to -inf for x below about -100
+    in float32, softplus does not. Gradient wrt r_chosen: -sigmoid(-(diff - margin)) / N."""
+    return F.softplus(-(r_chosen - r_rejected - margin)).mean()
+
+
+def pair_accuracy(diff):
+    """Share of pairs ranked the labelled way (diff = r_better - r_worse > 0); a tie counts half."""
+    return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
+
+
+@torch.no_grad()
+def evaluate(model, groups, batch_size=64, margin=0.0):
+    """Metrics of held-out groups:
+        loss           pairwise loss against the noisy labels
+        accuracy       share of pairs ordered as the noisy labeller ordered them
+        gold_accuracy  share ordered as the noiseless gold labeller would (None without gold labels)
+        margin         mean r_better - r_worse (better as labelled)
+        reward_mean, reward_std   of every sequence's reward
+        pairs          number of pairs"""
+    seqs, better, worse, gold = [], [], [], []
+    for group in groups:
+        offset = len(seqs)
+        seqs += group["seqs"]
+        for (i, j), g in zip(group["pairs"], group["gold"]):
+            better.append(offset + i)
+            worse.append(offset + j)
+            gold.append(g)
+    rewards = score_sequences(model, seqs, batch_size)  # (N,), eval mode, padding on the right
+    diff = rewards[better] - rewards[worse]             # (P,)
+    known = [k for k, g in enumerate(gold) if g is not None]
+    gold_accuracy = None
+    if known:
+        # agree with gold: the labelled-better one scores higher when gold agrees with the label, lower otherwise
+        signed = torch.where(torch.tensor([gold[k] for k in known]), diff[known], -diff[known])
+        gold_accuracy = pair_accuracy(signed)
+    return {"loss": pairwise_loss(rewards[better], rewards[worse], margin).item(),
+            "accuracy": pair_accuracy(diff), "gold_accuracy": gold_accuracy, "margin": diff.mean().item(),
+            "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "pairs": len(better)}
+
+
+# -----------------------------------------------------------------------------
+# Normalisation and scoring
+
+def sample_sft_responses(policy, tokenizer, prompts, max_new_tokens, temperature, seed, batch_size=64):
+    """The init (SFT) model's answers to prompts (text) -> [(response text, ended)],
+    sampled the way PPO will sample them."""
+    prompt_ids = [tokenizer.encode_chat(p)[0] for p in prompts]
+    out = generate_responses(policy, prompt_ids, max_new_tokens, tokenizer.special_ids[bpe.END_OF_TURN],
+                             temperature=temperature, seed=seed, batch_size=batch_size)
+    return [(tokenizer.decode(ids), ended) for ids, ended in out]
+
+
+def reward_normalizer(rewards):
+    """Raw rewards (N,) of SFT answers -> {"bias": mean, "scale": std}, so that
+    (raw - bias) / scale has mean 0 and (sample) std 1. A constant reward keeps scale 1."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float64)
+    bias = rewards.mean().item()
+    scale = rewards.std().item() if len(rewards) > 1 else 1.0
+    if not math.isfinite(scale) or scale < 1e-8:
+        scale = 1.0
+    return {"bias": bias, "scale": scale}
+
+
+def score_responses(model, tokenizer, prompts, responses, ended=None, normalizer=None, batch_size=64):
+    """Rewards of responses to prompts (text), (N,) float tensor: the reward at
+    <|reward|> of reward_input(...), then (raw - bias) / scale with a normalizer
+    (a checkpoint's "reward_norm"). ended: one bool per response (default True).
+    `python reward.py --score` and eval.py call this."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    ended = [True] * len(responses) if ended is None else ended
+    block_size = model.config.block_size
+    seqs = [reward_input(tokenizer, p, r, e, block_size) for p, r, e in zip(prompts, responses, ended)]
+    return score_sequences(model, seqs, batch_size, normalizer)
+
+
+def load_reward_model(path, device="cpu"):
+    """(ScalarHeadModel in eval mode, tokenizer, reward_norm) of a reward checkpoint (file or folder)."""
+    ckpt = load_checkpoint(path, stages={STAGE})
+    model = scalar_model_from_checkpoint(ckpt, device).eval()
+    normalizer = ckpt.get("reward_norm") or {"bias": 0.0, "scale": 1.0}
+    return model, tokenizer_from_checkpoint(ckpt), normalizer
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+class StopRequested:
+    """Ctrl-C sets a flag; the loop saves at the end of the current step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            signal.signal(signal.SIGINT, self.previous)
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)")
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def resolve_paths(config):
+    """(init checkpoint path, output folder) with the "" defaults filled in."""
+    init = config["init"] or os.path.join("out", config["config"], "sft")
+    out_dir = config["out_dir"] or os.path.join("out", config["config"], STAGE)
+    return init, out_dir
+
+
+def load_init(path, config_name):
+    """The checkpoint a reward model starts from: an sft (or pretrain) one."""
+    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise CheckpointError(f"checkpoint {file} does not exist: run `python sft.py --config {config_name}` "
+                              f"first, or start from another with --init=PATH (an sft or pretrain checkpoint)")
+    ckpt = load_checkpoint(file)
+    if ckpt["stage"] not in INIT_STAGES:
+        raise CheckpointError(f"checkpoint {file} is a '{ckpt['stage']}' checkpoint; a reward model starts from an "
+                              f"sft (or pretrain) checkpoint: pass --init=out/{config_name}/sft")
+    return ckpt, file
+
+
+def dataset_folder(config):
+    """data/<dataset>, building the embedded tinyworld on first use as train.py does."""
+    folder = os.path.join(config["data_dir"], config["dataset"])
+    if not os.path.exists(os.path.join(folder, "meta.json")) and config["dataset"] == "tinyworld":
+        print(f"{folder} is not prepared yet: building the embedded tinyworld dataset (offline, seconds)")
+        prepare_data.prepare(dataset="tinyworld", data_root=config["data_dir"])
+    return folder
+
+
+def check_config(config):
+    for key in ("batch_size", "max_iters", "eval_interval", "log_interval", "eval_batch_size"):
+        if config[key] < 1:
+            raise ValueError(f"--{key}={config[key]} must be at least 1")
+    if config["norm_prompts"] < 0 or config["norm_max_new_tokens"] < 1 or config["temperature"] < 0:
+        raise ValueError("--norm_prompts must be >= 0, --norm_max_new_tokens >= 1 and --temperature >= 0")
+
+
+def run(config, flags=()):
+    """Train a reward model; returns the final held-out metrics (and reward_norm)."""
+    check_config(config)
+    device = pick_device(config["device"])
+    device_type = "cuda" if device.startswith("cuda") else ("mps" if device.startswith("mps") else "cpu")
+    dtype = pick_dtype(config["dtype"], device_type)
+    ctx = autocast_context(device_type, dtype)
+    scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
+
+    init_path, out_dir = resolve_paths(config)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    resume = None
+    if "resume" in flags:
+        resume = load_checkpoint(ckpt_path, stages={STAGE})
+        saved = resume["config"]
+        # the run continues with its own config; only run-length and system keys may change
+        for key in DEFAULTS:
+            if key not in ("max_iters", "stop_at_iter", "device", "dtype", "eval_interval", "log_interval",
+                           "eval_batch_size", "out_dir"):
+                config[key] = saved.get(key, config[key])
+        init_path = resume["parent"]["path"]
+    elif os.path.exists(ckpt_path) and "overwrite" not in flags:
+        raise ValueError(f"{ckpt_path} already exists: pass --resume to continue it, "
+                         f"or --overwrite to start over (it will be replaced)")
+
+    init, init_file = load_init(init_path, config["config"])
+    parent = parent_record(init_file)
+    if resume is not None and parent["sha256"] != resume["parent"]["sha256"]:
+        raise CheckpointError(f"{init_file} changed since {ckpt_path} was started from it: "
+                              f"start over with --overwrite")
+    tokenizer = tokenizer_from_checkpoint(init)
+    model_config = GPTConfig.from_dict(init["model_args"])
+    folder = dataset_folder(config)
+    train_groups = load_split(folder, "train", tokenizer, model_config.block_size)
+    val_groups = load_split(folder, "val", tokenizer, model_config.block_size)
+    train_probe = train_groups[:len(val_groups)]  # a fixed train subset the size of val, to watch overfitting
+    val_pairs = [r for r in prepare_data.read_jsonl(os.path.join(folder, "prefs_val.jsonl"))]
+    has_gold = all(r.get("gold_prefers_chosen") is not None for r in val_pairs)
+    agreement = prepare_data.label_agreement(val_pairs) if has_gold else None
+
+    # the model: the init checkpoint's GPT as the body, a fresh scalar head
+    torch.manual_seed(config["seed"])
+    model = ScalarHeadModel(model_config)
+    try:
+        model.gpt.load_state_dict(init["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {init_file} weights do not fit its model_args "
+                              f"({str(e).strip().splitlines()[0][:160]})") from None
+    model.to(device)
+    optimizer = configure_optimizer(model, config["learning_rate"], config["weight_decay"],
+                                    (config["beta1"], config["beta2"]), device_type)
+    start_iter, epoch, position = 0, 0, 0  # position: the next batch of this epoch
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["resume"]["optimizer"])
+        start_iter = resume["resume"]["iter"]
+        epoch, position = resume["resume"]["epoch"], resume["resume"]["position"]
+        set_rng_state(resume["resume"]["rng"])
+        truncate_log(log_path, start_iter)
+        print(f"resuming {ckpt_path} at iteration {start_iter}")
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(log_path):
+            os.remove(log_path)
+
+    n_train_pairs = sum(len(g["pairs"]) for g in train_groups)
+    print(f"{STAGE}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters from {init_file} "
+          f"({init['stage']}); {n_train_pairs} train pairs ({len(train_groups)} prompts), "
+          f"{sum(len(g['pairs']) for g in val_groups)} val pairs; {config['batch_size']} pairs/step, "
+          f"device {device}, {dtype}" + (f"; labeller agreement on val {agreement:.3f}" if agreement is not None else ""))
+
+    norm_cache = {}
+
+    def normalise():
+        """bias/scale from the init model's answers to PPO prompts (sampled once per run)."""
+        if config["norm_prompts"] == 0:
+            return {"bias": 0.0, "scale": 1.0, "n": 0}
+        if "answers" not in norm_cache:
+            records = prepare_data.read_jsonl(os.path.join(folder, "prompts_ppo.jsonl"))
+            pick = torch.randperm(len(records), generator=torch.Generator().manual_seed(config["seed"]))
+            prompts = [records[i]["prompt"] for i in pick[:config["norm_prompts"]].tolist()]
+            rng = torch.get_rng_state()  # building a GPT draws init weights: keep the training RNG untouched
+            policy = model_from_checkpoint(init, device)
+            torch.set_rng_state(rng)
+            with ctx:
+                answers = sample_sft_responses(policy, tokenizer, prompts, config["norm_max_new_tokens"],
+                                               config["temperature"], config["seed"], config["eval_batch_size"])
+            norm_cache["answers"] = (prompts, answers)
+        prompts, answers = norm_cache["answers"]
+        with ctx:
+            raw = score_responses(model, tokenizer, prompts, [a for a, _ in answers], [e for _, e in answers],
+                                  batch_size=config["eval_batch_size"])
+        return {**reward_normalizer(raw), "n": len(prompts),
+                "end_rate": sum(e for _, e in answers) / len(answers)}
+
+    def save(it, metrics):
+        norm = normalise()
+        checkpoint = {
+            "stage": STAGE,
+            "model_args": dict(init["model_args"]),
+            "model": clean_state_dict(model),
+            "tokenizer": tokenizer.to_dict(),
+            "config": dict(config),
+            "parent": parent,
+            "metrics": metrics,
+            "reward_norm": {"bias": norm["bias"], "scale": norm["scale"]},
+            "data": {"dataset": config["dataset"], "label_agreement": agreement},
+            "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(),
+                       "epoch": epoch, "position": position},
+        }
+        save_checkpoint(checkpoint, ckpt_path)
+        return norm
+
+    def evaluate_all(it):
+        with ctx:
+            val = evaluate(model, val_groups, config["eval_batch_size"], config["margin"])
+            train = evaluate(model, train_probe, config["eval_batch_size"], config["margin"])
+        metrics = {"iter": it, **{f"val_{k}": v for k, v in val.items()},
+                   "train_loss_eval": train["loss"], "train_accuracy_eval": train["accuracy"],
+                   "label_agreement": agreement}
+        gold = "" if val["gold_accuracy"] is None else f", vs gold {val['gold_accuracy']:.3f}"
+        print(f"eval {it}: val loss {val['loss']:.4f}, accuracy {val['accuracy']:.3f}{gold}, margin "
+              f"{val['margin']:.3f}, reward {val['reward_mean']:.3f} +- {val['reward_std']:.3f} | train probe "
+              f"accuracy {train['accuracy']:.3f}")
+        append_jsonl(log_path, metrics)
+        return metrics
+
+    def plot():
+        records = read_jsonl_log(log_path)
+        plot_curves(records, [("train (per step)", "loss"), ("train", "train_loss_eval"), ("val", "val_loss")],
+                    os.path.join(out_dir, "loss.png"), f"reward model pairwise loss ({config['config']})")
+        plot_curves(records, [("train (per step)", "accuracy"), ("val vs noisy labels", "val_accuracy"),
+                              ("val vs gold labels", "val_gold_accuracy"), ("labeller agreement", "label_agreement")],
+                    os.path.join(out_dir, "accuracy.png"), f"reward model accuracy ({config['config']})")
+
+    stopper = StopRequested()
+    end_iter = config["max_iters"] if config["stop_at_iter"] <= 0 else min(config["stop_at_iter"], config["max_iters"])
+    batches = pair_batches(train_groups, config["batch_size"], config["seed"], epoch)
+    metrics = evaluate_all(start_iter) if start_iter == 0 else {}
+    t_start = time.time()
+    t_train = 0.0  # seconds spent in training steps, for the ETA
+    it = start_iter
+    model.train()
+    try:
+        while it < end_iter:
+            t0 = time.time()
+            lr = cosine_lr(it, config["learning_rate"], config["warmup_iters"], config["max_iters"],
+                           config["min_lr_ratio"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if position >= len(batches):  # next epoch, in a new order
+                epoch, position = epoch + 1, 0
+                batches = pair_batches(train_groups, config["batch_size"], config["seed"], epoch)
+            ids, lengths, better, worse, _ = collate([train_groups[g] for g in batches[position]])
+            position += 1
+            ids, lengths, better, worse = ids.to(device), lengths.to(device), better.to(device), worse.to(device)
+            with ctx:
+                rewards = sequence_rewards(model, ids, lengths)  # (B,) every sequence once
+                loss = pairwise_loss(rewards[better], rewards[worse], config["margin"])
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if config["grad_clip"] > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+            else:
+                grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters()
+                                           if p.grad is not None))
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at iteration {it}: stopping; the last good "
+                                         f"checkpoint {ckpt_path} is kept. Try a lower --learning_rate")
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            it += 1
+            t_train += time.time() - t0
+
+            if it % config["log_interval"] == 0 or it == end_iter:
+                accuracy = pair_accuracy((rewards[better] - rewards[worse]).detach().float())
+                per_iter = t_train / (it - start_iter)
+                print(f"iter {it:5d}/{end_iter} | loss {loss_value:.4f} | acc {accuracy:.3f} | lr {lr:.2e} | "
+                      f"grad {grad_norm:.2f} | {len(better) / per_iter:.0f} pairs/s | epoch {epoch} | "
+                      f"ETA {format_eta((end_iter - it) * per_iter)}", flush=True)
+                append_jsonl(log_path, {"iter": it, "loss": loss_value, "accuracy": accuracy, "lr": lr,
+                                        "grad_norm": float(grad_norm), "epoch": epoch,
+                                        "time": time.time() - t_start})
+
+            at_eval = it % config["eval_interval"] == 0 or it == end_iter
+            if at_eval or stopper.requested:
+                metrics = evaluate_all(it)
+                model.train()
+                norm = save(it, metrics)
+                plot()
+                if stopper.requested:
+                    print(f"saved {ckpt_path} at iteration {it}; continue with --resume")
+                    break
+        if it == start_iter:  # nothing to train (resumed a finished run): still leave a complete checkpoint
+            metrics = metrics or evaluate_all(it)
+            norm = save(it, metrics)
+            plot()
+    finally:
+        stopper.restore()
+    print(f"reward normalisation from {norm['n']} SFT answers to PPO prompts: bias {norm['bias']:.4f}, "
+          f"scale {norm['scale']:.4f}" + (f" (end-of-turn rate {norm['end_rate']:.2f})" if norm["n"] else ""))
+    print(f"done: {it} iterations in {format_eta(time.time() - t_start)}; checkpoint {ckpt_path}")
+    return {**metrics, "reward_norm": {"bias": norm["bias"], "scale": norm["scale"]}}
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+class _ScoreParser(argparse.ArgumentParser):
+    def error(self, message):  # one error line, through main(), instead of usage + exit 2
+        raise ValueError(f"--score: {message}")
+
+
+def score_main(argv):
+    """`--score --ckpt PATH --prompt TEXT --response TEXT [--response TEXT ...] [--not-ended]`:
+    print the normalised reward (and the raw one) of each response."""
+    parser = _ScoreParser(prog="reward.py --score", description="score responses with a reward checkpoint")
+    parser.add_argument("--ckpt", required=True, help="a reward checkpoint or its folder (out/C/rm)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--response", required=True, action="append", help="repeat to compare several")
+    parser.add_argument("--not-ended", action="store_true", help="the responses were cut (no end-of-turn token)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    model, tokenizer, normalizer = load_reward_model(args.ckpt, pick_device(args.device))
+    n = len(args.response)
+    ended = [not args.not_ended] * n
+    raw = score_responses(model, tokenizer, [args.prompt] * n, args.response, ended)
+    normed = (raw - normalizer["bias"]) / normalizer["scale"]
+    for response, r, z in zip(args.response, raw.tolist(), normed.tolist()):
+        label = f"{response[:50]!r}: " if n > 1 else ""
+        print(f"{label}reward {z:+.4f} (raw {r:+.4f}; bias {normalizer['bias']:+.4f}, scale {normalizer['scale']:.4f})")
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if "--score" in argv:
+            return score_main([a for a in argv if a != "--score"])
+        config, flags = parse_config(argv, DEFAULTS, PRESETS, "reward.py", __doc__.strip().splitlines()[0])
+        run(config, flags)
+    except (ValueError, CheckpointError, FloatingPointError, prepare_data.DataError) as e:
+        print(f"reward.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

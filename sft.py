@@ -1,0 +1,473 @@
+"""
+sft.py: supervised fine-tuning, from a base model to one that answers in turns.
+
+    python sft.py --config small                     # after train.py --config small
+    python sft.py --config small --max_iters=200     # any key can be overridden
+    python sft.py --config small --resume            # continue out/small/sft/ckpt.pt
+    torchrun --standalone --nproc_per_node=8 sft.py --config gpt2
+
+Reads out/<config>/pretrain/ckpt.pt (the base model) and data/<dataset>/
+sft_{train,val}.jsonl (prompt/response demonstrations), writes
+out/<config>/sft/{ckpt.pt, log.jsonl, loss.png, accuracy.png}.
+
+Every demonstration is laid out in the one chat template (bpe.Tokenizer.encode_chat):
+
+    <|user|> prompt <|end|> <|assistant|> response <|end|>
+    mask:  0    0     0        0          1 ... 1    1
+
+The loss is the next-token cross-entropy on the response tokens only (mask 1),
+the closing <|end|> included: a model that never sees <|end|> as a target never
+learns to stop. Prompt tokens are context, not targets (mask 0), and padding is
+never a target either (target id -1, which cross_entropy ignores).
+
+Every eval_interval steps: the loss on held-out responses, and greedy answers to
+held-out prompts graded by the simulated labeler of prepare_data.py (accuracy per
+task type, end-of-turn rate). The evaluation before the first step is the base
+model prompted with the template: what SFT buys is the difference.
+"""
+
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import bpe
+import prepare_data
+from model import (CheckpointError, StopRequested, append_jsonl, autocast_context, clean_state_dict, clip_gradients,
+                   compile_or_fall_back, configure_optimizer, cosine_lr, format_eta, forward_backward,
+                   generate_responses, load_checkpoint, model_from_checkpoint, parent_record, parse_config,
+                   pick_dtype, plot_curves, read_jsonl_log, rng_state, save_checkpoint, set_rng_state,
+                   setup_distributed, tokenizer_from_checkpoint, truncate_log)
+
+STAGE = "sft"
+
+# -----------------------------------------------------------------------------
+# Configuration: defaults, then a preset (--config NAME), then --key=value overrides.
+
+DEFAULTS = dict(
+    config="default",
+    # data and files
+    dataset="tinyworld",        # data/<dataset>/sft_{train,val}.jsonl from prepare_data.py
+    data_dir="data",
+    init="",                    # the base model; "" means out/<config>/pretrain/ckpt.pt
+    out_dir="",                 # "" means out/<config>/sft
+    # batches
+    batch_size=32,              # examples (or packed rows) per micro-step, per process
+    grad_accum=1,               # micro-steps per optimizer step, summed over all processes
+    block_size=0,               # longest example in tokens; 0 = the model's block size
+    pack=False,                 # pack several examples into each row of block_size tokens
+    dropout=0.0,                # dropout while fine-tuning (the model's own setting is ignored)
+    # optimisation: a gentler learning rate than pretraining, the model already knows the language
+    max_iters=600,
+    learning_rate=3e-4,
+    min_lr_ratio=0.1,
+    warmup_iters=30,
+    weight_decay=0.0,
+    beta1=0.9, beta2=0.95,
+    grad_clip=1.0,
+    # evaluation, logging, saving
+    eval_interval=200,
+    eval_prompts=200,           # held-out prompts answered greedily at each evaluation (0 = none)
+    max_new_tokens=48,          # answer length limit in those evaluations
+    log_interval=10,
+    stop_at_iter=0,             # stop (and save) after this many iterations; 0 = run to max_iters
+    # system
+    device="auto",
+    dtype="auto",
+    compile=False,              # torch.compile; best with pack=True (every batch the same shape)
+    seed=1337,
+)
+
+PRESETS = {
+    # seconds, for tests
+    "tiny": dict(batch_size=8, max_iters=30, warmup_iters=3, learning_rate=1e-3, eval_interval=15,
+                 eval_prompts=8, max_new_tokens=12, log_interval=5),
+    # a 2-core laptop CPU, after train.py --config small
+    "small": dict(batch_size=32, max_iters=600, warmup_iters=30, learning_rate=1e-3, eval_interval=200,
+                  eval_prompts=200, dtype="bfloat16"),
+    # GPT-2 124M on GPUs, after train.py --config gpt2
+    "gpt2": dict(dataset="alpaca", batch_size=16, grad_accum=8, block_size=512, pack=True, max_iters=1500,
+                 learning_rate=3e-5, warmup_iters=50, eval_interval=250, eval_prompts=200,
+                 max_new_tokens=128, compile=True),
+}
+
+
+# -----------------------------------------------------------------------------
+# Examples: ids and the loss mask
+
+def response_mask(n_prompt, n_response):
+    """1 for each token that is a training target, 0 for context: the prompt
+    (with its turn markers) is 0, the response and its end-of-turn token are 1."""
+    return [0] * n_prompt + [1] * n_response
+
+
+def make_example(tokenizer, prompt, response, block_size):
+    """A demonstration -> (ids, mask, truncated). ids and mask have the same
+    length, at most block_size + 1 (inputs and targets are that shifted by one);
+    a longer example loses its end, ids and mask together."""
+    prompt_ids, response_ids = tokenizer.encode_chat(prompt, response)
+    ids = prompt_ids + response_ids
+    mask = response_mask(len(prompt_ids), len(response_ids))
+    truncated = len(ids) > block_size + 1
+    return ids[:block_size + 1], mask[:block_size + 1], truncated
+
+
+def shift_targets(ids, mask):
+    """(ids, mask) of one row -> (inputs, targets), each len(ids) - 1: the model
+    at position t predicts ids[t + 1], which is a target only where mask[t + 1]
+    is 1; elsewhere the target is -1 (ignored by the loss)."""
+    inputs = ids[:-1]
+    targets = [tok if m else -1 for tok, m in zip(ids[1:], mask[1:])]
+    return inputs, targets
+
+
+def collate(rows, pad_id=0):
+    """Rows [(ids, mask), ...] -> x, y (B, T) long, padded on the right to the
+    longest row. Padding inputs get pad_id (any id: they come after the real
+    tokens, so the causal mask hides them) and padding targets get -1."""
+    shifted = [shift_targets(ids, mask) for ids, mask in rows]
+    T = max(len(inputs) for inputs, _ in shifted)
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, (inputs, targets) in enumerate(shifted):
+        x[i, :len(inputs)] = torch.tensor(inputs, dtype=torch.long)
+        y[i, :len(targets)] = torch.tensor(targets, dtype=torch.long)
+    return x, y
+
+
+def pack_examples(examples, block_size):
+    """Pack examples [(ids, mask), ...] in order into rows of at most
+    block_size + 1 tokens (fewer rows, less padding). Each example keeps its own
+    mask, so the loss is the same set of targets; the next example's prompt
+    starts right after the previous <|end|>."""
+    rows = []
+    ids, mask = [], []
+    for e_ids, e_mask in examples:
+        if ids and len(ids) + len(e_ids) > block_size + 1:
+            rows.append((ids, mask))
+            ids, mask = [], []
+        ids, mask = ids + e_ids, mask + e_mask
+    if ids:
+        rows.append((ids, mask))
+    return rows
+
+
+def masked_lm_loss(logits, targets):
+    """Mean cross-entropy over the positions whose target is not -1 (the
+    response tokens). logits (B, T, V), targets (B, T)."""
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                             ignore_index=-1)
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+def load_records(path):
+    """The demonstrations of a sft_*.jsonl file, each checked for a non-empty
+    prompt and a string response; a bad one is an error naming its line."""
+    records = prepare_data.read_jsonl(path)
+    if not records:
+        raise prepare_data.DataError(f"{path} has no records: rerun prepare_data.py")
+    for number, r in enumerate(records, start=1):
+        if not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
+            raise prepare_data.DataError(f"{path} line {number} has no prompt: each line needs "
+                                         f'"prompt" and "response" strings')
+        if not isinstance(r.get("response"), str):
+            raise prepare_data.DataError(f"{path} line {number} has no response: each line needs "
+                                         f'"prompt" and "response" strings')
+    return records
+
+
+def load_sft_data(config, tokenizer, block_size):
+    """Training rows, validation rows and held-out records, and the count of
+    truncated training examples."""
+    folder = os.path.join(config["data_dir"], config["dataset"])
+    if not os.path.exists(os.path.join(folder, "sft_train.jsonl")) and config["dataset"] == "tinyworld":
+        print(f"{folder} is not prepared yet: building the embedded tinyworld dataset (offline, seconds)")
+        prepare_data.prepare(dataset="tinyworld", data_root=config["data_dir"])
+    data = {}
+    truncated = {}
+    for split in ("train", "val"):
+        records = load_records(os.path.join(folder, f"sft_{split}.jsonl"))
+        examples = [make_example(tokenizer, r["prompt"], r["response"], block_size) for r in records]
+        truncated[split] = sum(e[2] for e in examples)
+        rows = [(ids, mask) for ids, mask, _ in examples]
+        data[split] = pack_examples(rows, block_size) if config["pack"] and split == "train" else rows
+        data[f"{split}_records"] = records
+    return data, truncated
+
+
+def batch_indices(n_rows, batch_size, epoch, cursor, seed):
+    """The next batch of row indices: rows are visited in a fresh random order
+    each epoch (drawn from seed and epoch, so a resumed run draws the same).
+    Returns (indices, epoch, cursor) after the batch."""
+    out = []
+    while len(out) < batch_size:
+        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        take = order[cursor:cursor + batch_size - len(out)].tolist()
+        out += take
+        cursor += len(take)
+        if cursor >= n_rows:
+            epoch, cursor = epoch + 1, 0
+    return out, epoch, cursor
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+@torch.no_grad()
+def response_loss(model, rows, batch_size, ctx, device):
+    """Mean loss over the response tokens of all rows (token-weighted)."""
+    model.eval()
+    nats, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        x, y = collate(rows[start:start + batch_size])
+        x, y = x.to(device), y.to(device)
+        with ctx:
+            logits, _ = model(x)
+        n = int((y != -1).sum())
+        nats += masked_lm_loss(logits, y).item() * n
+        count += n
+    model.train()
+    return nats / max(count, 1)
+
+
+@torch.no_grad()
+def answer_records(model, tokenizer, records, max_new_tokens, ctx):
+    """Greedy answers to the records' prompts in the chat template ->
+    [(text, ended), ...], ready for prepare_data.grade_answers."""
+    prompts = [tokenizer.encode_chat(r["prompt"])[0] for r in records]
+    with ctx:
+        answers = generate_responses(model, prompts, max_new_tokens, tokenizer.special_ids[bpe.END_OF_TURN])
+    return [(tokenizer.decode(ids), ended) for ids, ended in answers]
+
+
+def evaluate(model, tokenizer, data, config, ctx, device):
+    """Held-out response loss, and the graded greedy answers to held-out prompts."""
+    metrics = {"val_loss": response_loss(model, data["val"], config["batch_size"], ctx, device)}
+    records = data["val_records"][:config["eval_prompts"]]
+    if records:
+        grades = prepare_data.grade_answers(records, answer_records(model, tokenizer, records,
+                                                                    config["max_new_tokens"], ctx))
+        metrics.update(accuracy=grades["accuracy"], gold=grades["gold"], end_rate=grades["end_rate"],
+                       words=grades["words"])
+        metrics.update({f"acc_{task}": g["accuracy"] for task, g in grades["by_task"].items()})
+    return metrics
+
+
+def format_metrics(metrics):
+    text = f"val response loss {metrics['val_loss']:.4f}"
+    if "accuracy" in metrics:
+        tasks = ", ".join(f"{k[4:]} {100 * v:.0f}%" for k, v in metrics.items() if k.startswith("acc_"))
+        text += (f" | accuracy {100 * metrics['accuracy']:.1f}% ({tasks}) | end of turn "
+                 f"{100 * metrics['end_rate']:.0f}% | gold {metrics['gold']:.2f}")
+    return text
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+def resolve_paths(config):
+    init = config["init"] or os.path.join("out", config["config"], "pretrain", "ckpt.pt")
+    out_dir = config["out_dir"] or os.path.join("out", config["config"], STAGE)
+    return init, out_dir
+
+
+def run(config, flags=()):
+    """Fine-tune; returns the metrics of the final evaluation (with the base
+    model's under "base")."""
+    rank, world, device = setup_distributed(config)
+    master = rank == 0
+    device_type = "cuda" if device.startswith("cuda") else ("mps" if device.startswith("mps") else "cpu")
+    dtype = pick_dtype(config["dtype"], device_type)
+    ctx = autocast_context(device_type, dtype)
+    scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
+    if config["grad_accum"] % world:
+        raise ValueError(f"grad_accum={config['grad_accum']} must be divisible by the number of processes ({world})")
+    accum_per_rank = config["grad_accum"] // world
+
+    init_path, out_dir = resolve_paths(config)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    resume = None
+    if "resume" in flags:
+        resume = load_checkpoint(ckpt_path, stages={STAGE})
+        saved = resume["config"]
+        for key in DEFAULTS:  # the run continues with its own config; run length and system keys may change
+            if key not in ("max_iters", "stop_at_iter", "device", "dtype", "compile", "eval_interval",
+                           "log_interval", "out_dir"):
+                config[key] = saved.get(key, config[key])
+        init_path = resume["parent"]["path"]
+    elif os.path.exists(ckpt_path) and "overwrite" not in flags:
+        raise ValueError(f"{ckpt_path} already exists: pass --resume to continue it, "
+                         f"or --overwrite to start over (it will be replaced)")
+
+    # the base model: a pretrained checkpoint (or an SFT one, to fine-tune further)
+    if resume is not None:
+        base = resume
+        parent = resume["parent"]
+    else:
+        base = load_checkpoint(init_path, stages={"pretrain", "sft"})
+        parent = parent_record(init_path if os.path.isfile(init_path) else os.path.join(init_path, "ckpt.pt"))
+    model_args = dict(base["model_args"], dropout=config["dropout"])
+    tokenizer = tokenizer_from_checkpoint(base)
+    block_size = config["block_size"] or model_args["block_size"]
+    if block_size > model_args["block_size"]:
+        raise ValueError(f"--block_size={block_size} is longer than the model's block size "
+                         f"{model_args['block_size']}")
+    data, truncated = load_sft_data(config, tokenizer, block_size)
+
+    torch.manual_seed(config["seed"] + rank)
+    model = model_from_checkpoint(dict(base, model_args=model_args), device)
+    optimizer = configure_optimizer(model, config["learning_rate"], config["weight_decay"],
+                                    (config["beta1"], config["beta2"]), device_type)
+    start_iter, epoch, cursor = 0, 0, 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["resume"]["optimizer"])
+        start_iter = resume["resume"]["iter"]
+        epoch, cursor = resume["resume"]["epoch"], resume["resume"]["cursor"]
+        if resume["resume"]["world"] != world:
+            raise ValueError(f"{ckpt_path} was saved by {resume['resume']['world']} process(es): "
+                             f"resume it with the same number (now {world})")
+        set_rng_state(resume["resume"]["rng"])
+        if master:
+            truncate_log(log_path, start_iter)
+            print(f"resuming {ckpt_path} at iteration {start_iter}")
+    elif master:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(log_path):
+            os.remove(log_path)
+
+    raw_model = model
+    if config["compile"]:
+        model = compile_or_fall_back(model, collate(data["train"][:config["batch_size"]]), ctx, master)
+    if world > 1:
+        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+
+    n_train = len(data["train"])
+    if master:
+        print(f"{STAGE}: from {init_path} ({raw_model.num_params() / 1e6:.2f}M parameters), "
+              f"{len(data['train_records'])} demonstrations in {n_train} rows"
+              f"{' (packed)' if config['pack'] else ''}, {truncated['train']} truncated to {block_size + 1} "
+              f"tokens; {config['grad_accum'] * config['batch_size']} rows/iter, device {device} x{world}, {dtype}")
+
+    metrics = dict(resume["metrics"]) if resume is not None else {}
+
+    def save(it):
+        if not master:
+            return
+        checkpoint = {
+            "stage": STAGE,
+            "model_args": dict(model_args, dropout=0.0),
+            "model": clean_state_dict(raw_model),
+            "tokenizer": tokenizer.to_dict(),
+            "config": dict(config),
+            "parent": parent,
+            "metrics": metrics,
+            "data": {"dataset": config["dataset"], "truncated": truncated},
+            "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(), "epoch": epoch,
+                       "cursor": cursor, "world": world},
+        }
+        save_checkpoint(checkpoint, ckpt_path)
+
+    def run_eval(it):
+        result = evaluate(raw_model, tokenizer, data, config, ctx, device)
+        result["iter"] = it
+        print(f"eval {it}: {format_metrics(result)}")
+        append_jsonl(log_path, result)
+        return result
+
+    if master and start_iter == 0:
+        metrics["base"] = run_eval(0)  # the base model, prompted with the chat template
+
+    stopper = StopRequested()
+    end_iter = config["max_iters"] if config["stop_at_iter"] <= 0 else min(config["stop_at_iter"], config["max_iters"])
+    t_start = time.time()
+    t_last = t_start
+    tokens_since_log = 0
+    it = start_iter
+    try:
+        while it < end_iter:
+            lr = cosine_lr(it, config["learning_rate"], config["warmup_iters"], config["max_iters"],
+                           config["min_lr_ratio"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches = []
+            for _ in range(accum_per_rank):
+                # every process walks the same order; each takes its own slice of the global batch
+                indices, epoch, cursor = batch_indices(n_train, config["batch_size"] * world, epoch, cursor,
+                                                       config["seed"])
+                x, y = collate([data["train"][i] for i in indices[rank::world]])
+                tokens_since_log += int((y != -1).sum()) * world
+                micro_batches.append((x.to(device), y.to(device)))
+            loss = forward_backward(model, micro_batches, ctx, scaler)
+            if world > 1:
+                dist.all_reduce(loss)
+                loss = loss / world
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = clip_gradients(raw_model, config["grad_clip"])
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at iteration {it}: stopping; the last good "
+                                         f"checkpoint {ckpt_path} is kept. Try a lower --learning_rate")
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            it += 1
+
+            if master and (it % config["log_interval"] == 0 or it == end_iter):
+                now = time.time()
+                rate = tokens_since_log / max(now - t_last, 1e-9)
+                eta = (end_iter - it) * (now - t_start) / max(it - start_iter, 1)
+                print(f"iter {it:5d}/{end_iter} | loss {loss_value:.4f} | lr {lr:.2e} | grad {grad_norm:.2f} | "
+                      f"{rate / 1e3:.1f}k target tok/s | epoch {epoch} | ETA {format_eta(eta)}", flush=True)
+                append_jsonl(log_path, {"iter": it, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                                        "target_tok_per_s": rate, "epoch": epoch, "time": now - t_start})
+                t_last, tokens_since_log = now, 0
+
+            at_eval = it % config["eval_interval"] == 0 or it == end_iter
+            if at_eval or stopper.requested:
+                if master and at_eval:
+                    metrics.update(run_eval(it))
+                save(it)
+                if master:
+                    records = read_jsonl_log(log_path)
+                    plot_curves(records, [("train (per step)", "loss"), ("val responses", "val_loss")],
+                                os.path.join(out_dir, "loss.png"), f"SFT loss on response tokens ({config['config']})")
+                    plot_curves(records, [("accuracy", "accuracy"), ("end-of-turn rate", "end_rate")]
+                                + [(k[4:], k) for k in metrics if k.startswith("acc_")],
+                                os.path.join(out_dir, "accuracy.png"), f"SFT held-out answers ({config['config']})")
+                t_last = time.time()
+                if stopper.requested:
+                    print(f"saved {ckpt_path} at iteration {it}; continue with --resume")
+                    break
+    finally:
+        stopper.restore()
+        if world > 1:
+            dist.destroy_process_group()
+    if master:
+        print(f"done: {it} iterations in {format_eta(time.time() - t_start)}; checkpoint {ckpt_path}")
+    return metrics
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config, flags = parse_config(argv, DEFAULTS, PRESETS, "sft.py", __doc__.strip().splitlines()[0])
+        run(config, flags)
+    except (ValueError, CheckpointError, FloatingPointError, prepare_data.DataError) as e:
+        print(f"sft.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

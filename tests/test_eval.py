@@ -1,0 +1,542 @@
+"""Tests for eval.py: every metric against a brute-force or hand-computed reference,
+missing and wrong-kind checkpoints, the report and the command line."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bpe
+import eval as E
+import prepare_data
+from model import GPT, GPTConfig, ScalarHeadModel, append_jsonl, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_DATA = dict(megabytes=0.05, vocab_size=300, sft_train=20, sft_val=8, prefs_train=20, prefs_val=10,
+                 prompts_ppo=8, prompts_eval=10, mc=6, quiet=True)
+
+
+def tiny_gpt(tok, seed, block_size=128):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def tiny_rm(tok, seed):
+    torch.manual_seed(seed)
+    rm = ScalarHeadModel(GPTConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=32))
+    torch.nn.init.normal_(rm.head.weight, std=0.5)  # spread the scores so that pairs are ordered
+    return rm.eval()
+
+
+def save_stage(folder, stage, model, tok, **extra):
+    ckpt = {"stage": stage, "model_args": asdict(model.config), "model": model.state_dict(),
+            "tokenizer": tok.to_dict(), "config": {"dataset": "tinyworld"}, "parent": None, "metrics": {}, **extra}
+    os.makedirs(folder, exist_ok=True)
+    save_checkpoint(ckpt, os.path.join(folder, "ckpt.pt"))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny tinyworld build and fake checkpoints of all four stages in out/tiny/."""
+    root = tmp_path_factory.mktemp("eval")
+    data_root = root / "data"
+    prepare_data.prepare(data_root=str(data_root), **TINY_DATA)
+    tok = bpe.Tokenizer.load(str(data_root / "tinyworld" / "tokenizer.json"))
+    out = root / "out" / "tiny"
+    models = {"pretrain": tiny_gpt(tok, 0), "sft": tiny_gpt(tok, 1), "ppo": tiny_gpt(tok, 2), "rm": tiny_rm(tok, 3)}
+    for stage in ("pretrain", "sft", "ppo"):
+        save_stage(str(out / stage), stage, models[stage], tok)
+    save_stage(str(out / "rm"), "rm", models["rm"], tok, reward_norm={"bias": 0.25, "scale": 2.0})
+    for i in range(1, 6):
+        append_jsonl(str(out / "pretrain" / "log.jsonl"), {"iter": 10 * i, "loss": 5.0 / i, "val_loss": 5.5 / i})
+        append_jsonl(str(out / "ppo" / "log.jsonl"), {"iter": i, "rm_score": 0.3 * i, "gold": 1.0 - 0.1 * i ** 2,
+                                                      "kl": 0.5 * i * i, "entropy": 2.0})
+    return {"root": root, "data_root": str(data_root), "out_root": str(root / "out"), "tok": tok, "models": models,
+            "folder": str(data_root / "tinyworld")}
+
+
+def tiny_config(world, **overrides):
+    config = dict(E.DEFAULTS)
+    config.update(E.PRESETS["tiny"])
+    config.update(config="tiny", out_root=world["out_root"], data_dir=world["data_root"], device="cpu")
+    config.update(overrides)
+    return config
+
+
+def brute_logprob(model, prefix, cont):
+    """Sum of log p(cont[k] | prefix + cont[:k]) by one forward pass per sequence
+    (of the last block_size + 1 tokens when it is longer)."""
+    if not cont:
+        return 0.0
+    keep = model.config.block_size + 1
+    prefix = (list(prefix) + list(cont))[-keep:][:-len(cont)]
+    ids = list(prefix) + list(cont)
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([ids[:-1]]))[0][0].float(), dim=-1)  # row t predicts ids[t + 1]
+    return sum(logp[j - 1, ids[j]].item() for j in range(len(prefix), len(ids)))
+
+
+# --- language modelling --------------------------------------------------------------
+
+def test_evaluate_loss_matches_window_by_window_cross_entropy(world):
+    tok, model = world["tok"], world["models"]["pretrain"]
+    tokens = np.arange(1000) * 7 % tok.vocab_size                     # 999 predicted tokens at most
+    byte_lengths = torch.tensor([len(tok.decode_bytes([i])) if i < len(tok.token_bytes) else 1
+                                 for i in range(tok.vocab_size)], dtype=torch.float64)
+    got = E.evaluate_loss(model, tokens, batch_size=3, max_tokens=128 * 5, byte_lengths=byte_lengths)
+    nats, n_bytes = 0.0, 0.0
+    for i in range(5):                                                # 5 windows of block_size 128
+        x = torch.tensor(tokens[i * 128:i * 128 + 128][None], dtype=torch.long)
+        y = torch.tensor(tokens[i * 128 + 1:i * 128 + 129][None], dtype=torch.long)
+        with torch.no_grad():
+            nats += model(x, y)[1].item() * 128
+        n_bytes += sum(len(tok.decode_bytes([int(t)])) if int(t) < 256 + len(tok.merges) else 1 for t in y[0])
+    assert got["tokens"] == 640, "max_tokens=640 with block_size 128 means 5 whole windows"
+    assert got["loss"] == pytest.approx(nats / 640, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(nats / 640), rel=1e-5)
+    assert got["bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
+    everything = E.evaluate_loss(model, tokens, batch_size=4, max_tokens=0, byte_lengths=byte_lengths)
+    assert everything["tokens"] == 7 * 128, "max_tokens=0 reads every whole window of val.bin"
+
+
+# --- log-likelihoods, multiple choice, KL ----------------------------------------------
+
+def test_continuation_logprobs_match_a_brute_force_loop(world):
+    model = world["models"]["pretrain"]
+    rng = np.random.default_rng(0)
+    prefixes = [list(rng.integers(0, 300, n)) for n in (5, 1, 30, 12)] + [[1, 2, 3]]
+    conts = [list(rng.integers(0, 300, n)) for n in (3, 7, 1, 20)] + [[]]
+    got = E.continuation_logprobs(model, prefixes, conts, batch_size=2)
+    want = [brute_logprob(model, p, c) for p, c in zip(prefixes, conts)]
+    assert got == pytest.approx(want, abs=1e-4), "each pair's sum of log p over its continuation tokens"
+    assert got[-1] == 0.0, "an empty continuation has log-likelihood 0"
+    assert E.continuation_logprobs(model, prefixes, conts, batch_size=5) == pytest.approx(got, abs=1e-4)
+    # longer than block_size + 1: the oldest prefix tokens are dropped
+    long_prefix, cont = list(rng.integers(0, 300, 200)), [5, 6, 7]
+    kept = (long_prefix + cont)[-129:]
+    assert len(kept) == 129 and model.config.block_size == 128
+    assert E.continuation_logprobs(model, [long_prefix], [cont])[0] == pytest.approx(
+        brute_logprob(model, kept[:-3], cont), abs=1e-4)
+
+
+def test_choice_logprobs_one_sum_per_choice(world):
+    model, tok = world["models"]["pretrain"], world["tok"]
+    context = [tok.special_ids[bpe.DOC_SEP]] + tok.encode("The cat sat on the mat.")
+    choices = [tok.encode(" It slept."), tok.encode(" A dog ran to the park."), tok.encode(" Yes")]
+    got = E.choice_logprobs(model, context, choices)
+    assert got == pytest.approx([brute_logprob(model, context, c) for c in choices], abs=1e-4)
+
+
+def uniform_model(tok):
+    """A model whose logits are all zero: every token has log p = -log V."""
+    model = tiny_gpt(tok, 0)
+    with torch.no_grad():
+        model.transformer.wte.weight.zero_()  # tied to the output head
+    return model
+
+
+def test_multiple_choice_accuracy_hand_computed_with_a_uniform_model(world):
+    tok = world["tok"]
+    model = uniform_model(tok)
+    # uniform: the sum of log p is -n log V, so the ending of fewest tokens wins
+    items = [{"context": "A story.", "endings": [" a long long ending", " short", " a b c d e f g"], "label": 1},
+             {"context": "Another.", "endings": [" x", " much longer than x"], "label": 0},
+             {"context": "Third.", "endings": [" one two three", " four five six seven", " ok"], "label": 0}]
+    got = E.multiple_choice_accuracy(model, tok, items, batch_size=2)
+    assert got["n"] == 3 and got["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_multiple_choice_accuracy_sum_and_per_token_by_hand(world, monkeypatch):
+    tok = world["tok"]
+    items = [{"context": "c", "endings": [" a", " b b b"], "label": 1},
+             {"context": "d", "endings": [" a", " b b b"], "label": 0}]
+    assert [len(tok.encode(e)) for e in items[0]["endings"]] == [1, 3]
+    # sums: item 1 [-2, -3] -> sum picks 0, per token (-2, -1) picks 1;
+    #       item 2 [-4, -6] -> sum picks 0, per token (-4, -2) picks 1
+    monkeypatch.setattr(E, "continuation_logprobs", lambda model, p, c, batch_size=32: [-2.0, -3.0, -4.0, -6.0])
+    got = E.multiple_choice_accuracy(None, tok, items)
+    assert got == {"n": 2, "accuracy": 0.5, "accuracy_norm": 0.5}
+    items[1]["label"] = 1
+    assert E.multiple_choice_accuracy(None, tok, items) == {"n": 2, "accuracy": 0.0, "accuracy_norm": 1.0}
+
+
+def test_multiple_choice_accuracy_matches_brute_force(world):
+    model, tok = world["models"]["pretrain"], world["tok"]
+    items = prepare_data.read_jsonl(os.path.join(world["folder"], "mc.jsonl"))
+    right = right_norm = 0
+    for item in items:
+        context = [tok.special_ids[bpe.DOC_SEP]] + tok.encode(item["context"])
+        sums = [brute_logprob(model, context, tok.encode(e)) for e in item["endings"]]
+        norms = [s / len(tok.encode(e)) for s, e in zip(sums, item["endings"])]
+        right += int(np.argmax(sums)) == item["label"]
+        right_norm += int(np.argmax(norms)) == item["label"]
+    got = E.multiple_choice_accuracy(model, tok, items, batch_size=5)
+    assert got["n"] == len(items)
+    assert got["accuracy"] == pytest.approx(right / len(items))
+    assert got["accuracy_norm"] == pytest.approx(right_norm / len(items))
+
+
+def test_kl_on_samples_is_the_log_ratio_summed_over_response_tokens(world):
+    policy, reference = world["models"]["ppo"], world["models"]["sft"]
+    prompts, responses = [[1, 2, 3, 4], [7, 8]], [[10, 11, 12], [13]]
+    got = E.kl_on_samples(policy, reference, prompts, responses)
+    want = [brute_logprob(policy, p, r) - brute_logprob(reference, p, r) for p, r in zip(prompts, responses)]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert E.kl_on_samples(policy, policy, prompts, responses) == pytest.approx([0.0, 0.0], abs=1e-6), \
+        "KL of a policy to itself is 0"
+
+
+# --- chat answers ----------------------------------------------------------------------
+
+def greedy_reference(model, prompt_ids, max_new, stop):
+    """Greedy decoding one token at a time, no cache."""
+    ids = list(prompt_ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new):
+            nxt = int(model(torch.tensor([ids]))[0][0, -1].argmax())
+            out.append(nxt)
+            ids.append(nxt)
+            if nxt == stop:
+                break
+    return out
+
+
+def test_chat_answers_are_greedy_in_the_chat_template(world):
+    model, tok = world["models"]["sft"], world["tok"]
+    end = tok.special_ids[bpe.END_OF_TURN]
+    prompts = ["What is 2 plus 3?", "Tell me the opposite of hot.", "Hi"]
+    got = E.chat_answers(model, tok, prompts, max_new_tokens=6, batch_size=2)
+    for prompt, answer in zip(prompts, got):
+        assert answer["prompt_ids"] == tok.encode_chat(prompt)[0]
+        want = greedy_reference(model, answer["prompt_ids"], 6, end)
+        assert answer["response_ids"] == want
+        assert answer["ended"] == (end in want)
+        assert answer["text"] == tok.decode([t for t in want if t != end])
+
+
+@pytest.fixture
+def ends_at_once(world):
+    """Make end of turn the likeliest next token everywhere (a hook on the output head)."""
+    end = world["tok"].special_ids[bpe.END_OF_TURN]
+    handles = []
+
+    def install(model):
+        def push(module, inputs, logits):
+            logits = logits.clone()
+            logits[..., end] += 1000.0
+            return logits
+        handles.append(model.lm_head.register_forward_hook(push))
+    yield install
+    for h in handles:
+        h.remove()
+
+
+def test_chat_answers_stop_at_end_of_turn(world, ends_at_once):
+    model, tok = world["models"]["sft"], world["tok"]
+    ends_at_once(model)
+    got = E.chat_answers(model, tok, ["What is 2 plus 3?"], max_new_tokens=6)
+    assert got[0]["response_ids"] == [tok.special_ids[bpe.END_OF_TURN]] and got[0]["ended"]
+    assert got[0]["text"] == ""
+
+
+def test_evaluate_chat_grades_empty_answers_by_hand(world, ends_at_once):
+    model, tok = world["models"]["sft"], world["tok"]
+    ends_at_once(model)
+    records = prepare_data.read_jsonl(os.path.join(world["folder"], "prompts_eval.jsonl"))[:4]
+    grades, answers = E.evaluate_chat(model, tok, records, max_new_tokens=5)
+    # every answer is empty and ended: accuracy 0, gold GOLD_EMPTY, end rate 1, 0 words
+    assert grades["n"] == 4 and grades["accuracy"] == 0.0 and grades["end_rate"] == 1.0 and grades["words"] == 0
+    assert grades["gold"] == pytest.approx(prepare_data.GOLD_EMPTY)
+    assert [a["gold"] for a in answers] == [prepare_data.GOLD_EMPTY] * 4
+    assert sum(g["n"] for g in grades["by_task"].values()) == 4
+
+
+def test_evaluate_chat_matches_grade_answers(world):
+    model, tok = world["models"]["pretrain"], world["tok"]
+    records = prepare_data.read_jsonl(os.path.join(world["folder"], "prompts_eval.jsonl"))[:3]
+    grades, answers = E.evaluate_chat(model, tok, records, max_new_tokens=8)
+    want = prepare_data.grade_answers(records, [(a["text"], a["ended"]) for a in answers])
+    assert grades == want
+    assert [a["gold"] for a in answers] == [prepare_data.gold_score(r, a["text"], a["ended"])
+                                            for r, a in zip(records, answers)]
+
+
+# --- reward model ----------------------------------------------------------------------
+
+def test_reward_input_is_the_chat_template_then_the_reward_token(world):
+    tok = world["tok"]
+    sid = tok.special_ids
+    want = ([sid[bpe.USER]] + tok.encode("Hi?") + [sid[bpe.END_OF_TURN], sid[bpe.ASSISTANT]] + tok.encode("Hello.")
+            + [sid[bpe.END_OF_TURN], sid[bpe.REWARD]])
+    assert E.reward_input(tok, "Hi?", "Hello.", True) == want
+    assert E.reward_input(tok, "Hi?", "Hello.", False) == want[:-2] + [sid[bpe.REWARD]]
+    assert E.reward_input(tok, "Hi?", "Hello.", True, block_size=5) == want[-5:]
+
+
+def test_preference_pairs_from_pair_and_ranked_records():
+    pair = {"prompt": "p", "chosen": "a", "rejected": "b", "chosen_ended": True, "rejected_ended": False,
+            "gold_prefers_chosen": False}
+    ranked = {"prompt": "q", "responses": ["x", "y", "z"], "ended": [True, False, True], "gold": [1.0, 2.0, 0.5]}
+    no_gold = {"prompt": "r", "chosen": "c", "rejected": "d"}
+    assert E.preference_pairs([pair, ranked, no_gold]) == [
+        ("p", "a", True, "b", False, False),
+        ("q", "x", True, "y", False, False), ("q", "x", True, "z", True, True), ("q", "y", False, "z", True, True),
+        ("r", "c", True, "d", True, None)]
+
+
+def test_pairwise_accuracy_counts_ties_as_half():
+    assert E.pairwise_accuracy([3, 1, 2, 5], [1, 1, 4, 0], [True, True, True, False]) == pytest.approx(1.5 / 4)
+    assert E.pairwise_accuracy([], [], []) is None
+
+
+def test_reward_accuracy_matches_scoring_each_sequence_alone(world):
+    rm, tok = world["models"]["rm"], world["tok"]
+    records = prepare_data.read_jsonl(os.path.join(world["folder"], "prefs_val.jsonl"))
+    norm = {"bias": 0.25, "scale": 2.0}
+    got = E.reward_accuracy(rm, tok, records, norm, batch_size=3)
+
+    def score(prompt, response, ended):
+        ids = E.reward_input(tok, prompt, response, ended, 128)
+        with torch.no_grad():
+            return (rm(torch.tensor([ids]))[0, -1].item() - 0.25) / 2.0
+    a = [score(r["prompt"], r["chosen"], r["chosen_ended"]) for r in records]
+    b = [score(r["prompt"], r["rejected"], r["rejected_ended"]) for r in records]
+    noisy = sum(x > y for x, y in zip(a, b)) / len(records)
+    gold = sum((x > y) == r["gold_prefers_chosen"] for x, y, r in zip(a, b, records)) / len(records)
+    assert got["pairs"] == len(records)
+    assert got["accuracy_noisy"] == pytest.approx(noisy) and got["accuracy_gold"] == pytest.approx(gold)
+    assert got["margin"] == pytest.approx(np.mean(np.subtract(a, b)), abs=1e-5)
+    assert got["mean"] == pytest.approx(np.mean(a + b), abs=1e-5)
+
+
+def test_win_rate_counts_ties_as_half():
+    assert E.win_rate([1.0, 2.0, 0.0, 3.0], [0.5, 2.0, 1.0, -1.0]) == {
+        "n": 4, "wins": 2, "ties": 1, "losses": 1, "win_rate": 2.5 / 4}
+    assert E.win_rate([], [])["win_rate"] is None
+
+
+# --- data, checkpoints, stages ----------------------------------------------------------
+
+def test_load_eval_data_finds_every_part_and_names_what_is_missing(world, tmp_path):
+    data = E.load_eval_data("tinyworld", world["data_root"])
+    assert data["missing"] == {}
+    assert len(data["val"]) == os.path.getsize(os.path.join(world["folder"], "val.bin")) // 2
+    assert len(data["mc"]) == 6 and len(data["prompts"]) == 10 and len(data["prefs"]) == 10
+    assert data["tokenizer"].to_dict() == world["tok"].to_dict()
+    none = E.load_eval_data("shakespeare", str(tmp_path))
+    assert set(none["missing"]) == {"val", "mc", "prompts", "prefs"}
+    assert "python prepare_data.py --dataset shakespeare" in none["missing"]["mc"]
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "meta.json").write_text("{}")
+    got = E.load_eval_data("partial", str(tmp_path))
+    assert got["mc"] is None and "mc.jsonl is missing" in got["missing"]["mc"]
+
+
+def test_evaluate_checkpoint_skips_metrics_of_the_wrong_kind(world):
+    config = tiny_config(world)
+    lines = []
+    rm_path = os.path.join(world["out_root"], "tiny", "rm", "ckpt.pt")
+    row, model, _ = E.evaluate_checkpoint(rm_path, "rm", config, "cpu", torch.no_grad(), {}, lines.append)
+    assert row["status"] == "ok" and row["stage"] == "rm" and set(row["metrics"]) == {"rm"}
+    assert set(row["skipped"]) == {"val", "mc", "chat"}
+    assert "'rm' checkpoint does not generate text" in row["skipped"]["val"]
+    assert any("val skipped" in line for line in lines)
+    base = os.path.join(world["out_root"], "tiny", "pretrain", "ckpt.pt")
+    row, _, _ = E.evaluate_checkpoint(base, "pretrain", config, "cpu", torch.no_grad(), {}, lines.append)
+    assert set(row["metrics"]) == {"val", "mc", "chat"} and "no reward head" in row["skipped"]["rm"]
+    assert len(row["answers"]) == 10, "every prompt of prompts_eval (10 < max_prompts)"
+
+
+def test_evaluate_checkpoint_missing_and_unreadable(world, tmp_path):
+    config = tiny_config(world)
+    row, model, _ = E.evaluate_checkpoint(str(tmp_path / "nope" / "ckpt.pt"), "sft", config, "cpu",
+                                          torch.no_grad(), {}, lambda s: None)
+    assert row["status"] == "missing" and model is None and "python sft.py --config tiny" in row["reason"]
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    row, model, _ = E.evaluate_checkpoint(str(bad), "ppo", config, "cpu", torch.no_grad(), {}, lambda s: None)
+    assert row["status"] == "error" and model is None and "cannot be read" in row["reason"]
+
+
+def test_other_tokenizer_skips_val_loss(world, tmp_path):
+    text = "completely different text for another tokenizer " * 20
+    other = bpe.train_tokenizer(text, 280)
+    model = tiny_gpt(other, 5)
+    save_stage(str(tmp_path / "x"), "pretrain", model, other)
+    row, _, _ = E.evaluate_checkpoint(str(tmp_path / "x" / "ckpt.pt"), "pretrain",
+                                      tiny_config(world, max_prompts=2, max_mc=2), "cpu",
+                                      torch.no_grad(), {}, lambda s: None)
+    assert "another tokenizer" in row["skipped"]["val"] and "mc" in row["metrics"]
+
+
+def test_stage_paths_and_report_folder(world):
+    config = tiny_config(world)
+    assert E.stage_paths(config, None) == [(s, os.path.join(world["out_root"], "tiny", s, "ckpt.pt"))
+                                           for s in ("pretrain", "sft", "rm", "ppo")]
+    assert E.stage_paths(config, ["a", "b/ckpt.pt"]) == [(None, "a"), (None, "b/ckpt.pt")]
+    assert E.report_folder(config) == os.path.join(world["out_root"], "tiny", "eval")
+    assert E.report_folder(dict(config, config="")) == os.path.join(world["out_root"], "eval")
+    assert E.report_folder(dict(config, out="/x/y")) == "/x/y"
+
+
+# --- PPO log, plots, report ------------------------------------------------------------
+
+def test_find_key_and_ppo_log_keys():
+    records = [{"iter": 1, "reward": 0.5, "kl_ref": None}, {"iter": 2, "reward": 0.7, "kl_ref": 0.1, "gold": True}]
+    assert E.find_key(records, ("rm_score", "reward")) == "reward"
+    assert E.find_key(records, ("gold",)) is None, "a boolean is not a score"
+    assert E.ppo_log_keys(records) == {"proxy": "reward", "gold": None, "kl": "kl_ref"}
+    assert E.ppo_log_keys([]) == {"proxy": None, "gold": None, "kl": None}
+
+
+def is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_ppo_with_all_or_some_keys(tmp_path):
+    records = [{"iter": i, "rm_score": 0.1 * i, "gold": 1 - 0.01 * i * i, "kl": 0.2 * i} for i in range(1, 8)]
+    E.plot_ppo(records, E.ppo_log_keys(records), str(tmp_path / "a.png"))
+    assert is_png(tmp_path / "a.png")
+    only_reward = [{"iter": i, "reward": 0.1 * i} for i in range(3)]
+    E.plot_ppo(only_reward, E.ppo_log_keys(only_reward), str(tmp_path / "b.png"))
+    assert is_png(tmp_path / "b.png")
+
+
+def test_plot_loss_curves_and_accuracy(tmp_path):
+    logs = {"pretrain": [{"iter": i, "loss": 1 / i, "val_loss": 1.1 / i} for i in range(1, 5)],
+            "rm": [{"iter": 1, "loss": 0.6, "accuracy": 0.7}], "sft": []}
+    E.plot_loss_curves(logs, str(tmp_path / "loss.png"))
+    assert is_png(tmp_path / "loss.png")
+    rows = [{"label": "pretrain", "status": "ok", "metrics": {"mc": {"accuracy_norm": 0.3}}},
+            {"label": "rm", "status": "ok", "metrics": {"rm": {"accuracy_gold": 0.8}}},
+            {"label": "sft", "status": "missing", "metrics": {}}]
+    E.plot_accuracy(rows, str(tmp_path / "acc.png"))
+    assert is_png(tmp_path / "acc.png")
+
+
+def test_accuracy_bars_collect_each_measure_per_stage():
+    rows = [{"label": "pretrain", "status": "ok", "metrics": {"mc": {"accuracy_norm": 0.3}, "chat": {
+                "accuracy": 0.1, "end_rate": 0.0}}},
+            {"label": "rm", "status": "ok", "metrics": {"rm": {"accuracy_gold": 0.8}}},
+            {"label": "sft", "status": "missing", "metrics": {}}]
+    assert E.accuracy_bars(rows) == {"multiple choice (per token)": {"pretrain": 0.3},
+                                     "task accuracy": {"pretrain": 0.1}, "end-of-turn rate": {"pretrain": 0.0},
+                                     "RM accuracy (gold)": {"rm": 0.8}}
+
+
+def test_markdown_report_has_one_row_per_stage():
+    report = {"config": {"config": "small"}, "device": "cpu", "time_s": 1.0, "notes": ["a note"], "plots": ["x.png"],
+              "ppo_log": None, "ppo_vs_sft": {"status": "skipped", "reason": "needs both"},
+              "rows": [{"label": "pretrain", "stage": "pretrain", "status": "ok", "skipped": {"rm": "no head"},
+                        "metrics": {"val": {"loss": 1.23456, "bpb": 0.5}, "mc": {"accuracy": 0.25, "accuracy_norm": 0.5},
+                                    "chat": {"accuracy": 0.1, "gold": -1.5, "end_rate": 0.0, "words": 12.0,
+                                             "by_task": {"arithmetic": {"accuracy": 0.2}}}}},
+                       {"label": "sft", "stage": "sft", "status": "missing", "reason": "run sft.py"}]}
+    md = E.markdown_report(report)
+    lines = md.splitlines()
+    assert lines[0] == "# Evaluation of small"
+    assert lines[2].startswith("| stage | val loss | val bits/byte |")
+    assert "| pretrain | 1.235 | 0.500 | 25.0% / 50.0% | 10.0% | -1.500 | 0.0% | 12.0 |" in md
+    assert "| sft | missing: run sft.py |" in md
+    assert "| pretrain | 20.0% |" in md, "the per-task table"
+    assert "- pretrain rm: no head" in md and "- a note" in md and "![x.png](x.png)" in md
+    assert "skipped: needs both" in md
+
+
+# --- the whole run -----------------------------------------------------------------------
+
+def test_run_evaluates_every_stage_and_compares_ppo_with_sft(world):
+    hs = os.path.join(world["data_root"], "hellaswag")
+    os.makedirs(hs, exist_ok=True)
+    prepare_data.write_jsonl(os.path.join(hs, "mc.jsonl"), [
+        {"context": "A man sits down.", "endings": [" He eats.", " A dog flies.", " Blue.", " It sings."], "label": 0}])
+    threads = torch.get_num_threads()
+    try:
+        lines = []
+        report = E.run(tiny_config(world, cpu_threads=1), log=lines.append)
+        assert torch.get_num_threads() == threads, "run() leaves the thread count as it found it"
+    finally:
+        os.remove(os.path.join(hs, "mc.jsonl"))
+    folder = os.path.join(world["out_root"], "tiny", "eval")
+    assert [r["label"] for r in report["rows"]] == ["pretrain", "sft", "rm", "ppo"]
+    assert all(r["status"] == "ok" for r in report["rows"])
+    rows = {r["label"]: r for r in report["rows"]}
+    for stage in ("pretrain", "sft", "ppo"):
+        assert {"val", "mc", "hellaswag", "chat"} <= set(rows[stage]["metrics"])
+        assert rows[stage]["rm_score"] == pytest.approx(np.mean([a["rm_score"] for a in rows[stage]["answers"]]))
+    assert rows["rm"]["metrics"]["rm"]["pairs"] == 10
+    c = report["ppo_vs_sft"]
+    assert c["status"] == "ok"
+    assert c["win_rate"] == E.win_rate([a["gold"] for a in rows["ppo"]["answers"]],
+                                       [a["gold"] for a in rows["sft"]["answers"]])
+    assert c["kl_samples"] == 8 and math.isfinite(c["kl"])
+    assert report["ppo_log"]["keys"] == {"proxy": "rm_score", "gold": "gold", "kl": "kl"}
+    for name in ("report.json", "report.md", "loss_curves.png", "accuracy.png", "ppo.png"):
+        assert os.path.exists(os.path.join(folder, name)), name
+    with open(os.path.join(folder, "report.json")) as f:
+        assert json.load(f)["rows"][0]["metrics"]["val"]["loss"] == rows["pretrain"]["metrics"]["val"]["loss"]
+    assert any("ppo vs sft: KL" in line for line in lines), "progress lines name each step"
+
+
+def test_run_with_only_pretrain_reports_missing_rows(world, tmp_path):
+    out_root = tmp_path / "out"
+    os.makedirs(out_root / "tiny")
+    os.symlink(os.path.join(world["out_root"], "tiny", "pretrain"), out_root / "tiny" / "pretrain")
+    report = E.run(tiny_config(world, out_root=str(out_root), max_prompts=2, max_mc=2, val_tokens=128),
+                   log=lambda s: None)
+    assert [r["status"] for r in report["rows"]] == ["ok", "missing", "missing", "missing"]
+    assert report["ppo_vs_sft"]["status"] == "skipped"
+    md = (out_root / "tiny" / "eval" / "report.md").read_text()
+    assert "| rm | missing:" in md and "python reward.py --config tiny" in md
+
+
+def test_parse_args_ckpt_and_errors():
+    config, ckpts = E.parse_args(["--ckpt", "a", "--ckpt=b", "--max-prompts=5", "--config", "tiny"])
+    assert ckpts == ["a", "b"] and config["max_prompts"] == 5 and config["config"] == "tiny"
+    assert config["max_mc"] == E.PRESETS["tiny"]["max_mc"]
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        E.parse_args([])
+    with pytest.raises(ValueError, match="--ckpt needs"):
+        E.parse_args(["--ckpt"])
+    with pytest.raises(ValueError, match="no --resume"):
+        E.parse_args(["--config", "tiny", "--resume"])
+    with pytest.raises(ValueError, match="unknown config key --max_prompt"):
+        E.parse_args(["--config", "tiny", "--max_prompt=3"])
+
+
+def test_main_exit_codes_and_one_line_errors(world, tmp_path, capsys):
+    out = str(tmp_path / "report")
+    rm = os.path.join(world["out_root"], "tiny", "rm")
+    assert E.main(["--ckpt", rm, f"--out={out}", f"--data_dir={world['data_root']}", "--max_pairs=4"]) == 0
+    assert os.path.exists(os.path.join(out, "report.md"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"junk")
+    capsys.readouterr()
+    assert E.main(["--ckpt", str(bad), f"--out={out}", f"--data_dir={world['data_root']}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("eval.py: error: checkpoint") and "cannot be read" in err[0]
+    assert E.main(["--config", "tiny", f"--out_root={tmp_path}/none", f"--data_dir={world['data_root']}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("eval.py: error: no checkpoint could be evaluated")
+    assert E.main(["--config", "nope"]) == 1
+    assert capsys.readouterr().err.startswith("eval.py: error: unknown config 'nope'")
+
+
+def test_command_line_runs_in_a_subprocess(world, tmp_path):
+    out = str(tmp_path / "cli")
+    proc = subprocess.run([sys.executable, "eval.py", "--config", "tiny", f"--out_root={world['out_root']}",
+                           f"--data_dir={world['data_root']}", f"--out={out}", "--max_prompts=2", "--max_mc=2",
+                           "--val_tokens=128", "--kl_prompts=2", "--max_new_tokens=4"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "eval: pretrain: val loss" in proc.stdout and "eval: done in" in proc.stdout
+    assert os.path.exists(os.path.join(out, "report.json"))

@@ -1,0 +1,558 @@
+"""Tests for reward.py: the reward model's input, the pairwise loss, pair batches,
+the metrics, normalisation, scoring, and whole tiny runs."""
+
+import itertools
+import json
+import math
+import os
+import random
+import signal
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bpe
+import prepare_data
+import reward
+from model import (GPT, CheckpointError, GPTConfig, ScalarHeadModel, load_checkpoint, parent_record, read_jsonl_log,
+                   save_checkpoint)
+
+GOOD = ["yes", "the", "cat", "sat", "on", "mat", "good", "dog"]
+BAD = ["no", "red", "ball", "ran", "to", "park", "bad", "with"]
+
+
+# --- a tiny world: a tokenizer, separable preference pairs, an "sft" checkpoint --------
+
+def pseudo_text(n_words=3000, seed=0):
+    rng = random.Random(seed)
+    words = GOOD + BAD + ["is", "what", "where", "a", "and"]
+    return " ".join(rng.choice(words) for _ in range(n_words)) + " ?."
+
+
+def separable_pair(rng, i, flip=False):
+    """chosen: GOOD words, ended; rejected: BAD words, cut. flip: a noisy label
+    (the labeller preferred the worse one), so gold_prefers_chosen is False."""
+    good = " ".join(rng.choice(GOOD) for _ in range(rng.randint(2, 6))) + "."
+    bad = " ".join(rng.choice(BAD) for _ in range(rng.randint(2, 6)))
+    record = {"id": f"p{i}", "task": "toy", "prompt": f"what is {rng.choice(GOOD + BAD)} {i}?",
+              "chosen": good, "rejected": bad, "chosen_ended": True, "rejected_ended": False,
+              "gold_chosen": 3.0, "gold_rejected": 1.0, "gold_prefers_chosen": True}
+    if flip:
+        record.update(chosen=bad, rejected=good, chosen_ended=False, rejected_ended=True, gold_chosen=1.0,
+                      gold_rejected=3.0, gold_prefers_chosen=False)
+    return record
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def tiny_gpt_config(tok, block_size=64):
+    return GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32)
+
+
+def save_lm_checkpoint(path, tok, stage="sft", seed=0):
+    torch.manual_seed(seed)
+    gpt = GPT(tiny_gpt_config(tok))
+    save_checkpoint({"stage": stage, "model_args": asdict(gpt.config), "model": gpt.state_dict(),
+                     "tokenizer": tok.to_dict(), "config": {}, "parent": None, "metrics": {}}, str(path))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """root/data/toy/{tokenizer.json, prefs_train.jsonl, prefs_val.jsonl (20% noisy
+    labels), prompts_ppo.jsonl}, root/sft/ckpt.pt (a random tiny GPT), the tokenizer."""
+    root = tmp_path_factory.mktemp("reward")
+    tok = bpe.train_tokenizer(pseudo_text(), 300)
+    folder = root / "data" / "toy"
+    os.makedirs(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    rng = random.Random(1)
+    write_jsonl(folder / "prefs_train.jsonl", [separable_pair(rng, i) for i in range(240)])
+    write_jsonl(folder / "prefs_val.jsonl", [separable_pair(rng, 1000 + i, flip=i % 5 == 0) for i in range(60)])
+    write_jsonl(folder / "prompts_ppo.jsonl", [{"prompt": f"where is the {w}?"} for w in GOOD + BAD])
+    save_lm_checkpoint(root / "sft" / "ckpt.pt", tok)
+    return root, tok
+
+
+def tiny_config(root, out, **overrides):
+    config = dict(reward.DEFAULTS)
+    config.update(reward.PRESETS["tiny"])
+    config.update(config="tiny", data_dir=str(root / "data"), dataset="toy", init=str(root / "sft"),
+                  out_dir=str(out), log_interval=1000)
+    config.update(overrides)
+    return config
+
+
+def tiny_reward_model(tok, seed=0):
+    torch.manual_seed(seed)
+    model = ScalarHeadModel(tiny_gpt_config(tok))
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # rewards far enough apart to compare
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    """One tiny run on the separable pairs: (its output folder, the metrics run() returned)."""
+    root, _ = world
+    out = tmp_path_factory.mktemp("rm_run")
+    metrics = reward.run(tiny_config(root, out, max_iters=40, eval_interval=20))
+    return out, metrics
+
+
+# --- the reward model's input ------------------------------------------------------------
+
+def test_reward_input_is_chat_template_then_reward_token(world):
+    _, tok = world
+    sid = tok.special_ids
+    expected = ([sid[bpe.USER]] + tok.encode("what is red?") + [sid[bpe.END_OF_TURN], sid[bpe.ASSISTANT]]
+                + tok.encode("the cat.") + [sid[bpe.END_OF_TURN], sid[bpe.REWARD]])
+    assert reward.reward_input(tok, "what is red?", "the cat.") == expected
+    cut = reward.reward_input(tok, "what is red?", "the cat.", ended=False)
+    assert cut == expected[:-2] + [sid[bpe.REWARD]], "a cut response has no end-of-turn token"
+    short = reward.reward_input(tok, "what is red?", "the cat.", block_size=5)
+    assert short == expected[-5:], "too long: the oldest tokens go, <|reward|> stays last"
+
+
+def test_ranking_pairs_are_all_k_choose_2_best_first():
+    assert reward.ranking_pairs(2) == [(0, 1)]
+    for k in range(2, 7):
+        pairs = reward.ranking_pairs(k)
+        assert sorted(pairs) == list(itertools.combinations(range(k), 2))
+        assert len(pairs) == k * (k - 1) // 2 and all(i < j for i, j in pairs), "better (earlier) first"
+
+
+# --- records, validation, groups ------------------------------------------------------------
+
+GOOD_PAIR = {"prompt": "what is red?", "chosen": "a colour.", "rejected": "a dog", "chosen_ended": True,
+             "rejected_ended": False, "gold_prefers_chosen": True}
+GOOD_RANKED = {"prompt": "what is red?", "responses": ["a colour.", "a dog", "no"], "ended": [True, False, True],
+               "gold": [3.0, 1.0, 2.0]}
+
+
+def test_validate_pair_record():
+    assert reward.validate_pair_record(dict(GOOD_PAIR)) is None
+    assert reward.validate_pair_record({"prompt": "p", "chosen": "a", "rejected": "b"}) is None, "optional fields"
+    no_rejected = {k: v for k, v in GOOD_PAIR.items() if k != "rejected"}
+    assert reward.validate_pair_record(no_rejected) == "missing field 'rejected'"
+    assert "same response" in reward.validate_pair_record({"prompt": "p", "chosen": "a", "rejected": "a"})
+    assert reward.validate_pair_record({**GOOD_PAIR, "chosen": 3}).startswith("field 'chosen' must be a string")
+    assert "chosen_ended" in reward.validate_pair_record({**GOOD_PAIR, "chosen_ended": "yes"})
+    assert "prompt is empty" in reward.validate_pair_record({**GOOD_PAIR, "prompt": " "})
+    same_text_other_end = {"prompt": "p", "chosen": "a", "rejected": "a", "chosen_ended": True,
+                           "rejected_ended": False}
+    assert reward.validate_pair_record(same_text_other_end) is None, "a cut copy is a different input"
+
+
+def test_validate_ranked_record():
+    assert reward.validate_ranked_record(dict(GOOD_RANKED)) is None
+    assert "at least 2" in reward.validate_ranked_record({**GOOD_RANKED, "responses": ["one"]})
+    assert "'ended'" in reward.validate_ranked_record({**GOOD_RANKED, "ended": [True]})
+    assert "'gold'" in reward.validate_ranked_record({**GOOD_RANKED, "gold": [1, 2]})
+    assert "same" in reward.validate_ranked_record({**GOOD_RANKED, "responses": ["x", "x", "y"],
+                                                    "ended": [True, True, True]})
+    assert "prompt" in reward.validate_ranked_record({k: v for k, v in GOOD_RANKED.items() if k != "prompt"})
+
+
+def test_record_to_group_pairs_and_rankings(world):
+    _, tok = world
+    group = reward.record_to_group(GOOD_PAIR, tok, 64)
+    assert group["seqs"] == [reward.reward_input(tok, "what is red?", "a colour.", True, 64),
+                             reward.reward_input(tok, "what is red?", "a dog", False, 64)]
+    assert group["pairs"] == [(0, 1)] and group["gold"] == [True]
+    ranked = reward.record_to_group(GOOD_RANKED, tok, 64)
+    assert ranked["seqs"][1] == reward.reward_input(tok, "what is red?", "a dog", False, 64)
+    assert ranked["pairs"] == [(0, 1), (0, 2), (1, 2)]
+    # gold 3, 1, 2: pair (0,1) right, (0,2) right, (1,2) wrong
+    assert ranked["gold"] == [True, True, False]
+    no_gold = reward.record_to_group({**GOOD_PAIR, "gold_prefers_chosen": None}, tok, 64)
+    assert no_gold["gold"] == [None]
+
+
+def test_load_preferences_names_file_and_line_of_a_bad_record(world, tmp_path):
+    _, tok = world
+    path = tmp_path / "prefs_train.jsonl"
+    write_jsonl(path, [GOOD_PAIR, GOOD_PAIR, {"prompt": "p", "chosen": "same", "rejected": "same"}])
+    with pytest.raises(prepare_data.DataError, match=r"prefs_train.jsonl line 3: chosen and rejected are the same"):
+        reward.load_preferences(str(path), tok, 64)
+    write_jsonl(path, [GOOD_PAIR, {"prompt": "p", "chosen": "a"}])
+    with pytest.raises(prepare_data.DataError, match=r"line 2: missing field 'rejected'"):
+        reward.load_preferences(str(path), tok, 64)
+    write_jsonl(path, [GOOD_PAIR, GOOD_RANKED])
+    groups = reward.load_preferences(str(path), tok, 64)
+    assert [len(g["pairs"]) for g in groups] == [1, 3]
+    with pytest.raises(prepare_data.DataError, match="does not exist"):
+        reward.load_preferences(str(tmp_path / "none.jsonl"), tok, 64)
+
+
+def test_load_split_adds_the_ranked_file(world, tmp_path):
+    _, tok = world
+    write_jsonl(tmp_path / "prefs_val.jsonl", [GOOD_PAIR] * 3)
+    assert len(reward.load_split(str(tmp_path), "val", tok, 64)) == 3
+    write_jsonl(tmp_path / "prefs_ranked_val.jsonl", [GOOD_RANKED] * 2)
+    groups = reward.load_split(str(tmp_path), "val", tok, 64)
+    assert [len(g["pairs"]) for g in groups] == [1, 1, 1, 3, 3]
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+def fake_groups(sizes):
+    """Groups with the given numbers of pairs (sequence ids only name the group)."""
+    groups = []
+    for n, pairs in enumerate(sizes):
+        k = next(k for k in range(2, 20) if k * (k - 1) // 2 >= pairs)
+        groups.append({"seqs": [[n, i] for i in range(k)], "pairs": reward.ranking_pairs(k)[:pairs],
+                       "gold": [True] * pairs})
+    return groups
+
+
+def test_pair_batches_keep_groups_whole_and_cover_each_once():
+    sizes = [1] * 10 + [3] * 5 + [6] * 3 + [10]
+    groups = fake_groups(sizes)
+    batches = reward.pair_batches(groups, 8, seed=5, epoch=0)
+    flat = [g for b in batches for g in b]
+    assert sorted(flat) == list(range(len(groups))), "every group exactly once per epoch"
+    for b in batches:
+        n_pairs = sum(sizes[g] for g in b)
+        assert n_pairs <= 8 or len(b) == 1, f"batch {b} has {n_pairs} pairs"
+    assert [10 in [sizes[g] for g in b] for b in batches].count(True) == 1
+    big = next(b for b in batches if any(sizes[g] == 10 for g in b))
+    assert len(big) == 1, "a group larger than the batch is a batch alone"
+    # greedy packing: a batch is only closed when the next group would not fit
+    for b, nxt in zip(batches, batches[1:]):
+        assert sum(sizes[g] for g in b) + sizes[nxt[0]] > 8
+    assert reward.pair_batches(groups, 8, seed=5, epoch=0) == batches, "deterministic"
+    assert reward.pair_batches(groups, 8, seed=5, epoch=1) != batches, "a new order each epoch"
+    assert reward.pair_batches(groups, 8, seed=6, epoch=0) != batches, "the order follows the seed"
+
+
+def test_collate_indexes_each_pair_into_the_padded_batch(world):
+    _, tok = world
+    groups = [reward.record_to_group(GOOD_RANKED, tok, 64), reward.record_to_group(GOOD_PAIR, tok, 64),
+              reward.record_to_group({**GOOD_PAIR, "gold_prefers_chosen": None}, tok, 64)]
+    ids, lengths, better, worse, gold = reward.collate(groups)
+    seqs = [s for g in groups for s in g["seqs"]]
+    assert ids.shape == (7, max(len(s) for s in seqs)) and lengths.tolist() == [len(s) for s in seqs]
+    for row, s in enumerate(seqs):
+        assert ids[row, :len(s)].tolist() == s and (ids[row, len(s):] == 0).all()
+    assert better.tolist() == [0, 0, 1, 3, 5] and worse.tolist() == [1, 2, 2, 4, 6]
+    assert gold[:4].tolist() == [1.0, 1.0, 0.0, 1.0] and math.isnan(gold[4])
+
+
+# --- reading the reward, the loss -------------------------------------------------------------
+
+def test_reward_is_read_at_the_reward_token_whatever_the_padding(world):
+    _, tok = world
+    model = tiny_reward_model(tok)
+    seqs = [reward.reward_input(tok, "what is red?", r) for r in ["a colour.", "no", "the cat sat on the mat."]]
+    alone = torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])  # each unpadded, last position
+    ids, lengths = reward.collate([{"seqs": seqs, "pairs": [], "gold": []}])[:2]
+    with torch.no_grad():
+        together = reward.sequence_rewards(model, ids, lengths)
+        assert torch.allclose(together, alone, atol=1e-5)
+        # more padding, and random tokens after <|reward|>: the same rewards
+        noisy = torch.randint(0, tok.vocab_size, (3, ids.size(1) + 9))
+        noisy[:, :ids.size(1)] = ids
+        for row, n in enumerate(lengths.tolist()):
+            noisy[row, n:] = torch.randint(0, tok.vocab_size, (noisy.size(1) - n,))
+        assert torch.allclose(reward.sequence_rewards(model, noisy, lengths), alone, atol=1e-5)
+
+
+def test_pairwise_loss_hand_values_and_gradient():
+    equal = reward.pairwise_loss(torch.tensor([0.3, -2.0]), torch.tensor([0.3, -2.0]))
+    assert equal.item() == pytest.approx(math.log(2)), "equal rewards: ln 2"
+    assert reward.pairwise_loss(torch.tensor([1.0]), torch.tensor([0.0])).item() == pytest.approx(
+        math.log(1 + math.exp(-1)))
+    assert reward.pairwise_loss(torch.tensor([1.0]), torch.tensor([0.0]), margin=1.0).item() == pytest.approx(
+        math.log(2)), "a margin of 1 asks for a gap of 1"
+    r_c = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    r_r = torch.tensor([1.5, -1.0, -3.0], requires_grad=True)
+    reward.pairwise_loss(r_c, r_r).backward()
+    expected = -torch.sigmoid(r_r.detach() - r_c.detach()) / 3  # d/dr_chosen of the mean
+    assert torch.allclose(r_c.grad, expected, atol=1e-6)
+    assert torch.allclose(r_r.grad, -expected, atol=1e-6)
+    reference = -F.logsigmoid(r_c.detach() - r_r.detach()).mean()
+    assert reward.pairwise_loss(r_c, r_r).item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def test_pairwise_loss_is_stable_for_large_gaps():
+    big = reward.pairwise_loss(torch.tensor([-200.0]), torch.tensor([200.0]))
+    assert big.item() == pytest.approx(400.0), "log(sigmoid(-400)) would be -inf in float32"
+    assert reward.pairwise_loss(torch.tensor([200.0]), torch.tensor([-200.0])).item() == pytest.approx(0.0, abs=1e-6)
+    r = torch.tensor([-200.0], requires_grad=True)
+    reward.pairwise_loss(r, torch.tensor([200.0])).backward()
+    assert r.grad.item() == pytest.approx(-1.0)
+
+
+def test_pair_accuracy_counts_ties_half():
+    assert reward.pair_accuracy(torch.tensor([1.0, -1.0, 0.0, 2.0])) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+def test_evaluate_matches_a_brute_force_loop_and_ignores_order(world):
+    _, tok = world
+    model = tiny_reward_model(tok, seed=3)
+    rng = random.Random(7)
+    records = [separable_pair(rng, i, flip=i % 3 == 0) for i in range(9)] + [GOOD_RANKED]
+    groups = [reward.record_to_group(r, tok, 64) for r in records]
+    metrics = reward.evaluate(model, groups, batch_size=4)
+    right, gold_right, diffs, all_rewards = 0.0, 0.0, [], []
+    for group in groups:
+        with torch.no_grad():
+            r = [model(torch.tensor([s]))[0, -1].item() for s in group["seqs"]]
+        all_rewards += r
+        for (i, j), g in zip(group["pairs"], group["gold"]):
+            d = r[i] - r[j]
+            diffs.append(d)
+            right += d > 0
+            gold_right += (d > 0) == g
+    n = len(diffs)
+    assert metrics["pairs"] == n == 12
+    assert metrics["accuracy"] == pytest.approx(right / n)
+    assert metrics["gold_accuracy"] == pytest.approx(gold_right / n)
+    assert metrics["margin"] == pytest.approx(sum(diffs) / n, abs=1e-5)
+    assert metrics["loss"] == pytest.approx(sum(math.log1p(math.exp(-d)) for d in diffs) / n, abs=1e-5)
+    assert metrics["reward_mean"] == pytest.approx(sum(all_rewards) / len(all_rewards), abs=1e-5)
+    assert metrics["reward_std"] == pytest.approx(torch.tensor(all_rewards).std().item(), abs=1e-5)
+    shuffled = reward.evaluate(model, groups[::-1], batch_size=3)
+    for key in metrics:
+        assert shuffled[key] == pytest.approx(metrics[key], abs=1e-5), f"{key} depends on the batch order"
+    no_gold = [reward.record_to_group({**GOOD_PAIR, "gold_prefers_chosen": None}, tok, 64)]
+    assert reward.evaluate(model, no_gold)["gold_accuracy"] is None
+
+
+def test_training_batch_loss_does_not_depend_on_group_order(world):
+    _, tok = world
+    model = tiny_reward_model(tok, seed=4)
+    rng = random.Random(3)
+    groups = [reward.record_to_group(separable_pair(rng, i), tok, 64) for i in range(5)] + \
+             [reward.record_to_group(GOOD_RANKED, tok, 64)]
+    losses = []
+    for order in (groups, groups[::-1], groups[2:] + groups[:2]):
+        ids, lengths, better, worse, _ = reward.collate(order)
+        with torch.no_grad():
+            r = reward.sequence_rewards(model, ids, lengths)
+        losses.append(reward.pairwise_loss(r[better], r[worse]).item())
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6) and losses[2] == pytest.approx(losses[0], abs=1e-6)
+
+
+# --- normalisation and scoring ---------------------------------------------------------------------
+
+def test_reward_normalizer_mean_zero_std_one():
+    raw = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    norm = reward.reward_normalizer(raw)
+    assert norm["bias"] == pytest.approx(3.0)
+    assert norm["scale"] == pytest.approx(math.sqrt((4 + 1 + 0 + 9) / 3)), "sample std"
+    z = (raw - norm["bias"]) / norm["scale"]
+    assert z.mean().item() == pytest.approx(0.0, abs=1e-6) and z.std().item() == pytest.approx(1.0)
+    assert reward.reward_normalizer(torch.tensor([2.0, 2.0]))["scale"] == 1.0, "constant rewards: scale 1"
+
+
+def test_sample_sft_responses_are_the_greedy_answers(world):
+    _, tok = world
+    torch.manual_seed(0)
+    policy = GPT(tiny_gpt_config(tok)).eval()
+    prompts = ["where is the cat?", "what is red?", "no"]
+    answers = reward.sample_sft_responses(policy, tok, prompts, max_new_tokens=6, temperature=0.0, seed=1)
+    end = tok.special_ids[bpe.END_OF_TURN]
+    for prompt, (text, ended) in zip(prompts, answers):
+        ids = tok.encode_chat(prompt)[0]
+        out = policy.generate(torch.tensor([ids]), 6, temperature=0.0)[0, len(ids):].tolist()
+        expected = out[:out.index(end)] if end in out else out
+        assert text == tok.decode(expected) and ended == (end in out)
+    again = reward.sample_sft_responses(policy, tok, prompts, 6, temperature=1.0, seed=2)
+    assert again == reward.sample_sft_responses(policy, tok, prompts, 6, temperature=1.0, seed=2), "seeded"
+
+
+def test_score_responses_reads_reward_input_and_normalises(world):
+    _, tok = world
+    model = tiny_reward_model(tok, seed=5)
+    prompts, responses, ended = ["what is red?", "where?"], ["the cat.", "no no"], [True, False]
+    raw = reward.score_responses(model, tok, prompts, responses, ended)
+    with torch.no_grad():
+        expected = [model(torch.tensor([reward.reward_input(tok, p, r, e)]))[0, -1].item()
+                    for p, r, e in zip(prompts, responses, ended)]
+    assert raw.tolist() == pytest.approx(expected, abs=1e-5)
+    normed = reward.score_responses(model, tok, prompts, responses, ended, normalizer={"bias": 0.5, "scale": 2.0})
+    assert normed.tolist() == pytest.approx([(e - 0.5) / 2.0 for e in expected], abs=1e-5)
+    assert reward.score_responses(model, tok, prompts, responses)[0].item() == pytest.approx(expected[0], abs=1e-5)
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        reward.score_responses(model, tok, prompts, responses[:1])
+
+
+# --- whole runs -----------------------------------------------------------------------------------
+
+def test_tiny_run_learns_separable_pairs_and_writes_its_files(world, trained):
+    root, tok = world
+    out, metrics = trained
+    assert metrics["val_gold_accuracy"] >= 0.95, metrics
+    assert 0.7 <= metrics["val_accuracy"] <= 0.9, "against noisy labels (20% flipped): about 80%"
+    ckpt = load_checkpoint(str(out), stages={"rm"})
+    assert ckpt["parent"] == parent_record(str(root / "sft" / "ckpt.pt"))
+    assert set(ckpt["model"]) == set(ScalarHeadModel(tiny_gpt_config(tok)).state_dict())
+    assert ckpt["reward_norm"] == metrics["reward_norm"] and ckpt["reward_norm"]["scale"] > 0
+    log = read_jsonl_log(str(out / "log.jsonl"))
+    evals = [r for r in log if "val_accuracy" in r]
+    assert [r["iter"] for r in evals] == [0, 20, 40]
+    assert evals[0]["val_loss"] == pytest.approx(math.log(2), abs=0.05), "a fresh small head starts at ln 2"
+    for name in ("loss.png", "accuracy.png"):
+        with open(out / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stored_normalisation_centres_sft_answers(world, trained):
+    """Recompute what run() normalised: the init model's sampled answers to the
+    PPO prompts, scored with the trained model, have mean 0 and std 1."""
+    root, tok = world
+    out, _ = trained
+    model, tok2, norm = reward.load_reward_model(str(out))
+    config = load_checkpoint(str(out))["config"]
+    prompts_all = [r["prompt"] for r in prepare_data.read_jsonl(str(root / "data" / "toy" / "prompts_ppo.jsonl"))]
+    pick = torch.randperm(len(prompts_all), generator=torch.Generator().manual_seed(config["seed"]))
+    prompts = [prompts_all[i] for i in pick[:config["norm_prompts"]].tolist()]
+    policy = GPT(tiny_gpt_config(tok))
+    policy.load_state_dict(load_checkpoint(str(root / "sft"))["model"])
+    answers = reward.sample_sft_responses(policy, tok2, prompts, config["norm_max_new_tokens"],
+                                          config["temperature"], config["seed"], config["eval_batch_size"])
+    z = reward.score_responses(model, tok2, prompts, [a for a, _ in answers], [e for _, e in answers], norm)
+    assert len(z) == config["norm_prompts"] == 16
+    assert z.mean().item() == pytest.approx(0.0, abs=1e-4) and z.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_load_reward_model_and_refusals(world, trained):
+    root, tok = world
+    out, _ = trained
+    model, tok2, norm = reward.load_reward_model(str(out / "ckpt.pt"))
+    assert isinstance(model, ScalarHeadModel) and not model.training
+    assert tok2.to_dict() == tok.to_dict() and norm == load_checkpoint(str(out))["reward_norm"]
+    with pytest.raises(CheckpointError, match="'sft' checkpoint"):
+        reward.load_reward_model(str(root / "sft"))
+
+
+def test_exact_resume_is_bit_for_bit(world, tmp_path):
+    root, _ = world
+    common = dict(max_iters=10, eval_interval=100, warmup_iters=2, log_interval=1, batch_size=16)
+    reward.run(tiny_config(root, tmp_path / "straight", **common))
+    reward.run(tiny_config(root, tmp_path / "resumed", stop_at_iter=5, **common))
+    reward.run(tiny_config(root, tmp_path / "resumed", **common), flags={"resume"})
+    straight = [r["loss"] for r in read_jsonl_log(str(tmp_path / "straight" / "log.jsonl")) if "loss" in r]
+    resumed = [r["loss"] for r in read_jsonl_log(str(tmp_path / "resumed" / "log.jsonl")) if "loss" in r]
+    assert len(straight) == 10 and straight == resumed, "N steps == N/2 + resume + N/2, bit for bit"
+    a, b = load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "resumed"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["resume"]["epoch"] == b["resume"]["epoch"] == 0 and a["resume"]["position"] == 10
+
+
+def test_epochs_roll_over(world, tmp_path):
+    root, _ = world
+    reward.run(tiny_config(root, tmp_path / "epochs", max_iters=8, eval_interval=100, batch_size=64,
+                           norm_prompts=0))
+    ckpt = load_checkpoint(str(tmp_path / "epochs"))
+    # 240 pairs in batches of 64: 4 batches per epoch, so 8 steps end at epoch 1, position 4
+    assert (ckpt["resume"]["epoch"], ckpt["resume"]["position"]) == (1, 4)
+    assert ckpt["reward_norm"] == {"bias": 0.0, "scale": 1.0}, "norm_prompts=0: no normalisation"
+
+
+def test_existing_checkpoint_is_kept_without_a_flag(world, tmp_path):
+    root, _ = world
+    out = tmp_path / "keep"
+    reward.run(tiny_config(root, out, max_iters=2, eval_interval=2, norm_prompts=0))
+    with pytest.raises(ValueError, match="already exists: pass --resume"):
+        reward.run(tiny_config(root, out, max_iters=2))
+    reward.run(tiny_config(root, out, max_iters=2, eval_interval=2, norm_prompts=0), flags={"overwrite"})
+
+
+def test_init_may_be_pretrain_but_not_rm_or_ppo(world, tmp_path):
+    root, tok = world
+    save_lm_checkpoint(tmp_path / "pre" / "ckpt.pt", tok, stage="pretrain")
+    ckpt, path = reward.load_init(str(tmp_path / "pre"), "tiny")
+    assert ckpt["stage"] == "pretrain" and path.endswith("ckpt.pt")
+    for stage in ("rm", "ppo"):
+        save_lm_checkpoint(tmp_path / stage / "ckpt.pt", tok, stage=stage)
+        with pytest.raises(CheckpointError, match=f"is a '{stage}' checkpoint; a reward model starts from an sft"):
+            reward.load_init(str(tmp_path / stage), "tiny")
+    with pytest.raises(CheckpointError, match=r"does not exist: run `python sft.py --config tiny`"):
+        reward.load_init(str(tmp_path / "none"), "tiny")
+
+
+def test_resolve_paths_defaults():
+    config = {**reward.DEFAULTS, "config": "small"}
+    assert reward.resolve_paths(config) == (os.path.join("out", "small", "sft"), os.path.join("out", "small", "rm"))
+    config.update(init="a/b", out_dir="c")
+    assert reward.resolve_paths(config) == ("a/b", "c")
+
+
+def test_dataset_folder_builds_tinyworld_only(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(prepare_data, "prepare", lambda **kw: calls.append(kw))
+    folder = reward.dataset_folder({"data_dir": str(tmp_path), "dataset": "tinyworld"})
+    assert folder == os.path.join(str(tmp_path), "tinyworld")
+    assert calls == [{"dataset": "tinyworld", "data_root": str(tmp_path)}]
+    assert reward.dataset_folder({"data_dir": str(tmp_path), "dataset": "toy"}) == os.path.join(str(tmp_path), "toy")
+    assert len(calls) == 1, "other datasets are never built implicitly"
+
+
+def test_check_config_rejects_bad_values():
+    reward.check_config(dict(reward.DEFAULTS))
+    with pytest.raises(ValueError, match="--batch_size=0 must be at least 1"):
+        reward.check_config({**reward.DEFAULTS, "batch_size": 0})
+    with pytest.raises(ValueError, match="--temperature"):
+        reward.check_config({**reward.DEFAULTS, "temperature": -1.0})
+
+
+def test_stop_requested_sets_a_flag_on_ctrl_c():
+    stopper = reward.StopRequested()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stopper.requested
+    finally:
+        stopper.restore()
+    assert signal.getsignal(signal.SIGINT) is stopper.previous
+
+
+# --- the command line --------------------------------------------------------------------------------
+
+def test_score_command_prints_normalised_and_raw_reward(world, trained, capsys):
+    _, tok = world
+    out, _ = trained
+    assert reward.main(["--score", "--ckpt", str(out), "--prompt", "what is red?", "--response", "the cat."]) == 0
+    line = capsys.readouterr().out.strip()
+    model, tok2, norm = reward.load_reward_model(str(out))
+    raw = reward.score_responses(model, tok2, ["what is red?"], ["the cat."])[0].item()
+    assert line == (f"reward {(raw - norm['bias']) / norm['scale']:+.4f} (raw {raw:+.4f}; "
+                    f"bias {norm['bias']:+.4f}, scale {norm['scale']:.4f})")
+    assert reward.main(["--score", "--ckpt", str(out), "--prompt", "q", "--response", "a", "--response", "b",
+                        "--not-ended"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    cut = reward.score_responses(model, tok2, ["q"], ["b"], [False], norm)[0].item()
+    assert len(lines) == 2 and lines[1].startswith(f"'b': reward {cut:+.4f}")
+
+
+def test_main_bad_inputs_give_one_line(world, tmp_path, capsys):
+    root, tok = world
+    bad_data = tmp_path / "data" / "bad"
+    os.makedirs(bad_data)
+    write_jsonl(bad_data / "prefs_train.jsonl", [GOOD_PAIR, {"prompt": "p", "chosen": "x", "rejected": "x"}])
+    write_jsonl(bad_data / "prefs_val.jsonl", [GOOD_PAIR])
+    save_lm_checkpoint(tmp_path / "rm" / "ckpt.pt", tok, stage="rm")
+    base = ["--config", "tiny", f"--init={root / 'sft'}", f"--out_dir={tmp_path / 'o'}"]
+    cases = [
+        (base + [f"--data_dir={tmp_path / 'data'}", "--dataset=bad"],
+         "prefs_train.jsonl line 2: chosen and rejected are the same"),
+        (base + [f"--data_dir={tmp_path / 'data'}", "--dataset=none"], "prefs_train.jsonl does not exist"),
+        (["--config", "tiny", f"--init={tmp_path / 'nothing'}"], "does not exist: run `python sft.py"),
+        (["--config", "tiny", f"--init={tmp_path / 'rm'}"], "is a 'rm' checkpoint"),
+        (["--config", "tiny", "--margin=wide"], "not a valid float"),
+        (["--config", "tiny", f"--out_dir={tmp_path / 'none'}", "--resume"], "does not exist"),
+        (["--score", "--ckpt", str(root / "sft"), "--prompt", "p", "--response", "r"], "'sft' checkpoint"),
+        (["--score", "--prompt", "p"], "--score: the following arguments are required: --ckpt"),
+    ]
+    for argv, message in cases:
+        assert reward.main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("reward.py: error:") and message in err and err.count("\n") == 1, err
