@@ -1,7 +1,6 @@
 """Tests for sft.py: the loss mask, batches, the loss, and a tiny fine-tuning run."""
 
 import json
-import math
 import os
 
 import pytest
@@ -12,7 +11,7 @@ import bpe
 import prepare_data
 import sample
 import sft
-from model import (GPT, GPTConfig, ScalarHeadModel, file_sha256, generate_responses, load_checkpoint,
+from model import (GPT, GPTConfig, ScalarHeadModel, file_sha256, load_checkpoint,
                    save_checkpoint)
 
 SMALL_DATA = dict(megabytes=0.08, sft_train=80, sft_val=8, prefs_train=40, prefs_val=8, prompts_ppo=16,
