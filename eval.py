@@ -55,8 +55,8 @@ DEFAULTS = dict(
     out="",                    # report folder; "" means out_root/<config>/eval (out_root/eval with --ckpt only)
     dataset="",                # "" means each checkpoint's own dataset
     data_dir="data",
-    val_tokens=65536,          # tokens of val.bin for loss and bits per byte; 0 = all of it
-    max_mc=400,                # multiple-choice items (each of mc.jsonl and hellaswag); 0 = all
+    val_tokens=16384,          # tokens of val.bin for loss and bits per byte; 0 = all of it
+    max_mc=200,                # multiple-choice items (each of mc.jsonl and hellaswag); 0 = all
     max_prompts=200,           # held-out prompts answered by each generative model; 0 = all
     max_pairs=400,             # held-out preference pairs for the reward model; 0 = all
     kl_prompts=100,            # PPO samples for the KL(PPO || SFT) estimate; 0 skips it
@@ -77,7 +77,7 @@ PRESETS = {
     "tiny": dict(val_tokens=2048, max_mc=16, max_prompts=16, max_pairs=32, kl_prompts=8, max_new_tokens=16,
                  batch_size=16),
     # a 2-core CPU, well under a minute for the four stages
-    "small": dict(val_tokens=32768, max_mc=400, max_prompts=200, max_pairs=400, kl_prompts=100,
+    "small": dict(val_tokens=16384, max_mc=200, max_prompts=200, max_pairs=400, kl_prompts=100,
                   max_new_tokens=64, batch_size=32),
     # a GPU: the whole HellaSwag validation set and more of everything
     "gpt2": dict(val_tokens=2_000_000, max_mc=0, max_prompts=1000, max_pairs=2000, kl_prompts=500,
@@ -93,6 +93,7 @@ STAGE_SCRIPT = {"pretrain": "train.py", "sft": "sft.py", "rm": "reward.py", "ppo
 PROXY_KEYS = ("rm_score", "reward", "rm_reward", "score")
 GOLD_KEYS = ("gold", "gold_score")
 KL_KEYS = ("kl", "kl_ref", "kl_to_ref", "ref_kl")
+HELD_OUT_KEYS = ("eval_rm", "eval_gold")   # also drawn per iteration when the log has them
 
 
 # -----------------------------------------------------------------------------
@@ -379,6 +380,9 @@ def evaluate_checkpoint(path, label, config, device, ctx, data_cache, log=print)
                reward_norm=ckpt.get("reward_norm"))
     dataset = config["dataset"] or ckpt["config"].get("dataset") or "tinyworld"
     row["dataset"] = dataset
+    if label in STAGES and label != stage:  # out/C/sft/ holding a pretrain checkpoint, say
+        row["note"] = f"the {label} folder holds a '{stage}' checkpoint: it is evaluated as one"
+        log(f"{label}: {row['note']}")
     if dataset not in data_cache:
         data_cache[dataset] = load_eval_data(dataset, config["data_dir"])
     data = data_cache[dataset]
@@ -415,8 +419,9 @@ def evaluate_checkpoint(path, label, config, device, ctx, data_cache, log=print)
         else:
             items = _first(data["mc"], config["max_mc"])
             dt = timed("mc", lambda: multiple_choice_accuracy(model, tokenizer, items, config["batch_size"]))
-            log(f"{label}: multiple choice {metrics['mc']['accuracy']:.1%} (per token {metrics['mc']['accuracy_norm']:.1%})"
-                f" on {len(items)} items ({dt:.1f}s)")
+            m = metrics["mc"]
+            log(f"{label}: multiple choice {m['accuracy']:.1%} (per token {m['accuracy_norm']:.1%}) "
+                f"on {len(items)} items ({dt:.1f}s)")
         hellaswag = data_cache.get("hellaswag_mc")
         if hellaswag:
             items = _first(hellaswag, config["max_mc"])
@@ -429,7 +434,8 @@ def evaluate_checkpoint(path, label, config, device, ctx, data_cache, log=print)
             records = _first(data["prompts"], config["max_prompts"])
             t0 = time.time()
             with ctx:
-                grades, answers = evaluate_chat(model, tokenizer, records, config["max_new_tokens"], config["batch_size"])
+                grades, answers = evaluate_chat(model, tokenizer, records, config["max_new_tokens"],
+                                                config["batch_size"])
             metrics["chat"] = grades
             row["answers"] = [{"prompt": r["prompt"], "task": r.get("task"), "text": a["text"], "ended": a["ended"],
                                "gold": a["gold"]} for r, a in zip(records, answers)]
@@ -493,14 +499,16 @@ def plot_ppo(records, keys, path):
     gold score stalls or falls when the policy over-optimises the reward model."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in ("proxy", "gold"):
-        key = keys[name]
+    series = [(f"{name} ({keys[name]})", keys[name]) for name in ("proxy", "gold") if keys[name]]
+    series += [(key, key) for key in HELD_OUT_KEYS]
+    for label, key in series:
         points = [(r["iter"], r[key]) for r in records if "iter" in r and isinstance(r.get(key), (int, float))]
         if points:
-            left.plot(*zip(*points), label=f"{name} ({key})")
+            left.plot(*zip(*points), label=label)
     if keys["kl"]:
         twin = left.twinx()
-        points = [(r["iter"], r[keys["kl"]]) for r in records if "iter" in r and isinstance(r.get(keys["kl"]), (int, float))]
+        points = [(r["iter"], r[keys["kl"]]) for r in records
+                  if "iter" in r and isinstance(r.get(keys["kl"]), (int, float))]
         twin.plot(*zip(*points), color="grey", linestyle="--", label=f"KL ({keys['kl']})")
         twin.set_ylabel("KL to reference")
         twin.legend(loc="lower right")
@@ -621,7 +629,8 @@ def markdown_report(report):
               "and words: greedy answers to held-out prompts in the chat template, graded by the simulated labeler; "
               "RM score: the reward model's normalised score of those answers; win vs SFT: gold win rate of PPO's "
               "answer over SFT's, ties one half.", ""]
-    tasks = sorted({t for r in report["rows"] if "chat" in r.get("metrics", {}) for t in r["metrics"]["chat"]["by_task"]})
+    tasks = sorted({t for r in report["rows"] if "chat" in r.get("metrics", {})
+                    for t in r["metrics"]["chat"]["by_task"]})
     if tasks:
         lines += ["## Task accuracy per task type", "", "| stage | " + " | ".join(tasks) + " |",
                   "|---|" + "---|" * len(tasks)]
@@ -640,8 +649,9 @@ def markdown_report(report):
     lines += ["## PPO against SFT", ""]
     if c.get("status") == "ok":
         w = c["win_rate"]
-        lines.append(f"- gold win rate of PPO over SFT: {_fmt(w['win_rate'], 'pct')} ({w['wins']} wins, {w['ties']} ties, "
-                     f"{w['losses']} losses on {w['n']} prompts); mean gold {_fmt(c['gold_ppo'], 'signed')} vs "
+        lines.append(f"- gold win rate of PPO over SFT: {_fmt(w['win_rate'], 'pct')} ({w['wins']} wins, "
+                     f"{w['ties']} ties, {w['losses']} losses on {w['n']} prompts); mean gold "
+                     f"{_fmt(c['gold_ppo'], 'signed')} vs "
                      f"{_fmt(c['gold_sft'], 'signed')}")
         if c.get("rm_ppo") is not None:
             lines.append(f"- reward-model score: PPO {_fmt(c['rm_ppo'], 'signed')}, SFT {_fmt(c['rm_sft'], 'signed')}")
@@ -701,13 +711,15 @@ def compare_ppo_sft(rows, models, config, ctx, log=print):
 
 
 def stage_paths(config, ckpts):
-    """[(label, path)]: the given checkpoints, or the four stage folders of the config."""
+    """[(label, path)]: the given checkpoints (label None: named later by their
+    stage), or the ckpt.pt of each of the four stage folders of the config."""
     if ckpts:
         return [(None, p) for p in ckpts]
     return [(stage, os.path.join(config["out_root"], config["config"], stage, "ckpt.pt")) for stage in STAGES]
 
 
 def report_folder(config):
+    """Where report.json, report.md and the plots go."""
     if config["out"]:
         return config["out"]
     if config["config"]:
@@ -833,6 +845,8 @@ def parse_args(argv):
         else:
             rest.append(arg)
         i += 1
+    if "-h" in rest or "--help" in rest:
+        print(__doc__.strip().split("\n\n")[1] + "\n")  # the usage lines, then parse_config lists the keys
     config, flags = parse_config(rest, DEFAULTS, PRESETS, "eval.py", __doc__.strip().splitlines()[0])
     if flags:
         raise ValueError(f"eval.py has no --{'/--'.join(sorted(flags))}: it rewrites its report every run")
@@ -858,7 +872,7 @@ def main(argv=None):
     for r in errors:
         print(f"eval.py: error: {r['reason']}", file=sys.stderr)
     if all(r["status"] != "ok" for r in report["rows"]):
-        print(f"eval.py: error: no checkpoint could be evaluated"
+        print("eval.py: error: no checkpoint could be evaluated"
               + (f" in {config['out_root']}/{config['config']}: run `python train.py --config {config['config']}` first"
                  if not ckpts else ""), file=sys.stderr)
         return 1

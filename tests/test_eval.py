@@ -42,6 +42,15 @@ def save_stage(folder, stage, model, tok, **extra):
     save_checkpoint(ckpt, os.path.join(folder, "ckpt.pt"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread (and much faster when the CPU is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny tinyworld build and fake checkpoints of all four stages in out/tiny/."""
@@ -438,7 +447,8 @@ def test_markdown_report_has_one_row_per_stage():
     report = {"config": {"config": "small"}, "device": "cpu", "time_s": 1.0, "notes": ["a note"], "plots": ["x.png"],
               "ppo_log": None, "ppo_vs_sft": {"status": "skipped", "reason": "needs both"},
               "rows": [{"label": "pretrain", "stage": "pretrain", "status": "ok", "skipped": {"rm": "no head"},
-                        "metrics": {"val": {"loss": 1.23456, "bpb": 0.5}, "mc": {"accuracy": 0.25, "accuracy_norm": 0.5},
+                        "metrics": {"val": {"loss": 1.23456, "bpb": 0.5},
+                                    "mc": {"accuracy": 0.25, "accuracy_norm": 0.5},
                                     "chat": {"accuracy": 0.1, "gold": -1.5, "end_rate": 0.0, "words": 12.0,
                                              "by_task": {"arithmetic": {"accuracy": 0.2}}}}},
                        {"label": "sft", "stage": "sft", "status": "missing", "reason": "run sft.py"}]}
@@ -536,7 +546,8 @@ def test_command_line_runs_in_a_subprocess(world, tmp_path):
     out = str(tmp_path / "cli")
     proc = subprocess.run([sys.executable, "eval.py", "--config", "tiny", f"--out_root={world['out_root']}",
                            f"--data_dir={world['data_root']}", f"--out={out}", "--max_prompts=2", "--max_mc=2",
-                           "--val_tokens=128", "--kl_prompts=2", "--max_new_tokens=4"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--val_tokens=128", "--kl_prompts=2", "--max_new_tokens=4"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "eval: pretrain: val loss" in proc.stdout and "eval: done in" in proc.stdout
     assert os.path.exists(os.path.join(out, "report.json"))
