@@ -76,8 +76,10 @@ PRESETS = {
                  warmup_iters=5, eval_interval=20, eval_iters=2, log_interval=10, sample_tokens=16,
                  learning_rate=3e-3),
     # a 2-core laptop CPU: a fluent-looking model of tinyworld in about 5 minutes
+    # rotary positions: at the same cost, val 0.228 bits/byte instead of 0.323, and the
+    # in-context copying the chat tasks need (cloze multiple choice 98% instead of 20%)
     "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, max_iters=1300,
-                  warmup_iters=100, eval_interval=260, eval_iters=20, learning_rate=2e-3,
+                  warmup_iters=100, eval_interval=260, eval_iters=20, learning_rate=2e-3, pos="rope",
                   dtype="bfloat16", compile=True),
     # GPT-2 124M on GPUs (8 x 80 GB: 0.5M tokens per step as in the GPT-2 paper)
     "gpt2": dict(dataset="tinystories", n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16,
