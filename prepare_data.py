@@ -63,7 +63,7 @@ import bpe
 # -----------------------------------------------------------------------------
 # Configuration
 
-FORMAT_VERSION = 1                # bump when the files' layout or content rules change
+FORMAT_VERSION = 2                # bump when the files' layout or content rules change
 DATA_ROOT = "data"                # every dataset lives in DATA_ROOT/NAME/
 DOWNLOAD_DIR = "downloads"        # raw downloads are cached in DATA_ROOT/downloads/
 CHECKSUMS_FILE = "checksums.json" # sha256 recorded on first download (unpinned files)
@@ -166,7 +166,7 @@ DEFAULT_MEGABYTES = 4.0    # size of tinyworld's pretraining text
 DEMO_MIX = (0.70, 0.20, 0.10)
 
 # Bradley-Terry label noise: P(a preferred over b) = sigmoid((gold_a - gold_b) / T).
-# T = 1.0 gives about 85% agreement with the noiseless labels on tinyworld pairs.
+# T = 1.0 gives about 90% agreement with the noiseless labels on tinyworld pairs.
 LABEL_TEMPERATURE = 1.0
 
 # Curation
@@ -887,15 +887,20 @@ def make_quiz(rng, seed):
 # -----------------------------------------------------------------------------
 # Responses of varied quality: demonstrations for SFT, candidates for preferences.
 
-def verbose_response(record, rng):
-    """A correct but rambling answer: opener(s), a reasoning sentence, the
-    answer, maybe a closing line. None of the filler words is an answer word."""
-    parts = rng.sample(VERBOSE_OPENERS, rng.randint(1, 2))
-    parts.append(rng.choice(record["_reasoning"]))
-    parts.append(rng.choice(record["_concise"]))
-    if rng.random() < 0.7:
-        parts.append(rng.choice(VERBOSE_CLOSERS))
-    return " ".join(parts)
+def verbose_frame(record, rng):
+    """The filler of a rambling answer: (sentences before the answer, sentences
+    after it): opener(s) and a reasoning sentence, maybe a closing line. None of
+    the filler words is an answer word."""
+    before = rng.sample(VERBOSE_OPENERS, rng.randint(1, 2)) + [rng.choice(record["_reasoning"])]
+    after = [rng.choice(VERBOSE_CLOSERS)] if rng.random() < 0.7 else []
+    return before, after
+
+
+def verbose_response(record, rng, answer=None):
+    """A correct but rambling answer (or `answer` in the same rambling frame)."""
+    before, after = verbose_frame(record, rng)
+    answer = rng.choice(record["_concise"]) if answer is None else answer
+    return " ".join(before + [answer] + after)
 
 
 def make_demonstration(record, rng, mix=DEMO_MIX):
@@ -919,17 +924,28 @@ def truncate_before_answer(response, reference):
     return response[:m.start()].rstrip(" ,")
 
 
-CANDIDATE_KINDS = ["concise", "verbose", "wrong", "copy", "truncated", "empty", "repetitive"]
+CANDIDATE_KINDS = ["concise", "wrong", "verbose", "verbose_wrong", "copy", "truncated", "empty", "repetitive"]
+# Pairs that differ only in the answer (the same words around a right and a wrong
+# one): without them a reward model can score well by judging the style alone
+# (rambling answers were always right, wrong ones worded differently), and then
+# ranks a policy's own answers, which share one style, no better than chance.
+MATCHED_PAIRS = [("concise", "wrong"), ("verbose", "verbose_wrong")]
+MATCHED_PAIR_SHARE = 0.5   # share of preference pairs that are matched right/wrong pairs
 
 
 def make_candidates(record, rng):
     """Realistic responses to one prompt, as a list of (kind, text, ended):
-    right and concise, right but rambling, wrong entity, a copy of the question,
-    truncated (no end of turn), empty, repetitive (ran to the length limit)."""
+    right and concise, wrong in the same wording, right but rambling, wrong in
+    the same rambling, a copy of the question, truncated (no end of turn), empty,
+    repetitive (ran to the length limit)."""
     question = record["prompt"].split("\n")[-1]
-    cands = [("concise", rng.choice(record["_concise"]), True),
-             ("verbose", verbose_response(record, rng), True),
-             ("wrong", rng.choice(record["_wrong"]), True),
+    i = rng.randrange(len(record["_concise"]))  # one wording for the right and the wrong answer
+    right, wrong = record["_concise"][i], record["_wrong"][i % len(record["_wrong"])]
+    before, after = verbose_frame(record, rng)
+    cands = [("concise", right, True),
+             ("wrong", wrong, True),
+             ("verbose", " ".join(before + [right] + after), True),
+             ("verbose_wrong", " ".join(before + [wrong] + after), True),
              ("copy", question, True)]
     cuts = [truncate_before_answer(r, record["reference"]) for r in record["_concise"]]
     cuts = [c for c in cuts if c]
@@ -1137,10 +1153,16 @@ def make_preference_pair(record, rng, temperature=LABEL_TEMPERATURE):
     """One preference record: two candidates with different gold scores, the
     noisy labeler's choice as chosen/rejected, and the noiseless verdict."""
     cands = [(kind, text, ended, gold_score(record, text, ended)) for kind, text, ended in make_candidates(record, rng)]
-    while True:
-        a, b = rng.sample(cands, 2)
-        if a[3] != b[3]:
-            break
+    by_kind = {c[0]: c for c in cands}
+    if rng.random() < MATCHED_PAIR_SHARE:
+        a, b = (by_kind[k] for k in rng.choice(MATCHED_PAIRS))
+        if rng.random() < 0.5:
+            a, b = b, a
+    else:
+        while True:
+            a, b = rng.sample(cands, 2)
+            if a[3] != b[3]:
+                break
     a_wins = rng.random() < bradley_terry_prob(a[3], b[3], temperature)
     chosen, rejected = (a, b) if a_wins else (b, a)
     out = public_record(record)
@@ -2171,7 +2193,7 @@ def make_parser():
     p.add_argument("--demo-mix", type=parse_mix, default=d.demo_mix, metavar="C,V,W",
                    help="shares of concise, verbose and wrong SFT demonstrations (default 0.7,0.2,0.1)")
     p.add_argument("--label-temperature", type=float, default=d.label_temperature,
-                   help="Bradley-Terry noise of preference labels (default 1.0: ~85%% agree with gold)")
+                   help="Bradley-Terry noise of preference labels (default 1.0: ~90%% agree with gold)")
     p.add_argument("--prefs-k", type=int, default=d.prefs_k,
                    help="also write ranked-K preference files (prefs_ranked_*.jsonl) when K > 2")
     p.add_argument("--junk-fraction", type=float, default=d.junk_fraction,
