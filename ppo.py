@@ -23,6 +23,14 @@ One iteration (Ziegler et al. 2019, InstructGPT 2022):
   4. learn: a few epochs of shuffled minibatches, clipped policy surrogate and
      clipped value loss, one optimizer each, gradient clipping.
 
+What to watch (log.jsonl, reward.png, kl.png): the RM score should rise while the
+gold score of the simulated labeler (prepare_data.gold_score, never seen by the
+policy) rises with it; rm_agreement is the share of pairs of answers to one
+prompt that the RM orders as the labeler does (0.5 = chance). When the RM score
+keeps rising but gold falls, the policy is over-optimising the reward model:
+more KL (kl_coef) or fewer iterations. --reward_source=gold trains on the
+labeler's own score instead: what PPO reaches when the reward is right.
+
 Indexing convention: the padded sequences are ids (B, T) = prompt, response,
 padding. Every per-token tensor is (B, T-1) and column t belongs to token t+1,
 which the model predicts from tokens <= t: its log-prob, the critic's value of
@@ -30,9 +38,7 @@ the state before it, its reward, its advantage and its mask (1 on response
 tokens, including the <|end|> token, 0 on the prompt and after the stop).
 """
 
-import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -42,11 +48,11 @@ import torch.nn.functional as F
 
 import bpe
 import prepare_data
-from model import (CheckpointError, append_jsonl, autocast_context, clean_state_dict, configure_optimizer,
-                   format_eta, generate_responses, load_checkpoint, model_from_checkpoint, pad_right, parent_record,
-                   parse_config, pick_device, pick_dtype, plot_curves, read_jsonl_log, rng_state, save_checkpoint,
-                   scalar_model_from_checkpoint, score_sequences, set_rng_state, tokenizer_from_checkpoint,
-                   truncate_log, with_reward_token)
+from model import (CheckpointError, StopRequested, append_jsonl, autocast_context, clean_state_dict, clip_gradients,
+                   configure_optimizer, format_eta, generate_responses, load_checkpoint, model_from_checkpoint,
+                   pad_right, parent_record, parse_config, pick_device, pick_dtype, plot_curves, read_jsonl_log,
+                   rng_state, save_checkpoint, scalar_model_from_checkpoint, score_sequences, set_rng_state,
+                   tokenizer_from_checkpoint, truncate_log, with_reward_token)
 
 STAGE = "ppo"
 
@@ -62,10 +68,10 @@ DEFAULTS = dict(
     reward_dir="",               # the reward model checkpoint; "" = out/<config>/rm
     out_dir="",                  # "" = out/<config>/ppo
     # rollouts
-    batch_size=32,               # prompts per iteration
-    samples_per_prompt=2,        # responses sampled per prompt
+    batch_size=16,               # prompts per iteration
+    samples_per_prompt=4,        # responses sampled per prompt (contrast between answers to one prompt)
     max_new_tokens=48,           # a response is cut here (and counts as not ended)
-    temperature=1.0,             # sampling temperature; log-probs use the same scaling
+    temperature=0.7,             # sampling temperature; log-probs use the same scaling
     gen_batch_size=64,           # rows generated together (equal-length prompts only)
     # reward
     kl_coef=0.05,                # beta: every response token pays beta * (log pi - log pi_ref)
@@ -74,14 +80,16 @@ DEFAULTS = dict(
     kl_estimator="k1",           # k1: log pi - log pi_ref; k3: (r - 1) - log r with r = pi_ref / pi
     no_end_penalty=1.0,          # subtracted from the score of a response cut before <|end|>
     score_clip=0.0,              # clip the normalised score to [-c, c]; 0 disables
+    reward_source="rm",          # rm | gold: "gold" rewards the simulated labeler's own score (an
+                                 # oracle experiment: what PPO reaches when the reward is right)
     # PPO
     ppo_epochs=4,                # passes over each rollout batch
     minibatch_size=16,           # responses per optimizer step
     clip_range=0.2,              # policy ratio clipped to [1 - c, 1 + c]
     value_clip=0.2,              # values move at most this far from the rollout's; 0 disables
     gamma=1.0, lam=0.95,         # GAE discount and lambda
-    learning_rate=1e-5,          # policy
-    critic_lr=5e-5,              # critic
+    learning_rate=3e-5,          # policy
+    critic_lr=1e-4,              # critic
     weight_decay=0.0,
     beta1=0.9, beta2=0.95,
     grad_clip=1.0,               # clip each model's global gradient norm; 0 disables
@@ -101,13 +109,13 @@ DEFAULTS = dict(
 
 PRESETS = {
     # seconds, for tests (any tiny sft/rm checkpoint)
-    "tiny": dict(batch_size=8, samples_per_prompt=2, max_new_tokens=12, ppo_epochs=2, minibatch_size=8,
-                 learning_rate=1e-3, critic_lr=1e-3, max_iters=4, eval_prompts=8, save_interval=2,
+    "tiny": dict(batch_size=8, samples_per_prompt=2, max_new_tokens=12, temperature=1.0, ppo_epochs=2,
+                 minibatch_size=8, learning_rate=1e-3, critic_lr=1e-3, max_iters=4, eval_prompts=8, save_interval=2,
                  log_interval=1),
     # a 2-core laptop CPU, about 10 minutes: 4 layers x 128 wide, tinyworld
-    "small": dict(batch_size=32, samples_per_prompt=2, max_new_tokens=40, ppo_epochs=2, minibatch_size=16,
-                  learning_rate=3e-5, critic_lr=1e-4, kl_coef=0.05, max_iters=40, eval_interval=20,
-                  eval_prompts=200, save_interval=10),
+    "small": dict(batch_size=16, samples_per_prompt=4, max_new_tokens=40, temperature=0.7, ppo_epochs=4,
+                  minibatch_size=16, learning_rate=3e-5, critic_lr=1e-4, kl_coef=0.05, max_iters=120,
+                  eval_interval=40, eval_prompts=200, save_interval=20),
     # GPT-2 124M class on one GPU
     "gpt2": dict(batch_size=128, samples_per_prompt=4, max_new_tokens=128, ppo_epochs=4, minibatch_size=64,
                  gen_batch_size=512, learning_rate=1e-5, critic_lr=3e-5, kl_coef=0.05, max_iters=300,
@@ -409,14 +417,6 @@ def ppo_update(policy, critic, policy_optimizer, critic_optimizer, batch, advant
     return stats
 
 
-def clip_gradients(model, max_norm):
-    """Clip the global gradient norm to max_norm (0: no clipping); returns the norm."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm <= 0:
-        return float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params)))
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-
 # -----------------------------------------------------------------------------
 # Held-out evaluation
 
@@ -442,6 +442,21 @@ def evaluate(policy, reward_model, tokenizer, records, config, normalizer=None, 
     out["golds"] = [prepare_data.gold_score(rec, t, e) for rec, (t, e) in zip(records, texts)]
     out["rms"] = rms.tolist()
     return out
+
+
+def pairwise_agreement(scores, golds, group_size, min_gap=0.5):
+    """How well the reward model ranks the policy's own samples: among pairs of
+    responses to the same prompt (consecutive groups of group_size) whose gold
+    scores differ by more than min_gap, the share the reward model orders as the
+    gold labeler does. 0.5 is chance; None when no pair qualifies."""
+    agree = total = 0
+    for start in range(0, len(scores), group_size):
+        for i in range(start, start + group_size):
+            for j in range(i + 1, start + group_size):
+                if abs(golds[i] - golds[j]) > min_gap:
+                    total += 1
+                    agree += (scores[i] > scores[j]) == (golds[i] > golds[j])
+    return agree / total if total else None
 
 
 def win_rate(golds, base_golds):
@@ -500,30 +515,14 @@ def check_config(config):
             raise ValueError(f"{key}={config[key]} must be at least 1")
     if config["kl_estimator"] not in ("k1", "k3"):
         raise ValueError(f"kl_estimator={config['kl_estimator']!r} is not one of k1, k3")
+    if config["reward_source"] not in ("rm", "gold"):
+        raise ValueError(f"reward_source={config['reward_source']!r} is not one of rm, gold")
     if not 0 < config["clip_range"] < 1:
         raise ValueError(f"clip_range={config['clip_range']} must be between 0 and 1")
 
 
 # -----------------------------------------------------------------------------
 # The run
-
-class StopRequested:
-    """Ctrl-C sets a flag; the loop saves at the end of the current iteration and exits."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.handle)
-
-    def handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C: stop now
-            signal.signal(signal.SIGINT, self.previous)
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: finishing this iteration, saving a checkpoint, then exiting (Ctrl-C again to abort)")
-
-    def restore(self):
-        signal.signal(signal.SIGINT, self.previous)
-
 
 def resolve_dirs(config):
     base = os.path.join("out", config["config"])
@@ -608,7 +607,7 @@ def run(config, flags=()):
           f"{rm_path}; {len(train_records)} prompts, {n_responses} responses/iter, {config['ppo_epochs']} epochs "
           f"of minibatch {config['minibatch_size']}, beta {kl_controller.value}, device {device}, {dtype}")
 
-    def run_eval(it, final=False):
+    def run_eval(it):
         nonlocal sft_eval
         result = evaluate(policy, reward_model, tokenizer, eval_records, config, normalizer, ctx)
         if sft_eval is None:  # the first evaluation is of the SFT model itself
@@ -664,9 +663,13 @@ def run(config, flags=()):
             batch = rollout(policy, reference, critic, reward_model, prompts, config, special, normalizer,
                             seed=config["seed"] * 1_000_003 + it * 10_007, ctx=ctx)
             mask = batch["mask"]
+            texts = [tokenizer.decode(r) for r in batch["responses"]]
+            golds = torch.tensor([prepare_data.gold_score(rec, t, bool(e))
+                                  for rec, t, e in zip(chosen, texts, batch["ended"])])
 
             # 2. rewards: RM score on the last token, KL penalty on every token
-            rewards = kl_penalized_rewards(batch["score"], batch["logp"], batch["ref_logp"], mask,
+            score = batch["score"] if config["reward_source"] == "rm" else golds.to(mask.device)
+            rewards = kl_penalized_rewards(score, batch["logp"], batch["ref_logp"], mask,
                                            kl_controller.value, batch["ended"], config["no_end_penalty"],
                                            config["score_clip"], config["kl_estimator"])
             # 3. advantages over the response tokens; returns before whitening
@@ -683,24 +686,25 @@ def run(config, flags=()):
             kl_controller.update(float(kl_per_response.mean()), n_responses)
             it += 1
 
-            texts = [tokenizer.decode(r) for r in batch["responses"]]
-            golds = [prepare_data.gold_score(rec, t, bool(e)) for rec, t, e in zip(chosen, texts, batch["ended"])]
-            record = {"iter": it, "rm_score": float(batch["score"].mean()), "gold": sum(golds) / len(golds),
+            record = {"iter": it, "rm_score": float(batch["score"].mean()), "gold": float(golds.mean()),
                       "kl": float(kl_per_response.mean()), "beta": beta,
                       "reward": float((rewards * mask).sum(1).mean()),
                       "entropy": float(masked_mean(batch["entropy"], mask)),
                       "explained_var": explained_variance(batch["values"], returns, mask),
                       "resp_len": float(mask.sum(1).mean()), "end_rate": float(batch["ended"].float().mean()),
+                      "rm_agreement": pairwise_agreement(batch["score"].tolist(), golds.tolist(),
+                                                         config["samples_per_prompt"]),
                       **stats, "time": time.time() - t_start}
             append_jsonl(log_path, record)
             if it % config["log_interval"] == 0 or it == end_iter:
                 seconds = time.time() - t0
                 eta = (time.time() - t_start) / (it - start_iter) * (end_iter - it)
+                agreement = "" if record["rm_agreement"] is None else f" | agree {record['rm_agreement']:.2f}"
                 print(f"iter {it:4d}/{end_iter} | rm {record['rm_score']:+.3f} | gold {record['gold']:+.3f} | "
                       f"kl {record['kl']:.3f} | beta {beta:.3f} | ent {record['entropy']:.2f} | clip "
                       f"{record['clip_frac']:.3f} | vloss {record['value_loss']:.3f} | ev "
                       f"{record['explained_var']:+.2f} | len {record['resp_len']:.1f} | end "
-                      f"{record['end_rate']:.2f} | {seconds:.1f}s | ETA {format_eta(eta)}", flush=True)
+                      f"{record['end_rate']:.2f}{agreement} | {seconds:.1f}s | ETA {format_eta(eta)}", flush=True)
 
             at_eval = (config["eval_interval"] > 0 and it % config["eval_interval"] == 0) or it == end_iter
             if at_eval:

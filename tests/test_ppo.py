@@ -454,6 +454,15 @@ def test_evaluate_grades_greedy_answers(world):
     assert out["rm"] == pytest.approx(sum(scores) / len(scores), abs=1e-5)
 
 
+def test_pairwise_agreement_against_listed_pairs():
+    scores = [1.0, 0.9, 0.5, 2.0, 1.0, 3.0]
+    golds = [3.0, 0.0, 1.0, 0.2, 0.0, 1.0]
+    # prompt 1: (0,1) agrees, (0,2) agrees, (1,2) disagrees; prompt 2: (3,4) gold gap 0.2 is skipped,
+    # (3,5) agrees, (4,5) agrees
+    assert ppo.pairwise_agreement(scores, golds, group_size=3) == pytest.approx(4 / 5)
+    assert ppo.pairwise_agreement(scores, golds, group_size=1) is None, "no pairs"
+
+
 def test_win_rate_counts_ties_as_half():
     assert ppo.win_rate([1.0, 2.0, 0.0, 3.0], [0.0, 2.0, 1.0, 1.0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
     assert ppo.win_rate([], []) == 0.0
@@ -486,7 +495,8 @@ def test_critic_starts_as_the_normalised_reward_model(world):
 def test_check_config_rejects_values_that_fail_later():
     ppo.check_config(dict(ppo.DEFAULTS))
     for key, value, message in [("temperature", 0.0, "must be > 0"), ("minibatch_size", 0, "at least 1"),
-                                ("kl_estimator", "k7", "not one of k1, k3"), ("clip_range", 1.5, "between 0 and 1")]:
+                                ("kl_estimator", "k7", "not one of k1, k3"), ("clip_range", 1.5, "between 0 and 1"),
+                                ("reward_source", "human", "not one of rm, gold")]:
         with pytest.raises(ValueError, match=message):
             ppo.check_config(dict(ppo.DEFAULTS, **{key: value}))
 
@@ -516,10 +526,19 @@ def test_tiny_run_writes_its_checkpoints_logs_and_plots(world, tmp_path):
     for key in ("rm_score", "gold", "kl", "entropy", "clip_frac", "approx_kl", "value_loss", "explained_var",
                 "resp_len", "end_rate"):
         assert all(math.isfinite(r[key]) for r in steps), key
+    assert all(r["rm_agreement"] is None or 0 <= r["rm_agreement"] <= 1 for r in steps)
     assert steps[0]["first_ratio_error"] == 0.0
     assert evals[0]["win_rate"] == 0.5 and "win_rate" in metrics
     for name in ("reward.png", "kl.png"):
         assert (out / name).stat().st_size > 1000
+
+
+def test_gold_reward_source_rewards_the_labelers_score(world, tmp_path):
+    ppo.run(tiny_config(world, tmp_path / "oracle", max_iters=2, kl_coef=0.0, no_end_penalty=0.0,
+                        reward_source="gold"))
+    steps = [r for r in read_jsonl_log(str(tmp_path / "oracle" / "log.jsonl")) if "rm_score" in r]
+    assert all(r["reward"] == pytest.approx(r["gold"], abs=1e-5) for r in steps), \
+        "beta 0, no penalty: each response's summed reward is its gold score"
 
 
 def test_exact_resume_is_bit_for_bit(world, tmp_path):
