@@ -26,7 +26,6 @@ so that the SFT model's own responses to the PPO prompts score mean 0, std 1.
 import argparse
 import math
 import os
-import signal
 import sys
 import time
 
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 
 import bpe
 import prepare_data
-from model import (CheckpointError, ScalarHeadModel, GPTConfig, append_jsonl, autocast_context, clean_state_dict,
+from model import (CheckpointError, GPTConfig, ScalarHeadModel, StopRequested, append_jsonl, autocast_context, clean_state_dict,
                    configure_optimizer, cosine_lr, format_eta, generate_responses, load_checkpoint,
                    model_from_checkpoint, pad_right, parent_record, parse_config, pick_device, pick_dtype,
                    plot_curves, read_jsonl_log, read_last, rng_state, save_checkpoint, scalar_model_from_checkpoint,
@@ -56,6 +55,7 @@ DEFAULTS = dict(
     out_dir="",                 # "" means out/<config>/rm
     # optimisation
     batch_size=32,              # preference pairs per step (a ranked record's pairs are never split)
+    sort_window=16,             # batch similar lengths together within windows of this many batches; 1 = off
     max_iters=375,
     learning_rate=3e-4,         # lower than pretraining: the body is already trained
     min_lr_ratio=0.1,
@@ -64,6 +64,7 @@ DEFAULTS = dict(
     beta1=0.9, beta2=0.95,
     grad_clip=1.0,              # clip the global gradient norm; 0 disables
     margin=0.0,                 # loss = -log sigmoid(r_chosen - r_rejected - margin)
+    dropout=0.1,                # dropout in the body while training (4000 noisy pairs overfit); -1 keeps the init's
     # evaluation, logging
     eval_interval=125, log_interval=25,
     eval_batch_size=64,         # sequences per forward pass when scoring
@@ -82,9 +83,9 @@ PRESETS = {
     # seconds, for tests
     "tiny": dict(batch_size=8, max_iters=30, warmup_iters=3, eval_interval=15, log_interval=5,
                  learning_rate=1e-3, norm_prompts=16, norm_max_new_tokens=8, eval_batch_size=32),
-    # a 2-core laptop CPU: about 3 epochs of tinyworld's 4000 pairs in about 3 minutes
-    "small": dict(batch_size=32, max_iters=375, warmup_iters=30, eval_interval=125, log_interval=25,
-                  learning_rate=3e-4, norm_prompts=256, norm_max_new_tokens=64),
+    # a 2-core laptop CPU: about 5 epochs of tinyworld's 4000 pairs in about 3 minutes
+    "small": dict(batch_size=32, max_iters=600, warmup_iters=30, eval_interval=200, log_interval=25,
+                  learning_rate=1e-3, dropout=0.1, norm_prompts=256, norm_max_new_tokens=64),
     # GPT-2 124M on a GPU, human preferences (InstructGPT: one epoch, lr ~1e-5)
     "gpt2": dict(dataset="hh", batch_size=64, max_iters=1000, warmup_iters=50, eval_interval=200,
                  log_interval=10, learning_rate=1e-5, norm_prompts=512, norm_max_new_tokens=128,
@@ -206,12 +207,10 @@ def load_split(folder, split, tokenizer, block_size):
     return groups
 
 
-def pair_batches(groups, batch_size, seed, epoch):
-    """One epoch's batches: lists of group indices, the groups in an order drawn
-    from (seed, epoch), packed so that a batch holds at most batch_size pairs and
-    a group's pairs (chosen and rejected of one prompt, or all pairs of a
-    ranking) are never split. A group larger than batch_size is a batch alone."""
-    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+def pack_groups(groups, order, batch_size):
+    """Groups in the given order -> batches (lists of group indices) of at most
+    batch_size pairs each, a group's pairs never split: a batch is closed when
+    the next group would not fit. A group larger than batch_size is a batch alone."""
     batches, current, n_pairs = [], [], 0
     for g in order:
         size = len(groups[g]["pairs"])
@@ -223,6 +222,34 @@ def pair_batches(groups, batch_size, seed, epoch):
     if current:
         batches.append(current)
     return batches
+
+
+def pair_batches(groups, batch_size, seed, epoch, sort_window=1):
+    """One epoch's batches (lists of group indices): the groups in an order drawn
+    from (seed, epoch), packed by pack_groups, so chosen and rejected of one
+    prompt (or all pairs of a ranking) are always in the same batch.
+    sort_window > 1: the shuffled groups are cut into windows of about that many
+    batches and sorted by length inside each window, so that a batch holds
+    sequences of similar length (less padding: the same pairs in less time);
+    the batches are then shuffled, so the order of lengths is random too."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(groups), generator=generator).tolist()
+    if sort_window <= 1:
+        return pack_groups(groups, order, batch_size)
+    windows, current, n_pairs = [], [], 0
+    for g in order:
+        current.append(g)
+        n_pairs += len(groups[g]["pairs"])
+        if n_pairs >= sort_window * batch_size:
+            windows.append(current)
+            current, n_pairs = [], 0
+    if current:
+        windows.append(current)
+    batches = []
+    for window in windows:
+        window = sorted(window, key=lambda g: max(len(s) for s in groups[g]["seqs"]))  # stable: ties keep the order
+        batches += pack_groups(groups, window, batch_size)
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def collate(groups):
@@ -342,24 +369,6 @@ def load_reward_model(path, device="cpu"):
 # -----------------------------------------------------------------------------
 # The run
 
-class StopRequested:
-    """Ctrl-C sets a flag; the loop saves at the end of the current step and exits."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.handle)
-
-    def handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C: stop now
-            signal.signal(signal.SIGINT, self.previous)
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)")
-
-    def restore(self):
-        signal.signal(signal.SIGINT, self.previous)
-
-
 def resolve_paths(config):
     """(init checkpoint path, output folder) with the "" defaults filled in."""
     init = config["init"] or os.path.join("out", config["config"], "sft")
@@ -390,7 +399,7 @@ def dataset_folder(config):
 
 
 def check_config(config):
-    for key in ("batch_size", "max_iters", "eval_interval", "log_interval", "eval_batch_size"):
+    for key in ("batch_size", "sort_window", "max_iters", "eval_interval", "log_interval", "eval_batch_size"):
         if config[key] < 1:
             raise ValueError(f"--{key}={config[key]} must be at least 1")
     if config["norm_prompts"] < 0 or config["norm_max_new_tokens"] < 1 or config["temperature"] < 0:
@@ -429,12 +438,15 @@ def run(config, flags=()):
         raise CheckpointError(f"{init_file} changed since {ckpt_path} was started from it: "
                               f"start over with --overwrite")
     tokenizer = tokenizer_from_checkpoint(init)
-    model_config = GPTConfig.from_dict(init["model_args"])
+    model_args = dict(init["model_args"])
+    if config["dropout"] >= 0:
+        model_args["dropout"] = config["dropout"]
+    model_config = GPTConfig.from_dict(model_args)
     folder = dataset_folder(config)
     train_groups = load_split(folder, "train", tokenizer, model_config.block_size)
     val_groups = load_split(folder, "val", tokenizer, model_config.block_size)
     train_probe = train_groups[:len(val_groups)]  # a fixed train subset the size of val, to watch overfitting
-    val_pairs = [r for r in prepare_data.read_jsonl(os.path.join(folder, "prefs_val.jsonl"))]
+    val_pairs = prepare_data.read_jsonl(os.path.join(folder, "prefs_val.jsonl"))
     has_gold = all(r.get("gold_prefers_chosen") is not None for r in val_pairs)
     agreement = prepare_data.label_agreement(val_pairs) if has_gold else None
 
@@ -497,7 +509,7 @@ def run(config, flags=()):
         norm = normalise()
         checkpoint = {
             "stage": STAGE,
-            "model_args": dict(init["model_args"]),
+            "model_args": dict(init["model_args"]),  # dropout was a training choice: later stages get the init's
             "model": clean_state_dict(model),
             "tokenizer": tokenizer.to_dict(),
             "config": dict(config),
@@ -535,7 +547,7 @@ def run(config, flags=()):
 
     stopper = StopRequested()
     end_iter = config["max_iters"] if config["stop_at_iter"] <= 0 else min(config["stop_at_iter"], config["max_iters"])
-    batches = pair_batches(train_groups, config["batch_size"], config["seed"], epoch)
+    batches = pair_batches(train_groups, config["batch_size"], config["seed"], epoch, config["sort_window"])
     metrics = evaluate_all(start_iter) if start_iter == 0 else {}
     t_start = time.time()
     t_train = 0.0  # seconds spent in training steps, for the ETA
@@ -550,7 +562,7 @@ def run(config, flags=()):
                 group["lr"] = lr
             if position >= len(batches):  # next epoch, in a new order
                 epoch, position = epoch + 1, 0
-                batches = pair_batches(train_groups, config["batch_size"], config["seed"], epoch)
+                batches = pair_batches(train_groups, config["batch_size"], config["seed"], epoch, config["sort_window"])
             ids, lengths, better, worse, _ = collate([train_groups[g] for g in batches[position]])
             position += 1
             ids, lengths, better, worse = ids.to(device), lengths.to(device), better.to(device), worse.to(device)

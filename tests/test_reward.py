@@ -79,6 +79,16 @@ def world(tmp_path_factory):
     return root, tok
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from several threads, and on a busy 2-core machine
+    OpenMP threads waiting for one another make these tests ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(root, out, **overrides):
     config = dict(reward.DEFAULTS)
     config.update(reward.PRESETS["tiny"])
@@ -228,6 +238,30 @@ def test_pair_batches_keep_groups_whole_and_cover_each_once():
     assert reward.pair_batches(groups, 8, seed=5, epoch=0) == batches, "deterministic"
     assert reward.pair_batches(groups, 8, seed=5, epoch=1) != batches, "a new order each epoch"
     assert reward.pair_batches(groups, 8, seed=6, epoch=0) != batches, "the order follows the seed"
+
+
+def test_pack_groups_closes_a_batch_when_the_next_group_does_not_fit():
+    groups = fake_groups([3, 3, 1, 6, 2, 9, 1])
+    assert reward.pack_groups(groups, [0, 1, 2, 3, 4, 5, 6], 7) == [[0, 1, 2], [3], [4], [5], [6]]
+    assert reward.pack_groups(groups, [6, 4, 2, 0], 7) == [[6, 4, 2, 0]]
+
+
+def test_pair_batches_sort_window_batches_similar_lengths():
+    rng = random.Random(0)
+    groups = [{"seqs": [[0] * rng.randint(3, 60), [0] * rng.randint(3, 60)], "pairs": [(0, 1)], "gold": [True]}
+              for _ in range(400)]
+
+    def padded_tokens(batches):
+        return sum(2 * len(b) * max(len(s) for g in b for s in groups[g]["seqs"]) for b in batches)
+
+    plain = reward.pair_batches(groups, 10, seed=1, epoch=0)
+    bucketed = reward.pair_batches(groups, 10, seed=1, epoch=0, sort_window=8)
+    assert sorted(g for b in bucketed for g in b) == list(range(400)) and all(len(b) <= 10 for b in bucketed)
+    assert padded_tokens(bucketed) < 0.8 * padded_tokens(plain), "less padding"
+    assert bucketed == reward.pair_batches(groups, 10, seed=1, epoch=0, sort_window=8), "deterministic"
+    assert bucketed != reward.pair_batches(groups, 10, seed=1, epoch=1, sort_window=8)
+    firsts = [max(len(s) for s in groups[b[0]]["seqs"]) for b in bucketed]
+    assert firsts != sorted(firsts), "the batches themselves come in a random order"
 
 
 def test_collate_indexes_each_pair_into_the_padded_batch(world):
@@ -394,6 +428,7 @@ def test_tiny_run_learns_separable_pairs_and_writes_its_files(world, trained):
     assert 0.7 <= metrics["val_accuracy"] <= 0.9, "against noisy labels (20% flipped): about 80%"
     ckpt = load_checkpoint(str(out), stages={"rm"})
     assert ckpt["parent"] == parent_record(str(root / "sft" / "ckpt.pt"))
+    assert ckpt["model_args"] == load_checkpoint(str(root / "sft"))["model_args"], "training dropout is not saved"
     assert set(ckpt["model"]) == set(ScalarHeadModel(tiny_gpt_config(tok)).state_dict())
     assert ckpt["reward_norm"] == metrics["reward_norm"] and ckpt["reward_norm"]["scale"] > 0
     log = read_jsonl_log(str(out / "log.jsonl"))
