@@ -43,7 +43,8 @@ import bpe
 import prepare_data
 from model import (CheckpointError, autocast_context, generate_responses, load_checkpoint, model_from_checkpoint,
                    pad_right, parse_config, pick_device, pick_dtype, read_jsonl_log, scalar_model_from_checkpoint,
-                   score_sequences, tokenizer_from_checkpoint, with_reward_token)
+                   score_sequences, tokenizer_from_checkpoint)
+from reward import reward_input  # the one way a response is laid out for the reward model
 from train import bits_per_byte, token_byte_lengths
 
 # -----------------------------------------------------------------------------
@@ -239,12 +240,6 @@ def evaluate_chat(model, tokenizer, records, max_new_tokens, batch_size=32):
 
 # -----------------------------------------------------------------------------
 # Reward model: scores and pairwise accuracy
-
-def reward_input(tokenizer, prompt, response, ended, block_size=None):
-    """The reward model's input for a response text: the chat template, then <|reward|>."""
-    p, r = tokenizer.encode_chat(prompt, response, ended)
-    return with_reward_token(p, r, tokenizer.special_ids[bpe.REWARD], block_size)
-
 
 def preference_pairs(records):
     """Preference records -> [(prompt, a, a_ended, b, b_ended, gold_prefers_a)]

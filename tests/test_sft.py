@@ -276,3 +276,18 @@ def test_existing_checkpoint_is_kept_without_a_flag(world, tmp_path):
     with pytest.raises(ValueError, match="already exists: pass --resume"):
         sft.run(tiny_config(world, out, max_iters=2))
     assert file_sha256(str(out / "ckpt.pt")) == before
+
+
+def test_sft_runs_on_alpaca_style_records(world, tmp_path):
+    """Open-ended instructions (prepare_data.py --dataset alpaca writes this schema):
+    no answer kind, graded by word overlap with the reference."""
+    folder = tmp_path / "data" / "alpaca"
+    folder.mkdir(parents=True)
+    records = [{"task": "alpaca", "prompt": f"Name a colour number {i}.\n\nPlease be brief.", "reference": "Blue.",
+                "response": "Blue.", "answer_kind": "open"} for i in range(12)]
+    for split, rows in (("train", records[:10]), ("val", records[10:])):
+        (folder / f"sft_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = sft.run(tiny_config(world, tmp_path / "out", dataset="alpaca", data_dir=str(tmp_path / "data"),
+                                  max_iters=6, eval_interval=6, eval_prompts=2))
+    assert metrics["val_loss"] < metrics["base"]["val_loss"]
+    assert "acc_alpaca" in metrics and 0 <= metrics["gold"] <= 3
