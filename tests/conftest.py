@@ -3,3 +3,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The test models are tiny: two threads make them no faster, and two threads per
+# process slow them to a crawl when processes share the two cores (the DDP and
+# Ctrl-C tests start subprocesses, and CI machines may be busy).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
