@@ -34,11 +34,12 @@ import torch.nn.functional as F
 
 import bpe
 import prepare_data
-from model import (CheckpointError, GPTConfig, ScalarHeadModel, StopRequested, append_jsonl, autocast_context, clean_state_dict,
-                   configure_optimizer, cosine_lr, format_eta, generate_responses, load_checkpoint,
-                   model_from_checkpoint, pad_right, parent_record, parse_config, pick_device, pick_dtype,
-                   plot_curves, read_jsonl_log, read_last, rng_state, save_checkpoint, scalar_model_from_checkpoint,
-                   score_sequences, set_rng_state, tokenizer_from_checkpoint, truncate_log, with_reward_token)
+from model import (CheckpointError, GPTConfig, ScalarHeadModel, StopRequested, append_jsonl, autocast_context,
+                   clean_state_dict, clip_gradients, configure_optimizer, cosine_lr, format_eta, generate_responses,
+                   load_checkpoint, model_from_checkpoint, pad_right, parent_record, parse_config, pick_device,
+                   pick_dtype, plot_curves, read_jsonl_log, read_last, rng_state, save_checkpoint,
+                   scalar_model_from_checkpoint, score_sequences, set_rng_state, tokenizer_from_checkpoint,
+                   truncate_log, with_reward_token)
 
 STAGE = "rm"
 INIT_STAGES = ("sft", "pretrain")  # a reward model starts from a language model, never from another rm/ppo
@@ -252,11 +253,10 @@ def pair_batches(groups, batch_size, seed, epoch, sort_window=1):
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-def collate(groups):
-    """Groups -> one batch: ids (B, T) padded on the right, lengths (B,), and
-    for every pair the rows of its better and worse sequence, better (P,) and
-    worse (P,), and its gold verdict (P,) float: 1 agree, 0 disagree, nan unknown.
-    Each sequence is in the batch once, however many pairs it is in."""
+def flatten_groups(groups):
+    """Groups -> (seqs, better, worse, gold): every sequence once, and for every
+    pair the indices of its better and worse sequence in seqs and its gold
+    verdict (True/False, None when unknown)."""
     seqs, better, worse, gold = [], [], [], []
     for group in groups:
         offset = len(seqs)
@@ -264,8 +264,18 @@ def collate(groups):
         for (i, j), g in zip(group["pairs"], group["gold"]):
             better.append(offset + i)
             worse.append(offset + j)
-            gold.append(float("nan") if g is None else float(g))
+            gold.append(g)
+    return seqs, better, worse, gold
+
+
+def collate(groups):
+    """Groups -> one batch: ids (B, T) padded on the right, lengths (B,), and
+    for every pair the rows of its better and worse sequence, better (P,) and
+    worse (P,), and its gold verdict (P,) float: 1 agree, 0 disagree, nan unknown.
+    Each sequence is in the batch once, however many pairs it is in."""
+    seqs, better, worse, gold = flatten_groups(groups)
     ids, lengths = pad_right(seqs)
+    gold = [float("nan") if g is None else float(g) for g in gold]
     return ids, lengths, torch.tensor(better), torch.tensor(worse), torch.tensor(gold)
 
 
@@ -300,14 +310,7 @@ def evaluate(model, groups, batch_size=64, margin=0.0):
         margin         mean r_better - r_worse (better as labelled)
         reward_mean, reward_std   of every sequence's reward
         pairs          number of pairs"""
-    seqs, better, worse, gold = [], [], [], []
-    for group in groups:
-        offset = len(seqs)
-        seqs += group["seqs"]
-        for (i, j), g in zip(group["pairs"], group["gold"]):
-            better.append(offset + i)
-            worse.append(offset + j)
-            gold.append(g)
+    seqs, better, worse, gold = flatten_groups(groups)
     rewards = score_sequences(model, seqs, batch_size)  # (N,), eval mode, padding on the right
     diff = rewards[better] - rewards[worse]             # (P,)
     known = [k for k, g in enumerate(gold) if g is not None]
@@ -574,11 +577,7 @@ def run(config, flags=()):
                 scaler.unscale_(optimizer)
             else:
                 loss.backward()
-            if config["grad_clip"] > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-            else:
-                grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters()
-                                           if p.grad is not None))
+            grad_norm = clip_gradients(model, config["grad_clip"])
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at iteration {it}: stopping; the last good "
