@@ -27,13 +27,15 @@ import math
 import os
 import random
 import signal
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+import bpe
 
 
 # -----------------------------------------------------------------------------
@@ -395,6 +397,16 @@ def generate_responses(model, prompts, max_new_tokens, stop_token, temperature=0
     return results
 
 
+def answer_prompts(model, tokenizer, prompts, max_new_tokens, temperature=0.0, seed=None, batch_size=64):
+    """Prompt texts -> [(answer text, ended), ...]: each prompt laid out in the
+    chat template (tokenizer.encode_chat), answered by generate_responses up
+    to the end-of-turn token (greedy at temperature 0)."""
+    prompt_ids = [tokenizer.encode_chat(p)[0] for p in prompts]
+    end = tokenizer.special_ids[bpe.END_OF_TURN]
+    answers = generate_responses(model, prompt_ids, max_new_tokens, end, temperature, seed, batch_size)
+    return [(tokenizer.decode(ids), ended) for ids, ended in answers]
+
+
 # -----------------------------------------------------------------------------
 # Scalar heads: the reward model and PPO's critic
 #
@@ -643,7 +655,6 @@ def model_from_checkpoint(ckpt, device="cpu"):
 
 def tokenizer_from_checkpoint(ckpt):
     """The bpe.Tokenizer embedded in a loaded checkpoint."""
-    import bpe  # text <-> ids lives in bpe.py
     return bpe.Tokenizer.from_dict(ckpt["tokenizer"], source="checkpoint tokenizer")
 
 

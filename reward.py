@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 import bpe
 import prepare_data
-from model import (CheckpointError, GPTConfig, ScalarHeadModel, StopRequested, append_jsonl, autocast_context,
-                   clean_state_dict, clip_gradients, configure_optimizer, cosine_lr, format_eta, generate_responses,
+from model import (CheckpointError, GPTConfig, ScalarHeadModel, StopRequested, answer_prompts, append_jsonl,
+                   autocast_context, clean_state_dict, clip_gradients, configure_optimizer, cosine_lr, format_eta,
                    load_checkpoint, model_from_checkpoint, pad_right, parent_record, parse_config, pick_device,
                    pick_dtype, plot_curves, read_jsonl_log, read_last, rng_state, save_checkpoint,
                    scalar_model_from_checkpoint, score_sequences, set_rng_state, tokenizer_from_checkpoint,
@@ -331,10 +331,7 @@ def evaluate(model, groups, batch_size=64, margin=0.0):
 def sample_sft_responses(policy, tokenizer, prompts, max_new_tokens, temperature, seed, batch_size=64):
     """The init (SFT) model's answers to prompts (text) -> [(response text, ended)],
     sampled the way PPO will sample them."""
-    prompt_ids = [tokenizer.encode_chat(p)[0] for p in prompts]
-    out = generate_responses(policy, prompt_ids, max_new_tokens, tokenizer.special_ids[bpe.END_OF_TURN],
-                             temperature=temperature, seed=seed, batch_size=batch_size)
-    return [(tokenizer.decode(ids), ended) for ids, ended in out]
+    return answer_prompts(policy, tokenizer, prompts, max_new_tokens, temperature, seed, batch_size)
 
 
 def reward_normalizer(rewards):

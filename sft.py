@@ -35,13 +35,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import bpe
 import prepare_data
-from model import (CheckpointError, StopRequested, append_jsonl, autocast_context, clean_state_dict, clip_gradients,
-                   compile_or_fall_back, configure_optimizer, cosine_lr, format_eta, forward_backward,
-                   generate_responses, load_checkpoint, model_from_checkpoint, parent_record, parse_config,
-                   pick_dtype, plot_curves, read_jsonl_log, rng_state, save_checkpoint, set_rng_state,
-                   setup_distributed, tokenizer_from_checkpoint, truncate_log)
+from model import (CheckpointError, StopRequested, answer_prompts, append_jsonl, autocast_context, clean_state_dict,
+                   clip_gradients, compile_or_fall_back, configure_optimizer, cosine_lr, format_eta,
+                   forward_backward, load_checkpoint, model_from_checkpoint, parent_record, parse_config, pick_dtype,
+                   plot_curves, read_jsonl_log, rng_state, save_checkpoint, set_rng_state, setup_distributed,
+                   tokenizer_from_checkpoint, truncate_log)
 
 STAGE = "sft"
 
@@ -236,14 +235,11 @@ def response_loss(model, rows, batch_size, ctx, device):
     return nats / max(count, 1)
 
 
-@torch.no_grad()
 def answer_records(model, tokenizer, records, max_new_tokens, ctx):
     """Greedy answers to the records' prompts in the chat template ->
     [(text, ended), ...], ready for prepare_data.grade_answers."""
-    prompts = [tokenizer.encode_chat(r["prompt"])[0] for r in records]
     with ctx:
-        answers = generate_responses(model, prompts, max_new_tokens, tokenizer.special_ids[bpe.END_OF_TURN])
-    return [(tokenizer.decode(ids), ended) for ids, ended in answers]
+        return answer_prompts(model, tokenizer, [r["prompt"] for r in records], max_new_tokens)
 
 
 def evaluate(model, tokenizer, data, config, ctx, device):

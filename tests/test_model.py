@@ -485,3 +485,14 @@ def test_scalar_model_from_checkpoint_round_trip_and_error():
     gpt_only = {"model_args": vars(rm.config).copy(), "model": GPT(tiny_config()).state_dict()}
     with pytest.raises(CheckpointError, match="reward model"):
         model.scalar_model_from_checkpoint(gpt_only)
+
+
+def test_answer_prompts_is_the_chat_template_then_generate_responses():
+    tok = bpe.train_tokenizer("What is one plus one? It is two. " * 30, 300)
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompts = ["What is one plus one?", "It is two?"]
+    end = tok.special_ids[bpe.END_OF_TURN]
+    want = model.generate_responses(m, [tok.encode_chat(p)[0] for p in prompts], 5, end)
+    got = model.answer_prompts(m, tok, prompts, 5)
+    assert got == [(tok.decode(ids), ended) for ids, ended in want]
