@@ -188,6 +188,7 @@ def _ddp_worker(rank, world, port, path):
     model.forward_backward(ddp, mine, contextlib.nullcontext())
     if rank == 0:
         torch.save([p.grad for p in ddp.module.parameters()], path)
+    torch.distributed.barrier()  # neither process leaves while the other still talks to it (a gloo abort otherwise)
     torch.distributed.destroy_process_group()
 
 
