@@ -59,7 +59,7 @@ DEFAULTS = dict(
     val_tokens=16384,          # tokens of val.bin for loss and bits per byte; 0 = all of it
     max_mc=200,                # multiple-choice items (each of mc.jsonl and hellaswag); 0 = all
     max_prompts=200,           # held-out prompts answered by each generative model; 0 = all
-    max_pairs=1000,            # held-out preference pairs for the reward model (tinyworld has 1000); 0 = all
+    max_pairs=0,               # held-out preference pairs for the reward model; 0 = all, the set reward.py reports on
     kl_prompts=100,            # PPO samples for the KL(PPO || SFT) estimate; 0 skips it
     kl_temperature=1.0,        # the KL is that of the policy itself: sample at temperature 1
     max_new_tokens=64,         # longest answer
@@ -78,10 +78,10 @@ PRESETS = {
     "tiny": dict(val_tokens=2048, max_mc=16, max_prompts=16, max_pairs=32, kl_prompts=8, max_new_tokens=16,
                  batch_size=16),
     # a 2-core CPU, well under a minute for the four stages
-    "small": dict(val_tokens=16384, max_mc=200, max_prompts=200, max_pairs=1000, kl_prompts=100,
+    "small": dict(val_tokens=16384, max_mc=200, max_prompts=200, max_pairs=0, kl_prompts=100,
                   max_new_tokens=64, batch_size=32),
     # a GPU: the whole HellaSwag validation set and more of everything
-    "gpt2": dict(val_tokens=2_000_000, max_mc=0, max_prompts=1000, max_pairs=2000, kl_prompts=500,
+    "gpt2": dict(val_tokens=2_000_000, max_mc=0, max_prompts=1000, max_pairs=0, kl_prompts=500,
                  max_new_tokens=128, batch_size=64),
 }
 
