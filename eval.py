@@ -308,10 +308,7 @@ def load_eval_data(dataset, data_dir):
     """What data/<dataset>/ offers for evaluation: {"folder", "tokenizer",
     "val", "mc", "prompts", "prefs", "missing": {part: reason}}. A missing part
     is None with its reason; the embedded tinyworld is built when absent."""
-    folder = os.path.join(data_dir, dataset)
-    if not os.path.exists(os.path.join(folder, "meta.json")) and dataset == "tinyworld":
-        print(f"{folder} is not prepared yet: building the embedded tinyworld dataset (offline, seconds)")
-        prepare_data.prepare(dataset="tinyworld", data_root=data_dir)
+    folder = prepare_data.ensure_prepared(dataset, data_dir)  # builds tinyworld if missing
     data = {"folder": folder, "tokenizer": None, "val": None, "mc": None, "prompts": None, "prefs": None,
             "missing": {}}
     fix = f"run `python prepare_data.py --dataset {dataset}`"

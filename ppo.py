@@ -472,10 +472,7 @@ def win_rate(golds, base_golds):
 
 def load_prompts(config):
     """(prompts_ppo records, prompts_eval records) of the dataset."""
-    folder = os.path.join(config["data_dir"], config["dataset"])
-    if not os.path.exists(os.path.join(folder, "meta.json")) and config["dataset"] == "tinyworld":
-        print(f"{folder} is not prepared yet: building the embedded tinyworld dataset (offline, seconds)")
-        prepare_data.prepare(dataset="tinyworld", data_root=config["data_dir"])
+    folder = prepare_data.ensure_prepared(config["dataset"], config["data_dir"])  # builds tinyworld if missing
     train_records = prepare_data.read_jsonl(os.path.join(folder, "prompts_ppo.jsonl"))
     eval_records = prepare_data.read_jsonl(os.path.join(folder, "prompts_eval.jsonl"))
     for name, records in (("prompts_ppo.jsonl", train_records), ("prompts_eval.jsonl", eval_records)):

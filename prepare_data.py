@@ -1909,6 +1909,41 @@ def load_meta(data_dir):
         return json.load(f)
 
 
+def default_build_differences(data_dir, dataset="tinyworld"):
+    """How a generated dataset's folder differs from what this code builds by
+    default: ["prefs_train 4000 (default 12000)", ...], [] when it matches.
+    An older checkout's folder keeps its old sizes until it is rebuilt."""
+    with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
+        built = json.load(f).get("build", {})
+    default = build_args(resolve_config(Config(dataset=dataset, out=data_dir)), DATASETS[dataset]["kind"])
+    return [f"{key} {built.get(key)} (default {value})" for key, value in default.items() if built.get(key) != value]
+
+
+def ensure_prepared(dataset, data_root=DATA_ROOT):
+    """What every stage calls before it reads data/<dataset>: builds the embedded
+    tinyworld when its folder is missing (offline, seconds), and says in one line
+    when it was built with other arguments than this code's defaults (an older
+    checkout's sizes, or your own --prefs-train ...). A folder is never rebuilt
+    silently: what you built on purpose stays. Returns the folder."""
+    folder = os.path.join(data_root, dataset)
+    if not DATASETS.get(dataset, {}).get("kind") == "generated":
+        return folder
+    if not os.path.exists(os.path.join(folder, "meta.json")):
+        print(f"{folder} is not prepared yet: building the embedded {dataset} dataset (offline, seconds)")
+        prepare(dataset=dataset, data_root=data_root)
+        return folder
+    try:
+        differences = default_build_differences(folder, dataset)
+    except (OSError, json.JSONDecodeError, DataError):
+        differences = ["meta.json unreadable"]
+    if differences:
+        print(f"note: {folder} was built with other arguments than this code's defaults: "
+              f"{', '.join(differences[:4])}{' ...' if len(differences) > 4 else ''}; "
+              f"`python prepare_data.py --dataset {dataset}` rebuilds it with the defaults "
+              f"(keep it if you chose these)")
+    return folder
+
+
 def maybe_curate(docs, cfg):
     if not cfg.curation:
         log("curation skipped (--no-curation)", cfg.quiet)

@@ -184,10 +184,7 @@ def load_records(path):
 def load_sft_data(config, tokenizer, block_size):
     """Training rows, validation rows and held-out records, and the count of
     truncated training examples."""
-    folder = os.path.join(config["data_dir"], config["dataset"])
-    if not os.path.exists(os.path.join(folder, "sft_train.jsonl")) and config["dataset"] == "tinyworld":
-        print(f"{folder} is not prepared yet: building the embedded tinyworld dataset (offline, seconds)")
-        prepare_data.prepare(dataset="tinyworld", data_root=config["data_dir"])
+    folder = prepare_data.ensure_prepared(config["dataset"], config["data_dir"])  # builds tinyworld if missing
     data = {}
     truncated = {}
     for split in ("train", "val"):

@@ -95,11 +95,8 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "n
 
 def load_dataset(config):
     """The memmapped train/val token arrays, the tokenizer and meta.json."""
-    folder = os.path.join(config["data_dir"], config["dataset"])
+    folder = prepare_data.ensure_prepared(config["dataset"], config["data_dir"])  # builds tinyworld if missing
     meta_path = os.path.join(folder, "meta.json")
-    if not os.path.exists(meta_path) and config["dataset"] == "tinyworld":
-        print(f"{folder} is not prepared yet: building the embedded tinyworld dataset (offline, seconds)")
-        prepare_data.prepare(dataset="tinyworld", data_root=config["data_dir"])
     if not os.path.exists(meta_path):
         raise ValueError(f"dataset {config['dataset']!r} is not prepared ({meta_path} is missing): "
                          f"run `python prepare_data.py --dataset {config['dataset']}` first")

@@ -1080,3 +1080,42 @@ def test_command_line_exit_code_and_help(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--help"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "--megabytes" in r.stdout and "--no-curation" in r.stdout
+
+
+def write_meta_with_build(folder, build):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump({"format_version": P.FORMAT_VERSION, "build": build, "files": {}}, f)
+
+
+def test_default_build_differences_names_each_changed_argument(tmp_path):
+    folder = str(tmp_path / "tinyworld")
+    default = P.build_args(P.resolve_config(P.Config(dataset="tinyworld", out=folder)), "generated")
+    assert default["prefs_train"] == P.SPLIT_SIZES["prefs_train"]
+    write_meta_with_build(folder, default)
+    assert P.default_build_differences(folder) == [], "a default build differs from the defaults"
+    write_meta_with_build(folder, {**default, "prefs_train": 7, "megabytes": 0.5})
+    assert sorted(P.default_build_differences(folder)) == [
+        "megabytes 0.5 (default 4.0)", f"prefs_train 7 (default {P.SPLIT_SIZES['prefs_train']})"]
+
+
+def test_ensure_prepared_builds_missing_tinyworld_and_notes_other_builds(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(P, "prepare", lambda **kw: calls.append(kw))
+    root = str(tmp_path)
+    folder = P.ensure_prepared("tinyworld", root)
+    assert folder == os.path.join(root, "tinyworld")
+    assert calls == [{"dataset": "tinyworld", "data_root": root}], "a missing tinyworld must be built"
+    assert P.ensure_prepared("shakespeare", root) == os.path.join(root, "shakespeare")
+    assert P.ensure_prepared("toy", root) == os.path.join(root, "toy")
+    assert len(calls) == 1, "only the embedded generated dataset is built implicitly (others need a download)"
+    capsys.readouterr()
+    default = P.build_args(P.resolve_config(P.Config(dataset="tinyworld", out=folder)), "generated")
+    write_meta_with_build(folder, {**default, "prefs_train": 4000})
+    assert P.ensure_prepared("tinyworld", root) == folder
+    out = capsys.readouterr().out
+    assert len(calls) == 1, "an existing folder built with other arguments must never be rebuilt silently"
+    assert out.count("\n") == 1 and "prefs_train 4000" in out and "python prepare_data.py" in out, out
+    write_meta_with_build(folder, default)
+    P.ensure_prepared("tinyworld", root)
+    assert capsys.readouterr().out == "", "a default build needs no note"
