@@ -19,8 +19,11 @@ the transformer's output at that position goes through a scalar head
     loss = -log sigmoid(r_chosen - r_rejected - margin)     (Bradley-Terry)
 
 A ranking of K responses gives all K-choose-2 (better, worse) pairs, trained
-together in one batch (InstructGPT). After training, a bias and scale are stored
-so that the SFT model's own responses to the PPO prompts score mean 0, std 1.
+together in one batch (InstructGPT). With lm_coef > 0 (the small preset) the
+body also keeps its language-model loss on each prompt's preferred conversation,
+which keeps what it needs to judge answers (best_lm_loss). After training, a
+bias and scale are stored so that the SFT model's own responses to the PPO
+prompts score mean 0, std 1.
 """
 
 import argparse
@@ -65,6 +68,7 @@ DEFAULTS = dict(
     beta1=0.9, beta2=0.95,
     grad_clip=1.0,              # clip the global gradient norm; 0 disables
     margin=0.0,                 # loss = -log sigmoid(r_chosen - r_rejected - margin)
+    lm_coef=0.0,                # + lm_coef x next-token loss of each prompt's best sequence (0: the plain design)
     dropout=0.1,                # dropout in the body while training (a few thousand noisy pairs overfit); -1 keeps the init's
     # evaluation, logging
     eval_interval=125, log_interval=25,
@@ -83,10 +87,10 @@ DEFAULTS = dict(
 PRESETS = {
     # seconds, for tests
     "tiny": dict(batch_size=8, max_iters=30, warmup_iters=3, eval_interval=15, log_interval=5,
-                 learning_rate=1e-3, norm_prompts=16, norm_max_new_tokens=8, eval_batch_size=32),
+                 learning_rate=1e-3, lm_coef=1.0, norm_prompts=16, norm_max_new_tokens=8, eval_batch_size=32),
     # a 2-core laptop CPU: 2.4 epochs of tinyworld's 12000 pairs in under 3 minutes
     "small": dict(batch_size=32, max_iters=900, warmup_iters=30, eval_interval=300, log_interval=25,
-                  learning_rate=1e-3, dropout=0.0, norm_prompts=256, norm_max_new_tokens=64),
+                  learning_rate=1e-3, dropout=0.0, lm_coef=1.0, norm_prompts=256, norm_max_new_tokens=64),
     # GPT-2 124M on a GPU, human preferences (InstructGPT: one epoch, lr ~1e-5)
     "gpt2": dict(dataset="hh", batch_size=64, max_iters=1000, warmup_iters=50, eval_interval=200,
                  log_interval=10, learning_rate=1e-5, norm_prompts=512, norm_max_new_tokens=128,
@@ -282,11 +286,45 @@ def collate(groups):
 # -----------------------------------------------------------------------------
 # The loss and the metrics
 
-def sequence_rewards(model, ids, lengths):
+def sequence_rewards(model, ids, lengths, hidden=None):
     """ids (B, T), lengths (B,) -> the reward of each sequence (B,): the head's
     output at its last real token, <|reward|>. Padding after it, or anything
-    else after it, cannot change it (causal attention)."""
-    return read_last(model(ids), lengths)
+    else after it, cannot change it (causal attention). hidden: the body's
+    hidden states (B, T, C) of ids when already computed (the training step
+    shares them with best_lm_loss)."""
+    if hidden is None:
+        return read_last(model(ids), lengths)
+    return read_last(model.head(hidden).squeeze(-1).float(), lengths)
+
+
+def best_rows(groups):
+    """Rows (in collate's batch) of each group's best sequence: a pair's chosen
+    response, a ranking's first. best_lm_loss reads these."""
+    rows, offset = [], 0
+    for group in groups:
+        rows.append(offset)
+        offset += len(group["seqs"])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def best_lm_loss(model, hidden, ids, lengths, rows):
+    """Next-token cross-entropy of the given rows (each prompt's best sequence:
+    best_rows) over their prompt, response and end of turn, never <|reward|> or
+    padding, read from the body's hidden states (B, T, C) through the tied LM head.
+
+    Why a reward model keeps an LM loss: the pairwise loss alone moves the body
+    toward whatever separates its pairs first (style), and what it needs to tell a
+    right answer from a wrong one (the facts, reading the question) fades; still
+    modelling the preferred conversations keeps it (an SFT-style regulariser, as in
+    Yang et al. 2024, "Regularizing hidden states enables learning generalizable
+    reward model")."""
+    ids, hidden, lengths = ids[rows], hidden[rows], lengths[rows].to(ids.device)  # (P, T), (P, T, C), (P,)
+    q = torch.arange(ids.size(1) - 1, device=ids.device)[None, :]  # hidden position q predicts token q + 1
+    keep = q + 1 < lengths[:, None] - 1                              # targets before <|reward|>: (P, T - 1)
+    if not keep.any():
+        return hidden.sum() * 0.0
+    logits = model.gpt.lm_head(hidden[:, :-1][keep]).float()        # (N, V): only the kept positions
+    return F.cross_entropy(logits, ids[:, 1:][keep])
 
 
 def pairwise_loss(r_chosen, r_rejected, margin=0.0):
@@ -389,15 +427,6 @@ def load_init(path, config_name):
     return ckpt, file
 
 
-def dataset_folder(config):
-    """data/<dataset>, building the embedded tinyworld on first use as train.py does."""
-    folder = os.path.join(config["data_dir"], config["dataset"])
-    if not os.path.exists(os.path.join(folder, "meta.json")) and config["dataset"] == "tinyworld":
-        print(f"{folder} is not prepared yet: building the embedded tinyworld dataset (offline, seconds)")
-        prepare_data.prepare(dataset="tinyworld", data_root=config["data_dir"])
-    return folder
-
-
 def check_config(config):
     for key in ("batch_size", "sort_window", "max_iters", "eval_interval", "log_interval", "eval_batch_size"):
         if config[key] < 1:
@@ -442,7 +471,7 @@ def run(config, flags=()):
     if config["dropout"] >= 0:
         model_args["dropout"] = config["dropout"]
     model_config = GPTConfig.from_dict(model_args)
-    folder = dataset_folder(config)
+    folder = prepare_data.ensure_prepared(config["dataset"], config["data_dir"])  # builds tinyworld if missing
     train_groups = load_split(folder, "train", tokenizer, model_config.block_size)
     val_groups = load_split(folder, "val", tokenizer, model_config.block_size)
     train_probe = train_groups[:len(val_groups)]  # a fixed train subset the size of val, to watch overfitting
@@ -539,8 +568,9 @@ def run(config, flags=()):
 
     def plot():
         records = read_jsonl_log(log_path)
-        plot_curves(records, [("train (per step)", "loss"), ("train", "train_loss_eval"), ("val", "val_loss")],
-                    os.path.join(out_dir, "loss.png"), f"reward model pairwise loss ({config['config']})")
+        plot_curves(records, [("train (per step)", "loss"), ("train", "train_loss_eval"), ("val", "val_loss"),
+                              ("LM loss of the preferred sequences (per step)", "lm_loss")],
+                    os.path.join(out_dir, "loss.png"), f"reward model losses ({config['config']})")
         plot_curves(records, [("train (per step)", "accuracy"), ("val vs noisy labels", "val_accuracy"),
                               ("val vs gold labels", "val_gold_accuracy"), ("labeller agreement", "label_agreement")],
                     os.path.join(out_dir, "accuracy.png"), f"reward model accuracy ({config['config']})")
@@ -563,12 +593,18 @@ def run(config, flags=()):
             if position >= len(batches):  # next epoch, in a new order
                 epoch, position = epoch + 1, 0
                 batches = pair_batches(train_groups, config["batch_size"], config["seed"], epoch, config["sort_window"])
-            ids, lengths, better, worse, _ = collate([train_groups[g] for g in batches[position]])
+            batch_groups = [train_groups[g] for g in batches[position]]
+            ids, lengths, better, worse, _ = collate(batch_groups)
             position += 1
             ids, lengths, better, worse = ids.to(device), lengths.to(device), better.to(device), worse.to(device)
             with ctx:
-                rewards = sequence_rewards(model, ids, lengths)  # (B,) every sequence once
-                loss = pairwise_loss(rewards[better], rewards[worse], config["margin"])
+                hidden = model.gpt.hidden_states(ids)                     # (B, T, C), every sequence once
+                rewards = sequence_rewards(model, ids, lengths, hidden)   # (B,)
+                pair_loss = pairwise_loss(rewards[better], rewards[worse], config["margin"])
+                loss, lm_loss = pair_loss, None
+                if config["lm_coef"] > 0:
+                    lm_loss = best_lm_loss(model, hidden, ids, lengths, best_rows(batch_groups).to(device))
+                    loss = pair_loss + config["lm_coef"] * lm_loss
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
@@ -591,12 +627,15 @@ def run(config, flags=()):
             if it % config["log_interval"] == 0 or it == end_iter:
                 accuracy = pair_accuracy((rewards[better] - rewards[worse]).detach().float())
                 per_iter = t_train / (it - start_iter)
-                print(f"iter {it:5d}/{end_iter} | loss {loss_value:.4f} | acc {accuracy:.3f} | lr {lr:.2e} | "
-                      f"grad {grad_norm:.2f} | {len(better) / per_iter:.0f} pairs/s | epoch {epoch} | "
+                lm_part = "" if lm_loss is None else f" | lm loss {lm_loss.item():.3f}"
+                print(f"iter {it:5d}/{end_iter} | loss {pair_loss.item():.4f}{lm_part} | acc {accuracy:.3f} | "
+                      f"lr {lr:.2e} | grad {grad_norm:.2f} | {len(better) / per_iter:.0f} pairs/s | epoch {epoch} | "
                       f"ETA {format_eta((end_iter - it) * per_iter)}", flush=True)
-                append_jsonl(log_path, {"iter": it, "loss": loss_value, "accuracy": accuracy, "lr": lr,
-                                        "grad_norm": float(grad_norm), "epoch": epoch,
-                                        "time": time.time() - t_start})
+                record = {"iter": it, "loss": pair_loss.item(), "accuracy": accuracy, "lr": lr,
+                          "grad_norm": float(grad_norm), "epoch": epoch, "time": time.time() - t_start}
+                if lm_loss is not None:
+                    record["lm_loss"] = lm_loss.item()
+                append_jsonl(log_path, record)
 
             at_eval = it % config["eval_interval"] == 0 or it == end_iter
             if at_eval or stopper.requested:

@@ -296,6 +296,51 @@ def test_reward_is_read_at_the_reward_token_whatever_the_padding(world):
         assert torch.allclose(reward.sequence_rewards(model, noisy, lengths), alone, atol=1e-5)
 
 
+def test_sequence_rewards_from_given_hidden_states_equal_the_forward(world):
+    _, tok = world
+    model = tiny_reward_model(tok)
+    seqs = [reward.reward_input(tok, "what is red?", r) for r in ["a colour.", "no"]]
+    ids, lengths = reward.collate([{"seqs": seqs, "pairs": [], "gold": []}])[:2]
+    with torch.no_grad():
+        hidden = model.gpt.hidden_states(ids)
+        assert torch.allclose(reward.sequence_rewards(model, ids, lengths, hidden),
+                              reward.sequence_rewards(model, ids, lengths), atol=1e-6)
+
+
+def test_best_rows_are_each_groups_first_sequence():
+    groups = [{"seqs": [[1], [2]], "pairs": [(0, 1)], "gold": [True]},
+              {"seqs": [[1], [2], [3], [4]], "pairs": reward.ranking_pairs(4), "gold": [None] * 6},
+              {"seqs": [[5], [6]], "pairs": [(0, 1)], "gold": [None]}]
+    assert reward.best_rows(groups).tolist() == [0, 2, 6], "rows of the chosen (or top-ranked) sequences in collate"
+
+
+def test_best_lm_loss_is_the_cross_entropy_of_the_chosen_rows_before_the_reward_token(world):
+    _, tok = world
+    model = tiny_reward_model(tok)
+    prompts = ["what is red?", "where is the cat?", "a b"]
+    responses = ["a colour.", "on the mat, the good mat.", "no"]
+    seqs = [reward.reward_input(tok, p, r) for p, r in zip(prompts, responses)]
+    ids, lengths = reward.collate([{"seqs": seqs, "pairs": [], "gold": []}])[:2]
+    rows = torch.tensor([0, 1])  # the third row is not a best sequence: it must not count
+    # the reference: each sequence alone, unpadded, through GPT.forward's logits; every
+    # token after the first up to the end of turn is a target, <|reward|> is not
+    token_losses = []
+    for s in seqs[:2]:
+        assert s[-1] == tok.special_ids[bpe.REWARD] and s[-2] == tok.special_ids[bpe.END_OF_TURN]
+        logits = model.gpt(torch.tensor([s]))[0][0]  # GPT.forward: ((1, T, V) logits, None)
+        for t in range(1, len(s) - 1):
+            token_losses.append(F.cross_entropy(logits[t - 1:t], torch.tensor([s[t]])))
+    expected = torch.stack(token_losses).mean()
+    got = reward.best_lm_loss(model, model.gpt.hidden_states(ids), ids, lengths, rows)
+    assert torch.allclose(got, expected, atol=1e-5), f"LM loss {got.item():.5f}, expected {expected.item():.5f}"
+    padded = torch.cat([ids, torch.randint(0, tok.vocab_size, (3, 5))], 1)
+    again = reward.best_lm_loss(model, model.gpt.hidden_states(padded), padded, lengths, rows)
+    assert torch.allclose(again, expected, atol=1e-5), "tokens after <|reward|> changed the LM loss"
+    short = torch.tensor([[tok.special_ids[bpe.END_OF_TURN], tok.special_ids[bpe.REWARD]]])
+    none = reward.best_lm_loss(model, model.gpt.hidden_states(short), short, torch.tensor([2]), torch.tensor([0]))
+    assert none.item() == 0.0 and none.requires_grad, "no target token: a zero loss that still backpropagates"
+
+
 def test_pairwise_loss_hand_values_and_gradient():
     equal = reward.pairwise_loss(torch.tensor([0.3, -2.0]), torch.tensor([0.3, -2.0]))
     assert equal.item() == pytest.approx(math.log(2)), "equal rewards: ln 2"
@@ -520,16 +565,6 @@ def test_resolve_paths_defaults():
     assert reward.resolve_paths(config) == (os.path.join("out", "small", "sft"), os.path.join("out", "small", "rm"))
     config.update(init="a/b", out_dir="c")
     assert reward.resolve_paths(config) == ("a/b", "c")
-
-
-def test_dataset_folder_builds_tinyworld_only(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(prepare_data, "prepare", lambda **kw: calls.append(kw))
-    folder = reward.dataset_folder({"data_dir": str(tmp_path), "dataset": "tinyworld"})
-    assert folder == os.path.join(str(tmp_path), "tinyworld")
-    assert calls == [{"dataset": "tinyworld", "data_root": str(tmp_path)}]
-    assert reward.dataset_folder({"data_dir": str(tmp_path), "dataset": "toy"}) == os.path.join(str(tmp_path), "toy")
-    assert len(calls) == 1, "other datasets are never built implicitly"
 
 
 def test_check_config_rejects_bad_values():
