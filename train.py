@@ -30,10 +30,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bpe
 import prepare_data
 from model import (GPT, CheckpointError, GPTConfig, StopRequested, append_jsonl, autocast_context, clean_state_dict,
-                   clip_gradients, compile_or_fall_back, configure_optimizer, cosine_lr, flops_per_token, format_eta,
-                   forward_backward, load_checkpoint, model_flops_utilization, parse_config, pick_dtype,
-                   plot_curves, read_jsonl_log, rng_state, save_checkpoint, set_rng_state, setup_distributed,
-                   truncate_log)
+                   clip_gradients, compile_or_fall_back, configure_optimizer, cosine_lr, deterministic_algorithms,
+                   flops_per_token, format_eta, forward_backward, load_checkpoint, model_flops_utilization,
+                   parse_config, pick_dtype, plot_curves, read_jsonl_log, rng_state, save_checkpoint, set_rng_state,
+                   setup_distributed, truncate_log)
 
 STAGE = "pretrain"
 
@@ -67,6 +67,7 @@ DEFAULTS = dict(
     device="auto",              # auto | cpu | cuda | cuda:1 | mps
     dtype="auto",               # auto | float32 | bfloat16 | float16
     compile=False,              # torch.compile the model
+    deterministic=True,         # the same run twice gives the same numbers on one machine (model.deterministic_algorithms)
     seed=1337,
 )
 
@@ -84,7 +85,8 @@ PRESETS = {
     # GPT-2 124M on GPUs (8 x 80 GB: 0.5M tokens per step as in the GPT-2 paper)
     "gpt2": dict(dataset="tinystories", n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16,
                  grad_accum=32, max_iters=5000, learning_rate=6e-4, warmup_iters=300, eval_interval=250,
-                 eval_iters=50, log_interval=10, sample_tokens=64, compile=True),
+                 eval_iters=50, log_interval=10, sample_tokens=64, compile=True,
+                 deterministic=False),  # speed first at this scale; deterministic CUDA kernels not measured here
 }
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "norm", "mlp", "pos", "attention")
@@ -352,7 +354,8 @@ def main(argv=None):
     try:
         config, flags = parse_config(argv, DEFAULTS, PRESETS, "train.py", __doc__.strip().splitlines()[0])
         GPTConfig(**{k: config[k] for k in MODEL_KEYS})  # check model options before any work
-        run(config, flags)
+        with deterministic_algorithms(config["deterministic"]):
+            run(config, flags)
     except (ValueError, CheckpointError, FloatingPointError, prepare_data.DataError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1

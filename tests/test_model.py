@@ -496,3 +496,18 @@ def test_answer_prompts_is_the_chat_template_then_generate_responses():
     want = model.generate_responses(m, [tok.encode_chat(p)[0] for p in prompts], 5, end)
     got = model.answer_prompts(m, tok, prompts, 5)
     assert got == [(tok.decode(ids), ended) for ids, ended in want]
+
+
+def test_deterministic_algorithms_sets_and_restores_torch_flag():
+    from model import deterministic_algorithms
+    assert not torch.are_deterministic_algorithms_enabled(), "tests start without deterministic mode"
+    with deterministic_algorithms(True):
+        assert torch.are_deterministic_algorithms_enabled(), "inside, torch must use deterministic kernels"
+        assert torch.is_deterministic_algorithms_warn_only_enabled(), "an op without one must warn, not fail"
+    assert not torch.are_deterministic_algorithms_enabled(), "the previous setting must come back"
+    with pytest.raises(KeyError):
+        with deterministic_algorithms(True):
+            raise KeyError("boom")
+    assert not torch.are_deterministic_algorithms_enabled(), "restored after an error too"
+    with deterministic_algorithms(False):
+        assert not torch.are_deterministic_algorithms_enabled(), "enabled=False changes nothing"
