@@ -428,8 +428,11 @@ class ScalarHeadModel(nn.Module):
         nn.init.normal_(self.head.weight, mean=0.0, std=0.1 / math.sqrt(config.n_embd + 1))
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, idx):
-        return self.head(self.gpt.hidden_states(idx)).squeeze(-1).float()
+    def forward(self, idx, hidden=None):
+        """hidden: the body's hidden states (B, T, C) of idx when already
+        computed (reward.py shares them with its LM loss)."""
+        hidden = self.gpt.hidden_states(idx) if hidden is None else hidden
+        return self.head(hidden).squeeze(-1).float()
 
 
 def with_reward_token(prompt_ids, response_ids, reward_id, block_size=None):

@@ -1913,8 +1913,7 @@ def default_build_differences(data_dir, dataset="tinyworld"):
     """How a generated dataset's folder differs from what this code builds by
     default: ["prefs_train 4000 (default 12000)", ...], [] when it matches.
     An older checkout's folder keeps its old sizes until it is rebuilt."""
-    with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
-        built = json.load(f).get("build", {})
+    built = load_meta(data_dir).get("build", {})
     default = build_args(resolve_config(Config(dataset=dataset, out=data_dir)), DATASETS[dataset]["kind"])
     return [f"{key} {built.get(key)} (default {value})" for key, value in default.items() if built.get(key) != value]
 
@@ -1926,7 +1925,7 @@ def ensure_prepared(dataset, data_root=DATA_ROOT):
     checkout's sizes, or your own --prefs-train ...). A folder is never rebuilt
     silently: what you built on purpose stays. Returns the folder."""
     folder = os.path.join(data_root, dataset)
-    if not DATASETS.get(dataset, {}).get("kind") == "generated":
+    if DATASETS.get(dataset, {}).get("kind") != "generated":
         return folder
     if not os.path.exists(os.path.join(folder, "meta.json")):
         print(f"{folder} is not prepared yet: building the embedded {dataset} dataset (offline, seconds)")

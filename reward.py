@@ -292,9 +292,7 @@ def sequence_rewards(model, ids, lengths, hidden=None):
     else after it, cannot change it (causal attention). hidden: the body's
     hidden states (B, T, C) of ids when already computed (the training step
     shares them with best_lm_loss)."""
-    if hidden is None:
-        return read_last(model(ids), lengths)
-    return read_last(model.head(hidden).squeeze(-1).float(), lengths)
+    return read_last(model(ids, hidden), lengths)
 
 
 def best_rows(groups):
