@@ -429,6 +429,8 @@ def check_config(config):
     for key in ("batch_size", "sort_window", "max_iters", "eval_interval", "log_interval", "eval_batch_size"):
         if config[key] < 1:
             raise ValueError(f"--{key}={config[key]} must be at least 1")
+    if config["lm_coef"] < 0:
+        raise ValueError(f"--lm_coef={config['lm_coef']} must be >= 0 (0 turns the LM loss off)")
     if config["norm_prompts"] < 0 or config["norm_max_new_tokens"] < 1 or config["temperature"] < 0:
         raise ValueError("--norm_prompts must be >= 0, --norm_max_new_tokens >= 1 and --temperature >= 0")
 

@@ -573,6 +573,8 @@ def test_check_config_rejects_bad_values():
         reward.check_config({**reward.DEFAULTS, "batch_size": 0})
     with pytest.raises(ValueError, match="--temperature"):
         reward.check_config({**reward.DEFAULTS, "temperature": -1.0})
+    with pytest.raises(ValueError, match="--lm_coef=-1.0 must be >= 0"):
+        reward.check_config({**reward.DEFAULTS, "lm_coef": -1.0})
 
 
 def test_stop_requested_sets_a_flag_on_ctrl_c():
