@@ -933,11 +933,13 @@ def deterministic_algorithms(enabled=True):
         torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
-def compile_or_fall_back(model, example_batch, ctx, master=True):
+def compile_or_fall_back(model, example_batch, ctx, master=True, mode=None):
     """torch.compile the model and build its kernels now, with one forward and
     backward pass on example_batch = (x, y) of the training shape. Where compiling
-    fails (no C++ compiler on a laptop, say) the run goes on uncompiled."""
-    compiled = torch.compile(model)
+    fails (no C++ compiler on a laptop, say) the run goes on uncompiled. mode is
+    torch.compile's (None = its default; "max-autotune-no-cudagraphs" times
+    several kernels per matrix shape on a GPU and keeps the fastest)."""
+    compiled = torch.compile(model, mode=mode)
     rng = torch.get_rng_state()  # the dummy pass must not move the random state
     try:
         with ctx:

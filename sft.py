@@ -338,7 +338,7 @@ def run(config, flags=()):
     raw_model = model
     if config["compile"]:
         model = compile_or_fall_back(model, collate(data["train"][:config["batch_size"]]), ctx, master)
-    if world > 1:
+    if dist.is_initialized():  # under torchrun, one process too: the same code path as on 8 GPUs
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
 
     n_train = len(data["train"])
@@ -444,7 +444,7 @@ def run(config, flags=()):
                     break
     finally:
         stopper.restore()
-        if world > 1:
+        if dist.is_initialized():  # torchrun with one process too
             dist.destroy_process_group()
     if master:
         print(f"done: {it} iterations in {format_eta(time.time() - t_start)}; checkpoint {ckpt_path}")

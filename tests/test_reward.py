@@ -93,7 +93,8 @@ def tiny_config(root, out, **overrides):
     config = dict(reward.DEFAULTS)
     config.update(reward.PRESETS["tiny"])
     config.update(config="tiny", data_dir=str(root / "data"), dataset="toy", init=str(root / "sft"),
-                  out_dir=str(out), log_interval=1000)
+                  out_dir=str(out), log_interval=1000,
+                  device="cpu")  # the normalisation test re-samples on the CPU: same device, same samples
     config.update(overrides)
     return config
 

@@ -338,8 +338,36 @@ def test_compiled_run_saves_clean_keys(data_dir, tmp_path):
     model.model_from_checkpoint(ckpt)
 
 
+def test_compile_warm_up_batch_is_laid_out_like_the_loops(data_dir, tmp_path, monkeypatch):
+    """torch.compile builds kernels for the inputs it first sees (shape, strides, which
+    ones share memory): a warm-up batch laid out otherwise than the loop's makes the first
+    training step build them all again (seen as a 'stride mismatch' recompilation)."""
+    seen = {}
+
+    def recording_compile(module, example_batch, ctx, master=True, mode=None):
+        seen["warm-up"] = example_batch
+        return module
+
+    real_forward_backward = train.forward_backward
+
+    def recording_forward_backward(module, micro_batches, ctx, scaler=None):
+        seen.setdefault("loop", micro_batches[0])
+        return real_forward_backward(module, micro_batches, ctx, scaler)
+
+    monkeypatch.setattr(train, "compile_or_fall_back", recording_compile)
+    monkeypatch.setattr(train, "forward_backward", recording_forward_backward)
+    train.run(tiny_config(data_dir, tmp_path / "layout", compile=True, max_iters=2, eval_interval=2))
+
+    def layout(batch):
+        x, y = batch
+        shared = x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+        return [(t.shape, t.stride(), t.dtype, t.device) for t in batch], shared
+
+    assert layout(seen["warm-up"]) == layout(seen["loop"]), "compile's warm-up batch differs from the loop's"
+
+
 def test_compile_failure_falls_back_to_eager(data_dir, tmp_path, monkeypatch, capsys):
-    def broken_compile(module):
+    def broken_compile(module, **kwargs):
         def fail(*args, **kwargs):
             raise RuntimeError("no C++ compiler found")
         return fail
