@@ -165,7 +165,8 @@ def main():
             torch.cuda.empty_cache()
 
     print(f"\n{args.config} shape, {rows[0][2] / 1e6:.1f}M parameters (vocab {args.vocab}), micro-batch "
-          f"B x {config['block_size']}, {args.grad_accum} micro-steps per step; median of "
+          f"B x {config['block_size']}, {args.grad_accum} micro-steps per step, compile mode "
+          f"{args.compile_mode or 'default'}; median of "
           f"{args.steps} steps after {args.warmup}")
     print(f"| {'variant':20s} | {'B':>3s} | {'tokens/s':>10s} | {'TFLOP/s':>8s} | {'MFU':>6s} | {'of matmul':>9s} | {'memory':>8s} |")
     print(f"|{'-' * 22}|{'-' * 5}|{'-' * 12}|{'-' * 10}|{'-' * 8}|{'-' * 11}|{'-' * 10}|")
