@@ -445,6 +445,7 @@ def run(config, flags=()):
     finally:
         stopper.restore()
         if dist.is_initialized():  # torchrun with one process too
+            model = None  # the DDP wrapper goes first: freed after its process group, it can hang (gloo)
             dist.destroy_process_group()
     if master:
         print(f"done: {it} iterations in {format_eta(time.time() - t_start)}; checkpoint {ckpt_path}")
