@@ -189,6 +189,7 @@ def _ddp_worker(rank, world, port, path):
     if rank == 0:
         torch.save([p.grad for p in ddp.module.parameters()], path)
     torch.distributed.barrier()  # neither process leaves while the other still talks to it (a gloo abort otherwise)
+    del ddp  # before its process group: a DDP wrapper freed afterwards can hang at exit (see train.run)
     torch.distributed.destroy_process_group()
 
 
