@@ -627,14 +627,14 @@ def run(config, flags=()):
             if it % config["log_interval"] == 0 or it == end_iter:
                 accuracy = pair_accuracy((rewards[better] - rewards[worse]).detach().float())
                 per_iter = t_train / (it - start_iter)
-                lm_part = "" if lm_loss is None else f" | lm loss {lm_loss.item():.3f}"
-                print(f"iter {it:5d}/{end_iter} | loss {pair_loss.item():.4f}{lm_part} | acc {accuracy:.3f} | "
-                      f"lr {lr:.2e} | grad {grad_norm:.2f} | {len(better) / per_iter:.0f} pairs/s | epoch {epoch} | "
-                      f"ETA {format_eta((end_iter - it) * per_iter)}", flush=True)
                 record = {"iter": it, "loss": pair_loss.item(), "accuracy": accuracy, "lr": lr,
                           "grad_norm": float(grad_norm), "epoch": epoch, "time": time.time() - t_start}
                 if lm_loss is not None:
                     record["lm_loss"] = lm_loss.item()
+                lm_part = f" | lm loss {record['lm_loss']:.3f}" if "lm_loss" in record else ""
+                print(f"iter {it:5d}/{end_iter} | loss {record['loss']:.4f}{lm_part} | acc {accuracy:.3f} | "
+                      f"lr {lr:.2e} | grad {grad_norm:.2f} | {len(better) / per_iter:.0f} pairs/s | epoch {epoch} | "
+                      f"ETA {format_eta((end_iter - it) * per_iter)}", flush=True)
                 append_jsonl(log_path, record)
 
             at_eval = it % config["eval_interval"] == 0 or it == end_iter

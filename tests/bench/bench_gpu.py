@@ -143,12 +143,13 @@ def main():
         head_size = config["n_embd"] // config["n_head"]
         shape = (batch_sizes[0], config["n_head"], config["block_size"], head_size)
         print(f"sdpa kernels for bf16 {shape}: {'; '.join(k[:90] for k in sdpa_kernels(args.device, shape))}")
+    # every variant has the same parameters (attention, precision and compile change none)
+    n_params = GPT(GPTConfig(vocab_size=args.vocab, **{k: config[k] for k in train.MODEL_KEYS})).num_params()
     rows = []
     for name, batch_size in [(n, b) for b in batch_sizes for n in names]:
         dtype, attention, do_compile = VARIANTS[name]
         model_config = GPTConfig(vocab_size=args.vocab, **dict({k: config[k] for k in train.MODEL_KEYS},
                                                                attention=attention))
-        n_params = GPT(model_config).num_params()
         flops_tok = flops_per_token(model_config, n_params)
         t0 = time.time()
         try:
