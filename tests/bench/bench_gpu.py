@@ -131,8 +131,15 @@ def main():
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda: no CUDA device here; this benchmark is for a GPU machine "
                  "(--device cpu runs it on the CPU, slowly, with a small --config such as tiny)")
+    if args.config not in train.PRESETS:
+        sys.exit(f"error: --config {args.config!r} is not a train.py preset: one of {', '.join(train.PRESETS)}")
     config = dict(train.DEFAULTS, **train.PRESETS[args.config])
-    batch_sizes = [int(b) for b in args.batch_size.split(",") if b] or [config["batch_size"]]
+    try:
+        batch_sizes = [int(b) for b in args.batch_size.split(",") if b] or [config["batch_size"]]
+    except ValueError:
+        sys.exit(f"error: --batch_size {args.batch_size!r}: give whole numbers separated by commas, e.g. 16,32")
+    if min(batch_sizes) < 1:
+        sys.exit(f"error: --batch_size {args.batch_size!r}: each must be at least 1")
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     peak = peak_flops(device_name)
 
