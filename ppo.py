@@ -114,7 +114,7 @@ PRESETS = {
                  log_interval=1),
     # a 2-core laptop CPU, about 5 minutes (293 s measured): 4 layers x 128 wide, tinyworld
     "small": dict(batch_size=16, samples_per_prompt=4, max_new_tokens=40, temperature=0.7, ppo_epochs=4,
-                  minibatch_size=16, learning_rate=3e-5, critic_lr=1e-4, kl_coef=0.05, max_iters=120,
+                  minibatch_size=16, learning_rate=3e-5, critic_lr=1e-4, kl_coef=0.1, max_iters=120,
                   eval_interval=40, eval_prompts=200, save_interval=20),
     # GPT-2 124M class on one GPU
     "gpt2": dict(batch_size=128, samples_per_prompt=4, max_new_tokens=128, ppo_epochs=4, minibatch_size=64,

@@ -162,9 +162,13 @@ MC_SIZE = 400              # multiple-choice cloze items
 REAL_SIZES = {"prompts_eval": 200, "prompts_ppo": 1000, "sft_val": 500, "prefs_val": 2000}
 DEFAULT_MEGABYTES = 4.0    # size of tinyworld's pretraining text
 
-# Quality of the demonstrations, like human-written ones: mostly correct and
-# concise, some correct but rambling, a few slightly wrong (concise, verbose, wrong).
-DEMO_MIX = (0.70, 0.20, 0.10)
+# Quality of the demonstrations, like human-written ones (concise, verbose, wrong):
+# most are correct, but more than half ramble, while the labeler prefers concise
+# answers. So SFT imitates a style the preference labels then correct, which is
+# what RLHF is for: with 70% concise demonstrations SFT's greedy answers already
+# had the labeler's style and PPO had nothing its reward model could judge left
+# to improve (README, stage 6).
+DEMO_MIX = (0.35, 0.55, 0.10)
 
 # Bradley-Terry label noise: P(a preferred over b) = sigmoid((gold_a - gold_b) / T).
 # T = 1.0 gives about 90% agreement with the noiseless labels on tinyworld pairs.
@@ -2226,7 +2230,7 @@ def make_parser():
         p.add_argument("--" + field.replace("_", "-"), type=int, default=None,
                        help=f"number of {field} records (default: tinyworld {SPLIT_SIZES.get(field, MC_SIZE)})")
     p.add_argument("--demo-mix", type=parse_mix, default=d.demo_mix, metavar="C,V,W",
-                   help="shares of concise, verbose and wrong SFT demonstrations (default 0.7,0.2,0.1)")
+                   help="shares of concise, verbose and wrong SFT demonstrations (default 0.35,0.55,0.1)")
     p.add_argument("--label-temperature", type=float, default=d.label_temperature,
                    help="Bradley-Terry noise of preference labels (default 1.0: ~90%% agree with gold)")
     p.add_argument("--prefs-k", type=int, default=d.prefs_k,
