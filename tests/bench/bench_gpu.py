@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train  # noqa: E402
 from model import (GPT, GPTConfig, autocast_context, clip_gradients, compile_or_fall_back,  # noqa: E402
-                   configure_optimizer, flops_per_token, forward_backward, peak_flops)
+                   configure_optimizer, flops_per_token, forward_backward, model_flops_utilization, peak_flops)
 
 # name -> (dtype, attention, compile)
 VARIANTS = {
@@ -164,7 +164,7 @@ def main():
         except torch.OutOfMemoryError:
             rate, memory = float("nan"), float("nan")
         achieved = flops_tok * rate / 1e12
-        mfu = achieved / (peak / 1e12) if peak else float("nan")
+        mfu = model_flops_utilization(flops_tok, rate, device_name) or float("nan")
         rows.append((name, batch_size, n_params, rate, achieved, mfu, achieved / ceiling, memory))
         print(f"{name}, batch {batch_size}: {rate:,.0f} tokens/s, {achieved:.0f} TFLOP/s, MFU {100 * mfu:.1f}%, "
               f"{memory:.1f} GiB peak, {time.time() - t0:.0f} s with warm-up", flush=True)
