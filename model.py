@@ -721,7 +721,10 @@ def parse_config(argv, defaults, presets, prog, description=""):
             close = [k for k in defaults if key in k or k in key]
             hint = f" (did you mean {', '.join(close)}?)" if close else " (see --help for the keys)"
             raise ValueError(f"unknown config key --{key}{hint}")
-        config[key] = convert_value(key, text, defaults[key])
+        # the preset's value where it has one of the default's type: its type parses the text,
+        # and an error names it as the default, which it is under this preset
+        current = config[key] if type(config[key]) is type(defaults[key]) else defaults[key]
+        config[key] = convert_value(key, text, current)
     return config, flags
 
 

@@ -96,6 +96,14 @@ def test_convert_value_types():
         convert_value("a", "fast", 1.0)
 
 
+def test_bad_override_names_the_presets_value_as_the_default():
+    defaults, presets = {"config": "default", "kl_coef": 0.05}, {"small": {"kl_coef": 0.1}}
+    with pytest.raises(ValueError, match=r"--kl_coef='high' is not a valid float \(the default is 0.1\)"):
+        parse_config(["--config", "small", "--kl_coef=high"], defaults, presets, "ppo.py")
+    with pytest.raises(ValueError, match=r"\(the default is 0.05\)"):
+        parse_config(["--kl_coef=high"], defaults, presets, "ppo.py")
+
+
 def test_help_lists_presets_and_keys(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--help"], train.DEFAULTS, train.PRESETS, "train.py")
