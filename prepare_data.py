@@ -82,6 +82,9 @@ MIRROR_ENV = "STAGEGPT_MIRROR"    # base URL that replaces every source's host (
 #  --input FILE uses 1024, like shakespeare (a single local text of unknown size).
 DATASETS = {
     "tinyworld":   {"kind": "generated", "vocab_size": 2048, "val_fraction": 0.05},
+    # tinyworld with 24,000 more preference pairs (36,000), every other file byte-identical:
+    # what reward.py's small-long preset needs to judge sums (README, stage 5)
+    "tinyworld-prefs36k": {"kind": "generated", "vocab_size": 2048, "val_fraction": 0.05, "prefs_extra": 24000},
     "shakespeare": {"kind": "pretrain", "sources": ["shakespeare"], "vocab_size": 1024, "val_fraction": 0.10},
     "tinystories": {"kind": "pretrain", "sources": ["tinystories"], "vocab_size": 2048, "val_fraction": 0.05},
     "alpaca":      {"kind": "sft", "sources": ["alpaca"]},
@@ -1256,10 +1259,13 @@ def split_of(key, seed, names, weights):
     return names[-1]
 
 
-def build_task_splits(seed, sizes):
+def build_task_splits(seed, sizes, extra_prefs_train=0):
     """{split: [task records]} with sizes[split] records each, the four task
     types in equal numbers, every prompt unique in the whole dataset, no key
-    shared by two splits or by a split and the pretraining quizzes."""
+    shared by two splits or by a split and the pretraining quizzes.
+    extra_prefs_train: that many more prefs_train records, drawn after all the
+    others and appended, so that every split (and the first prefs_train records)
+    is the same as without them."""
     names = list(sizes)
     weights = [max(1, sizes[s]) for s in names]
     quota = {}
@@ -1287,6 +1293,23 @@ def build_task_splits(seed, sizes):
         quota[(s, task)] -= 1
         missing -= 1
         out[s].append(record)
+    extra = {task: extra_prefs_train // len(TASKS) + (1 if i < extra_prefs_train % len(TASKS) else 0)
+             for i, task in enumerate(TASKS)}
+    draws, max_draws = 0, 100 * extra_prefs_train + 10_000
+    while sum(extra.values()):
+        task = TASKS[draws % len(TASKS)]
+        draws += 1
+        if draws > max_draws:
+            raise DataError(f"could not draw {extra_prefs_train} more distinct preference prompts; ask for fewer")
+        record = TASK_MAKERS[task](rng)
+        key = record_key(record)
+        # the same split rule as above: a key of another split (or a quiz) never lands in prefs_train
+        if extra[task] == 0 or is_quiz_key(key, seed) or split_of(key, seed, names, weights) != "prefs_train" \
+                or record["prompt"] in seen_prompts:
+            continue
+        seen_prompts.add(record["prompt"])
+        extra[task] -= 1
+        out["prefs_train"].append(record)
     return out
 
 
@@ -1785,6 +1808,7 @@ class Config:
     sft_train: int = None
     sft_val: int = None
     prefs_train: int = None
+    prefs_extra: int = None         # tinyworld: more prefs_train pairs after all the rest (None: the dataset's, 0)
     prefs_val: int = None
     prompts_ppo: int = None
     prompts_eval: int = None
@@ -1838,6 +1862,8 @@ def resolve_config(cfg):
             setattr(cfg, field, SPLIT_SIZES[field] if generated else REAL_SIZES.get(field))
     if cfg.mc is None and generated:
         cfg.mc = MC_SIZE
+    if cfg.prefs_extra is None:
+        cfg.prefs_extra = spec.get("prefs_extra", 0)
     if spec["kind"] in ("generated", "pretrain") and not cfg.tokenizer and cfg.vocab_size < bpe.min_vocab_size():
         raise DataError(f"--vocab-size {cfg.vocab_size} is too small: a tokenizer needs at least "
                         f"{bpe.min_vocab_size()} ids (256 bytes + {len(bpe.SPECIAL_TOKENS)} special tokens)")
@@ -1856,7 +1882,9 @@ def resolve_config(cfg):
         (0 < cfg.near_dup_threshold <= 1, f"--near-dup-threshold {cfg.near_dup_threshold} must be in (0, 1]"),
     ]
     checks += [(getattr(cfg, f) is None or getattr(cfg, f) >= 0, f"--{f.replace('_', '-')} must not be negative")
-               for f in SIZE_FIELDS + ["mc"]]
+               for f in SIZE_FIELDS + ["mc", "prefs_extra"]]
+    checks.append((cfg.prefs_extra == 0 or generated,
+                   f"--prefs-extra {cfg.prefs_extra}: more preference pairs can only be generated for tinyworld"))
     for ok, message in checks:
         if not ok:
             raise DataError(message)
@@ -1872,6 +1900,8 @@ def build_args(cfg, kind):
     skip = {"out", "data_root", "mirror", "force", "quiet"}
     args = {"format_version": FORMAT_VERSION, "dataset": dataset_name(cfg), "kind": kind}
     for field in dataclasses.fields(Config):
+        if field.name == "prefs_extra" and not cfg.prefs_extra:
+            continue  # absent when 0, so folders built before the option existed still match
         if field.name not in skip:
             args[field.name] = getattr(cfg, field.name)
     if cfg.input:
@@ -1970,7 +2000,7 @@ def write_tinyworld_tasks(cfg, out_dir):
     """SFT, preference, prompt and multiple-choice files; returns (meta, files)."""
     t0 = time.time()
     sizes = {s: getattr(cfg, s) for s in SIZE_FIELDS}
-    splits = build_task_splits(cfg.seed, sizes)
+    splits = build_task_splits(cfg.seed, sizes, cfg.prefs_extra)
     meta, files = {"tasks": TASKS, "splits": {}}, []
     for split in ["sft_train", "sft_val"]:
         rng = rng_for(cfg.seed, split)
@@ -2229,6 +2259,9 @@ def make_parser():
     for field in SIZE_FIELDS + ["mc"]:
         p.add_argument("--" + field.replace("_", "-"), type=int, default=None,
                        help=f"number of {field} records (default: tinyworld {SPLIT_SIZES.get(field, MC_SIZE)})")
+    p.add_argument("--prefs-extra", type=int, default=None, metavar="N",
+                   help="tinyworld: N more prefs_train pairs, drawn after everything else so that every other "
+                        "file stays the same (default 0; tinyworld-prefs36k: 24000)")
     p.add_argument("--demo-mix", type=parse_mix, default=d.demo_mix, metavar="C,V,W",
                    help="shares of concise, verbose and wrong SFT demonstrations (default 0.35,0.55,0.1)")
     p.add_argument("--label-temperature", type=float, default=d.label_temperature,

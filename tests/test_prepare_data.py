@@ -492,6 +492,46 @@ def test_build_task_splits_balanced_unique_disjoint():
     assert P.build_task_splits(3, sizes) == splits
 
 
+def test_extra_prefs_train_records_come_after_and_change_nothing_else():
+    sizes = {"prompts_eval": 20, "prefs_val": 40, "prefs_train": 60, "sft_train": 80}
+    base = P.build_task_splits(5, sizes)
+    more = P.build_task_splits(5, sizes, extra_prefs_train=30)
+    for split in sizes:
+        if split != "prefs_train":
+            assert more[split] == base[split], f"{split} changed when extra prefs_train records were asked for"
+    assert more["prefs_train"][:60] == base["prefs_train"], "the first prefs_train records must stay the same"
+    extra = more["prefs_train"][60:]
+    assert len(extra) == 30
+    per_task = [sum(r["task"] == t for r in extra) for t in P.TASKS]
+    assert max(per_task) - min(per_task) <= 1, per_task
+    others = {r["prompt"] for s, v in base.items() for r in v}
+    assert not any(r["prompt"] in others for r in extra), "an extra record repeats a prompt of the dataset"
+    names, weights = list(sizes), [sizes[s] for s in sizes]
+    assert all(P.split_of(P.record_key(r), 5, names, weights) == "prefs_train" for r in extra), \
+        "an extra record's key belongs to another split (train and held-out data would share it)"
+
+
+def test_prefs_extra_build_appends_pairs_and_keeps_every_other_file(small, tmp_path):
+    folder, meta = small
+    more = build_small(tmp_path, prefs_extra=20)
+    for name in os.listdir(folder):
+        if name in ("meta.json", "prefs_train.jsonl", "prefs_ranked_train.jsonl"):
+            continue
+        with open(os.path.join(folder, name), "rb") as a, open(os.path.join(more, name), "rb") as b:
+            assert a.read() == b.read(), f"{name} changed with --prefs-extra"
+    with open(os.path.join(folder, "prefs_train.jsonl")) as f:
+        base_lines = f.readlines()
+    with open(os.path.join(more, "prefs_train.jsonl")) as f:
+        more_lines = f.readlines()
+    assert len(base_lines) == 80 and len(more_lines) == 100
+    assert more_lines[:80] == base_lines, "the default pairs must come first, unchanged"
+    assert "prefs_extra" not in meta["build"], "a build without extra pairs must record the same arguments as before"
+    assert P.load_meta(more)["build"]["prefs_extra"] == 20
+    assert P.resolve_config(P.Config(dataset="tinyworld-prefs36k")).prefs_extra == 24000
+    with pytest.raises(P.DataError, match="prefs-extra"):
+        P.resolve_config(P.Config(dataset="shakespeare", prefs_extra=5))
+
+
 def test_built_splits_do_not_leak(small):
     folder, _ = small
     files = ["sft_train", "sft_val", "prefs_train", "prefs_val", "prompts_ppo", "prompts_eval"]
