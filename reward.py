@@ -4,6 +4,7 @@ reward.py: a reward model trained on preference pairs.
     python reward.py --config small                  # a 2-core laptop CPU, about 3 minutes
     python reward.py --config small --max_iters=500  # any key can be overridden
     python reward.py --config small --resume         # continue out/small/rm/ckpt.pt
+    python reward.py --config small-long             # 3x the pairs and steps: ~9 minutes, -> out/small/rm-long
     python reward.py --score --ckpt out/small/rm --prompt "What is 3 plus 4?" --response "3 plus 4 is 7."
 
 Reads the SFT checkpoint out/<config>/sft/ckpt.pt (--init: any sft or pretrain
@@ -70,6 +71,7 @@ DEFAULTS = dict(
     margin=0.0,                 # loss = -log sigmoid(r_chosen - r_rejected - margin)
     lm_coef=0.0,                # + lm_coef x next-token loss of each prompt's best sequence (0: the plain design)
     dropout=0.1,                # dropout in the body while training (a few thousand noisy pairs overfit); -1 keeps the init's
+    oversample="",              # "task:K,...": pairs of these tasks that differ only in the answer, K times per epoch
     # evaluation, logging
     eval_interval=125, log_interval=25,
     eval_batch_size=64,         # sequences per forward pass when scoring
@@ -91,6 +93,13 @@ PRESETS = {
     # a 2-core laptop CPU: 2.4 epochs of tinyworld's 12000 pairs in about 3 minutes (166-180 s measured)
     "small": dict(batch_size=32, max_iters=900, warmup_iters=30, eval_interval=300, log_interval=25,
                   learning_rate=1e-3, dropout=0.0, lm_coef=1.0, norm_prompts=256, norm_max_new_tokens=64),
+    # 85% against the gold labels, at three times the cost (about 9 minutes here): 36,000 pairs, 2,700
+    # steps, the right-vs-wrong sums shown 8x and story answers 4x as often (README, stage 5). Starts
+    # from small's SFT model; for PPO: ppo.py --config small --reward_dir=out/small/rm-long
+    "small-long": dict(dataset="tinyworld-prefs36k", init="out/small/sft", out_dir="out/small/rm-long",
+                       batch_size=32, max_iters=2700, warmup_iters=30, eval_interval=900, log_interval=25,
+                       learning_rate=1e-3, dropout=0.0, lm_coef=1.0, oversample="arithmetic:8,story_qa:4",
+                       norm_prompts=256, norm_max_new_tokens=64),
     # GPT-2 124M on a GPU, human preferences (InstructGPT: one epoch, lr ~1e-5)
     "gpt2": dict(dataset="hh", batch_size=64, max_iters=1000, warmup_iters=50, eval_interval=200,
                  log_interval=10, learning_rate=1e-5, norm_prompts=512, norm_max_new_tokens=128,
@@ -257,6 +266,50 @@ def pair_batches(groups, batch_size, seed, epoch, sort_window=1):
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+def differs_only_in_answer(a, b, max_words=3):
+    """True when two responses are the same words around one short stretch
+    (1 to max_words words in each) that differs: a right and a wrong answer in
+    the same wording, "Anna has 6 bells now." / "Anna has 7 bells now.". A
+    response cut short of its answer (nothing left in its stretch) is not one."""
+    wa, wb = a.split(), b.split()
+    start = 0
+    while start < min(len(wa), len(wb)) and wa[start] == wb[start]:
+        start += 1
+    end = 0
+    while end < min(len(wa), len(wb)) - start and wa[-1 - end] == wb[-1 - end]:
+        end += 1
+    return 0 < len(wa) - start - end <= max_words and 0 < len(wb) - start - end <= max_words
+
+
+def parse_oversample(text):
+    """"arithmetic:4,story_qa:4" -> {"arithmetic": 4, "story_qa": 4}; "" -> {}."""
+    factors = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        task, _, k = part.partition(":")
+        if not task.strip() or not k.strip().isdigit() or int(k) < 1:
+            raise ValueError(f"--oversample={text!r}: give task:K pairs with K a whole number >= 1, "
+                             f"e.g. arithmetic:4,story_qa:4")
+        factors[task.strip()] = int(k)
+    return factors
+
+
+def oversample_groups(groups, records, factors):
+    """The training groups plus K - 1 more copies of each pair record of a task
+    in factors ({task: K}) whose chosen and rejected differ only in the answer:
+    the pairs that teach whether an answer is right, shown K times per epoch
+    (the mix of a batch moves toward them; with 4 of 32 per batch, judging sums
+    is learned too late: README, stage 5). records: the prefs_train records in
+    the order of groups. Returns (groups, number of copies added)."""
+    extra = []
+    for group, record in zip(groups, records):
+        k = factors.get(record.get("task"), 1)
+        if k > 1 and "chosen" in record and differs_only_in_answer(record["chosen"], record["rejected"]):
+            extra += [group] * (k - 1)
+    return groups + extra, len(extra)
+
+
 def flatten_groups(groups):
     """Groups -> (seqs, better, worse, gold): every sequence once, and for every
     pair the indices of its better and worse sequence in seqs and its gold
@@ -416,7 +469,9 @@ def load_init(path, config_name):
     """The checkpoint a reward model starts from: an sft (or pretrain) one."""
     file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.exists(file):
-        raise CheckpointError(f"checkpoint {file} does not exist: run `python sft.py --config {config_name}` "
+        parts = os.path.normpath(path).split(os.sep)  # out/<config>/sft: that config's sft.py run writes it
+        sft_config = parts[-2] if len(parts) >= 2 and parts[-1] == "sft" else config_name
+        raise CheckpointError(f"checkpoint {file} does not exist: run `python sft.py --config {sft_config}` "
                               f"first, or start from another with --init=PATH (an sft or pretrain checkpoint)")
     ckpt = load_checkpoint(file)
     if ckpt["stage"] not in INIT_STAGES:
@@ -433,6 +488,7 @@ def check_config(config):
         raise ValueError(f"--lm_coef={config['lm_coef']} must be >= 0 (0 turns the LM loss off)")
     if config["norm_prompts"] < 0 or config["norm_max_new_tokens"] < 1 or config["temperature"] < 0:
         raise ValueError("--norm_prompts must be >= 0, --norm_max_new_tokens >= 1 and --temperature >= 0")
+    parse_oversample(config["oversample"])
 
 
 def run(config, flags=()):
@@ -475,6 +531,17 @@ def run(config, flags=()):
     train_groups = load_split(folder, "train", tokenizer, model_config.block_size)
     val_groups = load_split(folder, "val", tokenizer, model_config.block_size)
     train_probe = train_groups[:len(val_groups)]  # a fixed train subset the size of val, to watch overfitting
+    n_prompts = len(train_groups)
+    if config["oversample"]:
+        factors = parse_oversample(config["oversample"])
+        train_records = prepare_data.read_jsonl(os.path.join(folder, "prefs_train.jsonl"))
+        train_groups, n_copies = oversample_groups(train_groups, train_records, factors)
+        if n_copies == 0:
+            raise ValueError(f"--oversample={config['oversample']!r}: no pair of prefs_train.jsonl has one of these "
+                             f"tasks and differs only in the answer; the tasks there: "
+                             f"{', '.join(sorted({str(r.get('task')) for r in train_records}))}")
+        print(f"oversample {config['oversample']}: {n_copies} more copies of the pairs that differ only in "
+              f"the answer, per epoch")
     val_pairs = prepare_data.read_jsonl(os.path.join(folder, "prefs_val.jsonl"))
     has_gold = all(r.get("gold_prefers_chosen") is not None for r in val_pairs)
     agreement = prepare_data.label_agreement(val_pairs) if has_gold else None
@@ -506,7 +573,8 @@ def run(config, flags=()):
 
     n_train_pairs = sum(len(g["pairs"]) for g in train_groups)
     print(f"{STAGE}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters from {init_file} "
-          f"({init['stage']}); {n_train_pairs} train pairs ({len(train_groups)} prompts), "
+          f"({init['stage']}); {n_train_pairs} train pairs{' per epoch' if config['oversample'] else ''} "
+          f"({n_prompts} prompts), "
           f"{sum(len(g['pairs']) for g in val_groups)} val pairs; {config['batch_size']} pairs/step, "
           f"device {device}, {dtype}" + (f"; labeller agreement on val {agreement:.3f}" if agreement is not None else ""))
 

@@ -265,6 +265,46 @@ def test_pair_batches_sort_window_batches_similar_lengths():
     assert firsts != sorted(firsts), "the batches themselves come in a random order"
 
 
+def test_differs_only_in_answer_finds_right_wrong_pairs_in_the_same_words():
+    same_words = [("Anna has 6 bells now.", "Anna has 7 bells now."),
+                  ("Sara has 0 carrots left.", "Sara has 1 carrot left."),       # two words differ
+                  ("A purple train.", "A purple drum."),
+                  ("Bread is a food.", "A hill is a food."),                     # one word against two
+                  ("Okay. It is 4. I hope that helps.", "Okay. It is 5. I hope that helps.")]
+    for a, b in same_words:
+        assert reward.differs_only_in_answer(a, b) and reward.differs_only_in_answer(b, a), (a, b)
+    other = [("It is 4.", "It is 4."),                                              # identical
+             ("The answer is", "The answer is 7."),                                 # cut before its answer
+             ("It is 4.", "Well, I think the sum of these two numbers must be 4."),  # other words
+             ("", "It is 4.")]
+    for a, b in other:
+        assert not reward.differs_only_in_answer(a, b) and not reward.differs_only_in_answer(b, a), (a, b)
+    assert not reward.differs_only_in_answer("a b c d e f.", "a x y z w f.")  # 4 words differ: more than 3
+    assert reward.differs_only_in_answer("a b c d e f.", "a x y z w f.", max_words=4)
+
+
+def test_parse_oversample():
+    assert reward.parse_oversample("arithmetic:4,story_qa:2") == {"arithmetic": 4, "story_qa": 2}
+    assert reward.parse_oversample("") == {}
+    for bad in ["arithmetic", "arithmetic:0", "arithmetic:x", ":3", "arithmetic:-1"]:
+        with pytest.raises(ValueError, match="task:K"):
+            reward.parse_oversample(bad)
+
+
+def test_oversample_groups_repeats_the_answer_only_pairs_of_the_named_tasks():
+    records = [{"task": "arithmetic", "chosen": "It is 7.", "rejected": "It is 8."},          # repeated
+               {"task": "arithmetic", "chosen": "It is 7.", "rejected": "What is 3 plus 4?"},  # other words
+               {"task": "story_qa", "chosen": "A red ball.", "rejected": "A blue ball."},      # repeated
+               {"task": "category", "chosen": "Cow is an animal.", "rejected": "Red is an animal."},
+               {"task": "arithmetic", "responses": ["It is 7.", "It is 8."]}]                 # a ranking: never
+    groups = [{"seqs": [[i]], "pairs": [(0, 1)], "gold": [True]} for i in range(len(records))]
+    out, n = reward.oversample_groups(groups, records, {"arithmetic": 3, "story_qa": 2})
+    assert n == 3 and len(out) == len(groups) + 3
+    assert out[:len(groups)] == groups, "the original groups come first, in their order"
+    assert [g["seqs"][0][0] for g in out[len(groups):]] == [0, 0, 2]
+    assert reward.oversample_groups(groups, records, {})[1] == 0
+
+
 def test_collate_indexes_each_pair_into_the_padded_batch(world):
     _, tok = world
     groups = [reward.record_to_group(GOOD_RANKED, tok, 64), reward.record_to_group(GOOD_PAIR, tok, 64),
@@ -621,6 +661,11 @@ def test_main_bad_inputs_give_one_line(world, tmp_path, capsys):
         (["--config", "tiny", f"--init={tmp_path / 'nothing'}"], "does not exist: run `python sft.py"),
         (["--config", "tiny", f"--init={tmp_path / 'rm'}"], "is a 'rm' checkpoint"),
         (["--config", "tiny", "--margin=wide"], "not a valid float"),
+        (["--config", "tiny", "--oversample=arithmetic"], "give task:K pairs"),
+        (base + [f"--data_dir={root / 'data'}", "--dataset=toy", "--oversample=arithmetic:4"],
+         "no pair of prefs_train.jsonl has one"),
+        (["--config", "small-long", f"--init={tmp_path / 'out' / 'small' / 'sft'}", f"--out_dir={tmp_path / 'o2'}"],
+         "run `python sft.py --config small` first"),
         (["--config", "tiny", f"--out_dir={tmp_path / 'none'}", "--resume"], "does not exist"),
         (["--score", "--ckpt", str(root / "sft"), "--prompt", "p", "--response", "r"], "'sft' checkpoint"),
         (["--score", "--prompt", "p"], "--score: the following arguments are required: --ckpt"),
