@@ -1268,48 +1268,41 @@ def build_task_splits(seed, sizes, extra_prefs_train=0):
     is the same as without them."""
     names = list(sizes)
     weights = [max(1, sizes[s]) for s in names]
-    quota = {}
-    for s in names:
-        for i, task in enumerate(TASKS):
-            quota[(s, task)] = sizes[s] // len(TASKS) + (1 if i < sizes[s] % len(TASKS) else 0)
     out = {s: [] for s in names}
     rng = rng_for(seed, "tasks")
     seen_prompts = set()
-    missing = sum(quota.values())
-    draws, max_draws = 0, 100 * missing + 10_000
-    while missing:
-        task = TASKS[draws % len(TASKS)]
-        draws += 1
-        if draws > max_draws:
-            raise DataError(f"could not draw {sum(sizes.values())} distinct task prompts; ask for fewer")
-        record = TASK_MAKERS[task](rng)
-        key = record_key(record)
-        if is_quiz_key(key, seed):
-            continue  # reserved for the pretraining quizzes
-        s = split_of(key, seed, names, weights)
-        if quota[(s, task)] == 0 or record["prompt"] in seen_prompts:
-            continue
-        seen_prompts.add(record["prompt"])
-        quota[(s, task)] -= 1
-        missing -= 1
-        out[s].append(record)
-    extra = {task: extra_prefs_train // len(TASKS) + (1 if i < extra_prefs_train % len(TASKS) else 0)
-             for i, task in enumerate(TASKS)}
-    draws, max_draws = 0, 100 * extra_prefs_train + 10_000
-    while sum(extra.values()):
-        task = TASKS[draws % len(TASKS)]
-        draws += 1
-        if draws > max_draws:
-            raise DataError(f"could not draw {extra_prefs_train} more distinct preference prompts; ask for fewer")
-        record = TASK_MAKERS[task](rng)
-        key = record_key(record)
-        # the same split rule as above: a key of another split (or a quiz) never lands in prefs_train
-        if extra[task] == 0 or is_quiz_key(key, seed) or split_of(key, seed, names, weights) != "prefs_train" \
-                or record["prompt"] in seen_prompts:
-            continue
-        seen_prompts.add(record["prompt"])
-        extra[task] -= 1
-        out["prefs_train"].append(record)
+
+    def per_task(n):
+        """n records -> {task: count}, the four tasks in equal numbers."""
+        return {task: n // len(TASKS) + (1 if i < n % len(TASKS) else 0) for i, task in enumerate(TASKS)}
+
+    def draw(quota, what):
+        """Draw task records (the tasks in turn) until quota {(split, task): n}
+        is filled; each record goes to the split its key belongs to, or nowhere."""
+        missing = sum(quota.values())
+        draws, max_draws = 0, 100 * missing + 10_000
+        while missing:
+            task = TASKS[draws % len(TASKS)]
+            draws += 1
+            if draws > max_draws:
+                raise DataError(f"could not draw {what}; ask for fewer")
+            record = TASK_MAKERS[task](rng)
+            key = record_key(record)
+            if is_quiz_key(key, seed):
+                continue  # reserved for the pretraining quizzes
+            s = split_of(key, seed, names, weights)
+            if quota.get((s, task), 0) == 0 or record["prompt"] in seen_prompts:
+                continue
+            seen_prompts.add(record["prompt"])
+            quota[(s, task)] -= 1
+            missing -= 1
+            out[s].append(record)
+
+    draw({(s, task): n for s in names for task, n in per_task(sizes[s]).items()},
+         f"{sum(sizes.values())} distinct task prompts")
+    # then the extra ones, from the same stream: the splits above stay as they were
+    draw({("prefs_train", task): n for task, n in per_task(extra_prefs_train).items()},
+         f"{extra_prefs_train} more distinct preference prompts")
     return out
 
 
