@@ -4,7 +4,7 @@ reward.py: a reward model trained on preference pairs.
     python reward.py --config small                  # a 2-core laptop CPU, about 3 minutes
     python reward.py --config small --max_iters=500  # any key can be overridden
     python reward.py --config small --resume         # continue out/small/rm/ckpt.pt
-    python reward.py --config small-long             # 3x the pairs and steps: ~9 minutes, -> out/small/rm-long
+    python reward.py --config small-long             # 3x the pairs, 2x the steps: ~6.5 minutes, -> out/small/rm-long
     python reward.py --score --ckpt out/small/rm --prompt "What is 3 plus 4?" --response "3 plus 4 is 7."
 
 Reads the SFT checkpoint out/<config>/sft/ckpt.pt (--init: any sft or pretrain
@@ -93,12 +93,12 @@ PRESETS = {
     # a 2-core laptop CPU: 2.4 epochs of tinyworld's 12000 pairs in about 3 minutes (166-180 s measured)
     "small": dict(batch_size=32, max_iters=900, warmup_iters=30, eval_interval=300, log_interval=25,
                   learning_rate=1e-3, dropout=0.0, lm_coef=1.0, norm_prompts=256, norm_max_new_tokens=64),
-    # 85% against the gold labels, at three times the cost (about 9 minutes here): 36,000 pairs, 2,700
-    # steps, the right-vs-wrong sums shown 8x and story answers 4x as often (README, stage 5). Starts
-    # from small's SFT model; for PPO: ppo.py --config small --reward_dir=out/small/rm-long
+    # 85% against the gold labels, at twice the time (about 6.5 minutes here): 36,000 pairs, 1,800
+    # steps, the right-vs-wrong sums shown 8x as often (README, stage 5). Starts from small's SFT
+    # model; for PPO: ppo.py --config small --reward_dir=out/small/rm-long
     "small-long": dict(dataset="tinyworld-prefs36k", init="out/small/sft", out_dir="out/small/rm-long",
-                       batch_size=32, max_iters=2700, warmup_iters=30, eval_interval=900, log_interval=25,
-                       learning_rate=1e-3, dropout=0.0, lm_coef=1.0, oversample="arithmetic:8,story_qa:4",
+                       batch_size=32, max_iters=1800, warmup_iters=30, eval_interval=600, log_interval=25,
+                       learning_rate=1e-3, dropout=0.0, lm_coef=1.0, oversample="arithmetic:8",
                        norm_prompts=256, norm_max_new_tokens=64),
     # GPT-2 124M on a GPU, human preferences (InstructGPT: one epoch, lr ~1e-5)
     "gpt2": dict(dataset="hh", batch_size=64, max_iters=1000, warmup_iters=50, eval_interval=200,
