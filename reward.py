@@ -470,7 +470,7 @@ def load_init(path, config_name):
     file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.exists(file):
         parts = os.path.normpath(path).split(os.sep)  # out/<config>/sft: that config's sft.py run writes it
-        sft_config = parts[-2] if len(parts) >= 2 and parts[-1] == "sft" else config_name
+        sft_config = parts[-2] if len(parts) >= 3 and parts[-3] == "out" and parts[-1] == "sft" else config_name
         raise CheckpointError(f"checkpoint {file} does not exist: run `python sft.py --config {sft_config}` "
                               f"first, or start from another with --init=PATH (an sft or pretrain checkpoint)")
     ckpt = load_checkpoint(file)
@@ -535,11 +535,15 @@ def run(config, flags=()):
     if config["oversample"]:
         factors = parse_oversample(config["oversample"])
         train_records = prepare_data.read_jsonl(os.path.join(folder, "prefs_train.jsonl"))
+        tasks = sorted({str(r.get("task")) for r in train_records})
         train_groups, n_copies = oversample_groups(train_groups, train_records, factors)
         if n_copies == 0:
             raise ValueError(f"--oversample={config['oversample']!r}: no pair of prefs_train.jsonl has one of these "
-                             f"tasks and differs only in the answer; the tasks there: "
-                             f"{', '.join(sorted({str(r.get('task')) for r in train_records}))}")
+                             f"tasks and differs only in the answer; the tasks there: {', '.join(tasks)}")
+        unknown = sorted(set(factors) - set(tasks))  # a typo must not pass because another task matched
+        if unknown:
+            raise ValueError(f"--oversample={config['oversample']!r}: no task {', '.join(unknown)} in "
+                             f"prefs_train.jsonl; the tasks there: {', '.join(tasks)}")
         print(f"oversample {config['oversample']}: {n_copies} more copies of the pairs that differ only in "
               f"the answer, per epoch")
     val_pairs = prepare_data.read_jsonl(os.path.join(folder, "prefs_val.jsonl"))
