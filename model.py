@@ -110,7 +110,8 @@ def rope_tables(head_size, max_len, theta=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate channel pairs (x1, x2) of x (B, H, T, D) by the angles in cos/sin (T, D/2)."""
+    """Rotate channel pairs (x1, x2) of x (B, H, T, D) by the angles in cos/sin
+    (T, D/2), or (B, 1, T, D/2) when each row has its own positions."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     out1 = x1 * cos - x2 * sin
     out2 = x1 * sin + x2 * cos
@@ -160,7 +161,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache=None):
+    def forward(self, x, rope=None, cache=None, attn_mask=None):
+        """attn_mask: (B, 1, T, T) boolean, True where a query may see a key, in
+        place of the causal mask (several sequences packed in one row: reward.py)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, H, T, D)
@@ -177,7 +180,10 @@ class CausalSelfAttention(nn.Module):
             v = cache.v[self.layer_index][:, :, :start + T]
         q_len, k_len = T, k.size(2)
         dropout_p = self.dropout if self.training else 0.0
-        if self.attention == "explicit":
+        if attn_mask is not None:
+            y = (explicit_attention(q, k, v, attn_mask, dropout_p, self.training) if self.attention == "explicit"
+                 else F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p))
+        elif self.attention == "explicit":
             y = explicit_attention(q, k, v, causal_mask(q_len, k_len, x.device), dropout_p, self.training)
         elif q_len == k_len:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -224,8 +230,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.ln_1(x), rope, cache)
+    def forward(self, x, rope=None, cache=None, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, attn_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -272,23 +278,32 @@ class GPT(nn.Module):
         """Parameters counted once (the tied head shares the embedding)."""
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, idx, cache=None):
+    def hidden_states(self, idx, cache=None, positions=None, attn_mask=None):
         """ids (B, T) -> final-norm hidden states (B, T, n_embd). The reward and
-        value heads of later stages read these; forward() turns them into logits."""
+        value heads of later stages read these; forward() turns them into logits.
+        positions (B, T) and attn_mask (B, 1, T, T), given together: each token's
+        position in its own sequence and who may see whom, for rows that pack
+        several sequences sharing a prefix (reward.py's collate_shared); a row may
+        then be longer than block_size, its sequences may not."""
         B, T = idx.size()
+        if (positions is None) != (attn_mask is None) or (positions is not None and cache is not None):
+            raise ValueError("hidden_states: give positions and attn_mask together, and without a cache")
         start = 0 if cache is None else cache.pos
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+        longest = start + T if positions is None else int(positions.max()) + 1
+        if longest > self.config.block_size:
+            raise ValueError(f"sequence of {longest} tokens is longer than block_size {self.config.block_size}")
         x = self.transformer.wte(idx)
         rope = None
         if self.config.pos == "learned":
-            positions = torch.arange(start, start + T, device=idx.device)
-            x = x + self.transformer.wpe(positions)
-        else:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device) if positions is None
+                                         else positions)
+        elif positions is None:
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        else:
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])  # (B, 1, T, D/2) each
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, attn_mask)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)

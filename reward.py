@@ -25,6 +25,13 @@ body also keeps its language-model loss on each prompt's preferred conversation,
 which keeps what it needs to judge answers (best_lm_loss). After training, a
 bias and scale are stored so that the SFT model's own responses to the PPO
 prompts score mean 0, std 1.
+
+The responses of one prompt share the prompt (and a right and a wrong answer
+worded alike share nearly everything), so training packs each prompt into one
+row: the shared prefix once, then each response's rest, with an attention mask
+that lets each token see only its own sequence (collate_shared). The rewards,
+the losses and the gradients are those of a row per sequence; the step is ~1.5x
+faster on the small preset's batches (tests/bench/bench_reward.py).
 """
 
 import argparse
@@ -61,6 +68,7 @@ DEFAULTS = dict(
     # optimisation
     batch_size=32,              # preference pairs per step (a ranked record's pairs are never split)
     sort_window=16,             # batch similar lengths together within windows of this many batches; 1 = off
+    share_prefix=True,          # one row per prompt, its responses branching off it (collate_shared): same result, fewer tokens
     max_iters=375,
     learning_rate=3e-4,         # lower than pretraining: the body is already trained
     min_lr_ratio=0.1,
@@ -334,6 +342,71 @@ def collate(groups):
     ids, lengths = pad_right(seqs)
     gold = [float("nan") if g is None else float(g) for g in gold]
     return ids, lengths, torch.tensor(better), torch.tensor(worse), torch.tensor(gold)
+
+
+def pack_group(seqs):
+    """A group's sequences -> one row that holds their shared prefix (the prompt,
+    and for a pair that differs only in the answer nearly all of it) once, then the
+    rest of each sequence (its branch), one after the other:
+        ids        the row's tokens
+        positions  each token's position in its own sequence (a branch continues
+                   from the prefix, so every sequence sees its usual positions)
+        branches   0 for the prefix, i + 1 for sequence i's branch
+        ends       the index in the row of each sequence's last token, <|reward|>
+    Sequence 0 is the row's beginning, unchanged: prefix + branch 1. Every branch
+    keeps at least the last token, even for equal sequences."""
+    shared = min(len(s) for s in seqs) - 1
+    for i in range(shared):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            shared = i
+            break
+    ids, positions, branches, ends = list(seqs[0][:shared]), list(range(shared)), [0] * shared, []
+    for b, s in enumerate(seqs, start=1):
+        ids += s[shared:]
+        positions += range(shared, len(s))
+        branches += [b] * (len(s) - shared)
+        ends.append(len(ids) - 1)
+    return ids, positions, branches, ends
+
+
+def tree_mask(positions, branches):
+    """positions, branches (B, T) of packed rows (pack_group; padding has branch
+    -1) -> (B, 1, T, T) boolean, True where query q may see key k: k is in the
+    prefix or in q's own branch, at or before q's position. This is the causal
+    mask of each sequence on its own; a branch never sees another branch, and
+    padding sees only padding (never a whole row of False: softmax of nothing)."""
+    pos_q, pos_k = positions[:, :, None], positions[:, None, :]        # (B, T, 1), (B, 1, T)
+    br_q, br_k = branches[:, :, None], branches[:, None, :]
+    same_sequence = (br_k == 0) | (br_k == br_q)
+    return (same_sequence & (pos_k <= pos_q))[:, None]                  # (B, 1, T, T)
+
+
+def collate_shared(groups):
+    """Groups -> one batch with one row per group (pack_group), the prompt
+    computed once instead of once per response: the same rewards and LM loss as
+    collate, from fewer tokens (README, stage 5). Returns
+        ids (B, T), positions (B, T)  right-padded (ids 0, positions 0)
+        mask (B, 1, T, T)             tree_mask
+        reward_at (N, 2)              (row, index) of each sequence's <|reward|>, in flatten_groups' order
+        better (P,), worse (P,)       each pair's sequences, indices into reward_at
+        best_lengths (B,)             length of each row's first sequence (the chosen or top-ranked
+                                      response), which starts the row: best_lm_loss reads it there"""
+    rows = [pack_group(group["seqs"]) for group in groups]
+    T = max(len(r[0]) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    positions = torch.zeros(len(rows), T, dtype=torch.long)
+    branches = torch.full((len(rows), T), -1, dtype=torch.long)
+    reward_at, best_lengths = [], []
+    for b, (row_ids, row_positions, row_branches, ends) in enumerate(rows):
+        n = len(row_ids)
+        ids[b, :n] = torch.tensor(row_ids)
+        positions[b, :n] = torch.tensor(row_positions)
+        branches[b, :n] = torch.tensor(row_branches)
+        reward_at += [(b, e) for e in ends]
+        best_lengths.append(ends[0] + 1)
+    _, better, worse, _ = flatten_groups(groups)
+    return (ids, positions, tree_mask(positions, branches), torch.tensor(reward_at), torch.tensor(better),
+            torch.tensor(worse), torch.tensor(best_lengths))
 
 
 # -----------------------------------------------------------------------------
@@ -666,16 +739,25 @@ def run(config, flags=()):
                 epoch, position = epoch + 1, 0
                 batches = pair_batches(train_groups, config["batch_size"], config["seed"], epoch, config["sort_window"])
             batch_groups = [train_groups[g] for g in batches[position]]
-            ids, lengths, better, worse, _ = collate(batch_groups)
             position += 1
-            ids, lengths, better, worse = ids.to(device), lengths.to(device), better.to(device), worse.to(device)
             with ctx:
-                hidden = model.gpt.hidden_states(ids)                     # (B, T, C), every sequence once
-                rewards = sequence_rewards(model, ids, lengths, hidden)   # (B,)
+                if config["share_prefix"]:  # a row per group: the prompt once, each response branching off it
+                    ids, positions, mask, reward_at, better, worse, lm_lengths = collate_shared(batch_groups)
+                    ids, positions, mask = ids.to(device), positions.to(device), mask.to(device)
+                    reward_at, better, worse = reward_at.to(device), better.to(device), worse.to(device)
+                    hidden = model.gpt.hidden_states(ids, positions=positions, attn_mask=mask)  # (B, T, C)
+                    rewards = model(ids, hidden)[reward_at[:, 0], reward_at[:, 1]]  # (N,) at each <|reward|>
+                    lm_rows = torch.arange(len(ids), device=device)
+                else:                       # a row per sequence
+                    ids, lm_lengths, better, worse, _ = collate(batch_groups)
+                    ids, better, worse = ids.to(device), better.to(device), worse.to(device)
+                    hidden = model.gpt.hidden_states(ids)                         # (B, T, C)
+                    rewards = sequence_rewards(model, ids, lm_lengths, hidden)    # (B,)
+                    lm_rows = best_rows(batch_groups).to(device)
                 pair_loss = pairwise_loss(rewards[better], rewards[worse], config["margin"])
                 loss, lm_loss = pair_loss, None
                 if config["lm_coef"] > 0:
-                    lm_loss = best_lm_loss(model, hidden, ids, lengths, best_rows(batch_groups).to(device))
+                    lm_loss = best_lm_loss(model, hidden, ids, lm_lengths.to(device), lm_rows)
                     loss = pair_loss + config["lm_coef"] * lm_loss
             if scaler is not None:
                 scaler.scale(loss).backward()

@@ -161,6 +161,24 @@ def test_hidden_states_shape_and_block_size_limit():
         m(torch.zeros(1, 49, dtype=torch.long))
 
 
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_hidden_states_of_sequences_packed_with_positions_and_mask_equal_each_alone(pos):
+    m = tiny_model(pos=pos)
+    a, b = torch.randint(0, 97, (1, 30)), torch.randint(0, 97, (1, 40))
+    row = torch.cat([a, b], dim=1)                                   # (1, 70): longer than block_size 48
+    positions = torch.cat([torch.arange(30), torch.arange(40)])[None]
+    first = torch.arange(70) < 30
+    same = first[:, None] == first[None, :]                          # a token sees its own sequence only
+    mask = (same & (positions[0][None, :] <= positions[0][:, None]))[None, None]
+    packed = m.hidden_states(row, positions=positions, attn_mask=mask)
+    assert torch.allclose(packed[:, :30], m.hidden_states(a), atol=1e-5)
+    assert torch.allclose(packed[:, 30:], m.hidden_states(b), atol=1e-5), "positions restart for the second"
+    with pytest.raises(ValueError, match="longer than block_size 48"):
+        m.hidden_states(row, positions=torch.arange(70)[None], attn_mask=mask)
+    with pytest.raises(ValueError, match="together"):
+        m.hidden_states(row, positions=positions)
+
+
 def test_loss_at_init_is_about_ln_vocab():
     m = GPT(GPTConfig(vocab_size=500, block_size=32, n_layer=2, n_head=2, n_embd=64))
     torch.manual_seed(1)

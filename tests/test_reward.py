@@ -318,6 +318,74 @@ def test_collate_indexes_each_pair_into_the_padded_batch(world):
     assert gold[:4].tolist() == [1.0, 1.0, 0.0, 1.0] and math.isnan(gold[4])
 
 
+def test_pack_group_keeps_the_shared_prefix_once_then_each_sequences_rest():
+    ids, positions, branches, ends = reward.pack_group([[1, 2, 3, 9], [1, 2, 4, 5, 9]])
+    assert ids == [1, 2, 3, 9, 4, 5, 9], "prefix [1, 2] once, then [3, 9], then [4, 5, 9]"
+    assert positions == [0, 1, 2, 3, 2, 3, 4], "a branch continues the positions of the prefix"
+    assert branches == [0, 0, 1, 1, 2, 2, 2] and ends == [3, 6]
+    ranked = reward.pack_group([[1, 2, 3, 9], [1, 5, 3, 9], [1, 2, 7, 9]])
+    assert ranked[0] == [1, 2, 3, 9, 5, 3, 9, 2, 7, 9] and ranked[3] == [3, 6, 9], "the prefix all three share"
+    same = reward.pack_group([[1, 2, 9], [1, 2, 9]])
+    assert same == ([1, 2, 9, 9], [0, 1, 2, 2], [0, 0, 1, 2], [2, 3]), "equal sequences: a branch of one token each"
+    assert reward.pack_group([[4, 9], [5, 9]])[0] == [4, 9, 5, 9], "nothing shared: the sequences in turn"
+
+
+def test_tree_mask_lets_each_token_see_exactly_its_own_sequence_up_to_itself():
+    seqs = [[1, 2, 3, 9], [1, 2, 4, 5, 9], [1, 2, 3, 7, 9]]
+    ids, positions, branches, _ = reward.pack_group(seqs)
+    T = len(ids) + 2  # two padding columns, as collate_shared pads
+    mask = reward.tree_mask(torch.tensor([positions + [0, 0]]), torch.tensor([branches + [-1, -1]]))
+    assert mask.shape == (1, 1, T, T) and mask.dtype == torch.bool
+    # the reference: the row indices each sequence occupies, in its order
+    shared = branches.count(0)
+    members = [list(range(shared)) + [i for i, b in enumerate(branches) if b == s + 1] for s in range(len(seqs))]
+    for s, rows in enumerate(members):
+        assert [ids[i] for i in rows] == seqs[s], "pack_group must lay each sequence out in order"
+    for q in range(len(ids)):
+        for k in range(T):
+            expected = any(q in rows and k in rows and rows.index(k) <= rows.index(q) for rows in members)
+            assert mask[0, 0, q, k].item() == expected, f"query {q}, key {k}: expected {expected}"
+    assert mask[0, 0, len(ids):, len(ids):].all(), "padding sees padding (a query must see something)"
+
+
+def test_collate_shared_gives_the_rewards_lm_loss_and_gradients_of_collate(world):
+    _, tok = world
+    groups = [reward.record_to_group(GOOD_RANKED, tok, 64), reward.record_to_group(GOOD_PAIR, tok, 64),
+              reward.record_to_group({**GOOD_PAIR, "prompt": "where is the cat sat on the mat?"}, tok, 64)]
+    for attention in ("sdpa", "explicit"):
+        model = tiny_reward_model(tok)
+        for block in model.gpt.transformer.h:
+            block.attn.attention = attention
+        ids, lengths, better, worse, _ = reward.collate(groups)  # the reference: a row per sequence
+        hidden = model.gpt.hidden_states(ids)
+        rewards = reward.sequence_rewards(model, ids, lengths, hidden)
+        loss = (reward.pairwise_loss(rewards[better], rewards[worse])
+                + reward.best_lm_loss(model, hidden, ids, lengths, reward.best_rows(groups)))
+        expected_grads = torch.autograd.grad(loss, list(model.parameters()))
+
+        ids2, positions, mask, reward_at, better2, worse2, best_lengths = reward.collate_shared(groups)
+        assert ids2.size(0) == 3 and ids2.numel() < ids.numel(), "a row per group, fewer tokens"
+        assert better2.tolist() == better.tolist() and worse2.tolist() == worse.tolist()
+        hidden2 = model.gpt.hidden_states(ids2, positions=positions, attn_mask=mask)
+        rewards2 = model(ids2, hidden2)[reward_at[:, 0], reward_at[:, 1]]
+        assert torch.allclose(rewards2, rewards, atol=1e-5), f"{attention}: packed rewards differ from one row each"
+        assert (ids2[reward_at[:, 0], reward_at[:, 1]] == tok.special_ids[bpe.REWARD]).all()
+        loss2 = (reward.pairwise_loss(rewards2[better2], rewards2[worse2])
+                 + reward.best_lm_loss(model, hidden2, ids2, best_lengths, torch.arange(3)))
+        assert torch.allclose(loss2, loss, atol=1e-5), f"{attention}: loss {loss2.item()} vs {loss.item()}"
+        for g2, g in zip(torch.autograd.grad(loss2, list(model.parameters())), expected_grads):
+            assert torch.allclose(g2, g, atol=1e-5), f"{attention}: gradients differ"
+
+
+def test_share_prefix_off_and_on_train_the_same_model(world, tmp_path):
+    root, _ = world
+    common = dict(max_iters=6, eval_interval=6, norm_prompts=0, dropout=0.0)
+    plain = reward.run(tiny_config(root, tmp_path / "plain", share_prefix=False, **common))
+    shared = reward.run(tiny_config(root, tmp_path / "shared", share_prefix=True, **common))
+    assert shared["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-4), "the same steps, so the same model"
+    assert shared["val_accuracy"] == pytest.approx(plain["val_accuracy"], abs=0.02)
+
+
 # --- reading the reward, the loss -------------------------------------------------------------
 
 def test_reward_is_read_at_the_reward_token_whatever_the_padding(world):
