@@ -1,10 +1,10 @@
 """
 reward.py: a reward model trained on preference pairs.
 
-    python reward.py --config small                  # a 2-core laptop CPU, about 3 minutes
+    python reward.py --config small                  # a 2-core laptop CPU, about 2.5 minutes
     python reward.py --config small --max_iters=500  # any key can be overridden
     python reward.py --config small --resume         # continue out/small/rm/ckpt.pt
-    python reward.py --config small-long             # 3x the pairs, 2x the steps: ~6.5 minutes, -> out/small/rm-long
+    python reward.py --config small-long             # 3x the pairs, 2x the steps: ~4.5 minutes, -> out/small/rm-long
     python reward.py --score --ckpt out/small/rm --prompt "What is 3 plus 4?" --response "3 plus 4 is 7."
 
 Reads the SFT checkpoint out/<config>/sft/ckpt.pt (--init: any sft or pretrain
@@ -98,10 +98,10 @@ PRESETS = {
     # seconds, for tests
     "tiny": dict(batch_size=8, max_iters=30, warmup_iters=3, eval_interval=15, log_interval=5,
                  learning_rate=1e-3, lm_coef=1.0, norm_prompts=16, norm_max_new_tokens=8, eval_batch_size=32),
-    # a 2-core laptop CPU: 2.4 epochs of tinyworld's 12000 pairs in about 3 minutes (166-180 s measured)
+    # a 2-core laptop CPU: 2.4 epochs of tinyworld's 12000 pairs in about 2.5 minutes (136 s measured)
     "small": dict(batch_size=32, max_iters=900, warmup_iters=30, eval_interval=300, log_interval=25,
                   learning_rate=1e-3, dropout=0.0, lm_coef=1.0, norm_prompts=256, norm_max_new_tokens=64),
-    # 85% against the gold labels, at twice the time (about 6.5 minutes here): 36,000 pairs, 1,800
+    # 85% against the gold labels, at 1.5x the time (about 4.5 minutes here): 36,000 pairs, 1,800
     # steps, the right-vs-wrong sums shown 8x as often (README, stage 5). Starts from small's SFT
     # model; for PPO: ppo.py --config small --reward_dir=out/small/rm-long
     "small-long": dict(dataset="tinyworld-prefs36k", init="out/small/sft", out_dir="out/small/rm-long",
