@@ -381,10 +381,11 @@ def tree_mask(positions, branches):
     return (same_sequence & (pos_k <= pos_q))[:, None]                  # (B, 1, T, T)
 
 
-def collate_shared(groups):
+def collate_shared(groups, device="cpu"):
     """Groups -> one batch with one row per group (pack_group), the prompt
     computed once instead of once per response: the same rewards and LM loss as
-    collate, from fewer tokens (README, stage 5). Returns
+    collate, from fewer tokens (README, stage 5). Every tensor is on device (the
+    mask, T x T per row, is built there rather than copied). Returns
         ids (B, T), positions (B, T)  right-padded (ids 0, positions 0)
         mask (B, 1, T, T)             tree_mask
         reward_at (N, 2)              (row, index) of each sequence's <|reward|>, in flatten_groups' order
@@ -405,8 +406,9 @@ def collate_shared(groups):
         reward_at += [(b, e) for e in ends]
         best_lengths.append(ends[0] + 1)
     _, better, worse, _ = flatten_groups(groups)
-    return (ids, positions, tree_mask(positions, branches), torch.tensor(reward_at), torch.tensor(better),
-            torch.tensor(worse), torch.tensor(best_lengths))
+    ids, positions, branches = ids.to(device), positions.to(device), branches.to(device)
+    return (ids, positions, tree_mask(positions, branches), *(torch.tensor(x, device=device) for x in
+                                                              (reward_at, better, worse, best_lengths)))
 
 
 # -----------------------------------------------------------------------------
@@ -461,6 +463,28 @@ def pairwise_loss(r_chosen, r_rejected, margin=0.0):
 def pair_accuracy(diff):
     """Share of pairs ranked the labelled way (diff = r_better - r_worse > 0); a tie counts half."""
     return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
+
+
+def training_losses(model, groups, share_prefix=True, margin=0.0, lm_coef=0.0, device="cpu"):
+    """One training batch of groups -> (loss, pair_loss, lm_loss or None, diff):
+    loss = pair_loss + lm_coef x lm_loss, diff (P,) = r_better - r_worse of each
+    pair. share_prefix: a row per group (collate_shared), else a row per
+    sequence (collate); the two give the same values."""
+    if share_prefix:
+        ids, positions, mask, reward_at, better, worse, lm_lengths = collate_shared(groups, device)
+        hidden = model.gpt.hidden_states(ids, positions=positions, attn_mask=mask)  # (B, T, C)
+        rewards = model(ids, hidden)[reward_at[:, 0], reward_at[:, 1]]              # (N,) at each <|reward|>
+        lm_rows = torch.arange(len(ids), device=device)                             # each row starts with its best
+    else:
+        ids, lm_lengths, better, worse, _ = collate(groups)
+        ids, lm_lengths, better, worse = ids.to(device), lm_lengths.to(device), better.to(device), worse.to(device)
+        hidden = model.gpt.hidden_states(ids)                                       # (B, T, C)
+        rewards = sequence_rewards(model, ids, lm_lengths, hidden)                  # (B,)
+        lm_rows = best_rows(groups).to(device)
+    pair_loss = pairwise_loss(rewards[better], rewards[worse], margin)
+    lm_loss = best_lm_loss(model, hidden, ids, lm_lengths, lm_rows) if lm_coef > 0 else None
+    loss = pair_loss if lm_loss is None else pair_loss + lm_coef * lm_loss
+    return loss, pair_loss, lm_loss, rewards[better] - rewards[worse]
 
 
 @torch.no_grad()
@@ -741,24 +765,8 @@ def run(config, flags=()):
             batch_groups = [train_groups[g] for g in batches[position]]
             position += 1
             with ctx:
-                if config["share_prefix"]:  # a row per group: the prompt once, each response branching off it
-                    ids, positions, mask, reward_at, better, worse, lm_lengths = collate_shared(batch_groups)
-                    ids, positions, mask = ids.to(device), positions.to(device), mask.to(device)
-                    reward_at, better, worse = reward_at.to(device), better.to(device), worse.to(device)
-                    hidden = model.gpt.hidden_states(ids, positions=positions, attn_mask=mask)  # (B, T, C)
-                    rewards = model(ids, hidden)[reward_at[:, 0], reward_at[:, 1]]  # (N,) at each <|reward|>
-                    lm_rows = torch.arange(len(ids), device=device)
-                else:                       # a row per sequence
-                    ids, lm_lengths, better, worse, _ = collate(batch_groups)
-                    ids, better, worse = ids.to(device), better.to(device), worse.to(device)
-                    hidden = model.gpt.hidden_states(ids)                         # (B, T, C)
-                    rewards = sequence_rewards(model, ids, lm_lengths, hidden)    # (B,)
-                    lm_rows = best_rows(batch_groups).to(device)
-                pair_loss = pairwise_loss(rewards[better], rewards[worse], config["margin"])
-                loss, lm_loss = pair_loss, None
-                if config["lm_coef"] > 0:
-                    lm_loss = best_lm_loss(model, hidden, ids, lm_lengths.to(device), lm_rows)
-                    loss = pair_loss + config["lm_coef"] * lm_loss
+                loss, pair_loss, lm_loss, diff = training_losses(model, batch_groups, config["share_prefix"],
+                                                                 config["margin"], config["lm_coef"], device)
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
@@ -779,7 +787,7 @@ def run(config, flags=()):
             t_train += time.time() - t0
 
             if it % config["log_interval"] == 0 or it == end_iter:
-                accuracy = pair_accuracy((rewards[better] - rewards[worse]).detach().float())
+                accuracy = pair_accuracy(diff.detach().float())
                 per_iter = t_train / (it - start_iter)
                 record = {"iter": it, "loss": pair_loss.item(), "accuracy": accuracy, "lr": lr,
                           "grad_norm": float(grad_norm), "epoch": epoch, "time": time.time() - t_start}
@@ -787,7 +795,7 @@ def run(config, flags=()):
                     record["lm_loss"] = lm_loss.item()
                 lm_part = f" | lm loss {record['lm_loss']:.3f}" if "lm_loss" in record else ""
                 print(f"iter {it:5d}/{end_iter} | loss {record['loss']:.4f}{lm_part} | acc {accuracy:.3f} | "
-                      f"lr {lr:.2e} | grad {grad_norm:.2f} | {len(better) / per_iter:.0f} pairs/s | epoch {epoch} | "
+                      f"lr {lr:.2e} | grad {grad_norm:.2f} | {len(diff) / per_iter:.0f} pairs/s | epoch {epoch} | "
                       f"ETA {format_eta((end_iter - it) * per_iter)}", flush=True)
                 append_jsonl(log_path, record)
 

@@ -377,6 +377,24 @@ def test_collate_shared_gives_the_rewards_lm_loss_and_gradients_of_collate(world
             assert torch.allclose(g2, g, atol=1e-5), f"{attention}: gradients differ"
 
 
+def test_training_losses_are_the_pairwise_plus_lm_loss_either_layout(world):
+    _, tok = world
+    model = tiny_reward_model(tok)
+    groups = [reward.record_to_group(GOOD_RANKED, tok, 64), reward.record_to_group(GOOD_PAIR, tok, 64)]
+    # the reference, written out: a row per sequence
+    ids, lengths, better, worse, _ = reward.collate(groups)
+    rewards = reward.sequence_rewards(model, ids, lengths)
+    pair = reward.pairwise_loss(rewards[better], rewards[worse], 0.5)
+    lm = reward.best_lm_loss(model, model.gpt.hidden_states(ids), ids, lengths, reward.best_rows(groups))
+    for share_prefix in (False, True):
+        loss, pair_loss, lm_loss, diff = reward.training_losses(model, groups, share_prefix, margin=0.5, lm_coef=2.0)
+        assert torch.allclose(diff, rewards[better] - rewards[worse], atol=1e-5), f"share_prefix={share_prefix}"
+        assert torch.allclose(pair_loss, pair, atol=1e-5) and torch.allclose(lm_loss, lm, atol=1e-5)
+        assert torch.allclose(loss, pair + 2.0 * lm, atol=1e-5), "loss = pair loss + lm_coef x LM loss"
+    loss, pair_loss, lm_loss, _ = reward.training_losses(model, groups, lm_coef=0.0)
+    assert lm_loss is None and torch.allclose(loss, pair_loss), "lm_coef 0: the pairwise loss alone"
+
+
 def test_share_prefix_off_and_on_train_the_same_model(world, tmp_path):
     root, _ = world
     common = dict(max_iters=6, eval_interval=6, norm_prompts=0, dropout=0.0)

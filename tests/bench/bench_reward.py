@@ -26,20 +26,14 @@ import train  # noqa: E402
 from model import GPTConfig, ScalarHeadModel  # noqa: E402
 
 
-def plain_loss(model, groups):
-    ids, lengths, better, worse, _ = reward.collate(groups)
-    hidden = model.gpt.hidden_states(ids)
-    rewards = reward.sequence_rewards(model, ids, lengths, hidden)
-    loss = reward.pairwise_loss(rewards[better], rewards[worse])
-    return loss + reward.best_lm_loss(model, hidden, ids, lengths, reward.best_rows(groups)), ids.numel()
+def step_loss(model, groups, share_prefix):
+    """reward.py's training loss, with the small preset's lm_coef 1."""
+    return reward.training_losses(model, groups, share_prefix, lm_coef=1.0)[0]
 
 
-def shared_loss(model, groups):
-    ids, positions, mask, reward_at, better, worse, best_lengths = reward.collate_shared(groups)
-    hidden = model.gpt.hidden_states(ids, positions=positions, attn_mask=mask)
-    rewards = model(ids, hidden)[reward_at[:, 0], reward_at[:, 1]]
-    loss = reward.pairwise_loss(rewards[better], rewards[worse])
-    return loss + reward.best_lm_loss(model, hidden, ids, best_lengths, torch.arange(len(ids))), ids.numel()
+def batch_tokens(groups, share_prefix):
+    """Tokens of the padded batch, padding included."""
+    return (reward.collate_shared(groups) if share_prefix else reward.collate(groups))[0].numel()
 
 
 def main():
@@ -63,18 +57,17 @@ def main():
     model = ScalarHeadModel(config)
 
     first = [groups[g] for g in batches[0]]
-    worst = abs(plain_loss(model, first)[0].item() - shared_loss(model, first)[0].item())
-    seconds, tokens = {plain_loss: 0.0, shared_loss: 0.0}, {plain_loss: 0, shared_loss: 0}
+    worst = abs(step_loss(model, first, False).item() - step_loss(model, first, True).item())
+    seconds, tokens = {False: 0.0, True: 0.0}, {False: 0, True: 0}
     for step, batch in enumerate(batches):
         batch_groups = [groups[g] for g in batch]
-        for loss_fn in ((plain_loss, shared_loss) if step % 2 else (shared_loss, plain_loss)):
+        for shared in ((False, True) if step % 2 else (True, False)):
             t0 = time.perf_counter()
-            loss, n_tokens = loss_fn(model, batch_groups)
-            loss.backward()
+            step_loss(model, batch_groups, shared).backward()
             model.zero_grad(set_to_none=True)
             if step >= 10:
-                seconds[loss_fn] += time.perf_counter() - t0
-                tokens[loss_fn] += n_tokens
+                seconds[shared] += time.perf_counter() - t0
+                tokens[shared] += batch_tokens(batch_groups, shared)  # counted outside the timing
     n_pairs = sum(len(groups[g]["pairs"]) for batch in batches[10:] for g in batch)
     print(f"model: small preset ({config.n_layer} layers, {config.n_embd} wide, vocab {config.vocab_size}), "
           f"{args.dataset}{' ' + args.oversample if args.oversample else ''}, {len(batches) - 10} steps of "
@@ -82,10 +75,10 @@ def main():
     print(f"| {'training step':33s} | {'ms/step':>8s} | {'pairs/s':>8s} | {'tokens/step':>12s} |")
     print(f"|{'-' * 35}|{'-' * 10}|{'-' * 10}|{'-' * 14}|")
     steps = len(batches) - 10
-    for name, fn in (("a row per sequence (collate)", plain_loss), ("a row per prompt (collate_shared)", shared_loss)):
-        print(f"| {name:33s} | {1000 * seconds[fn] / steps:8.1f} | {n_pairs / seconds[fn]:8.0f} | "
-              f"{tokens[fn] / steps:12.0f} |")
-    print(f"\nspeedup of collate_shared: {seconds[plain_loss] / seconds[shared_loss]:.2f}x; "
+    for name, shared in (("a row per sequence (collate)", False), ("a row per prompt (collate_shared)", True)):
+        print(f"| {name:33s} | {1000 * seconds[shared] / steps:8.1f} | {n_pairs / seconds[shared]:8.0f} | "
+              f"{tokens[shared] / steps:12.0f} |")
+    print(f"\nspeedup of collate_shared: {seconds[False] / seconds[True]:.2f}x; "
           f"loss difference on the first batch {worst:.1e} (the same model either way)")
 
 
