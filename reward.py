@@ -29,9 +29,10 @@ prompts score mean 0, std 1.
 The responses of one prompt share the prompt (and a right and a wrong answer
 worded alike share nearly everything), so training packs each prompt into one
 row: the shared prefix once, then each response's rest, with an attention mask
-that lets each token see only its own sequence (collate_shared). The rewards,
-the losses and the gradients are those of a row per sequence; the step is ~1.5x
-faster on the small preset's batches (tests/bench/bench_reward.py).
+that lets each token see only its own sequence (collate_shared), and batches
+rows of similar packed length (row_length). The rewards, the losses and the
+gradients are those of a row per sequence; the step is ~1.5x faster on the
+small preset's batches (tests/bench/bench_reward.py).
 """
 
 import argparse
@@ -246,14 +247,16 @@ def pack_groups(groups, order, batch_size):
     return batches
 
 
-def pair_batches(groups, batch_size, seed, epoch, sort_window=1):
+def pair_batches(groups, batch_size, seed, epoch, sort_window=1, lengths=None):
     """One epoch's batches (lists of group indices): the groups in an order drawn
     from (seed, epoch), packed by pack_groups, so chosen and rejected of one
     prompt (or all pairs of a ranking) are always in the same batch.
     sort_window > 1: the shuffled groups are cut into windows of about that many
     batches and sorted by length inside each window, so that a batch holds
-    sequences of similar length (less padding: the same pairs in less time);
-    the batches are then shuffled, so the order of lengths is random too."""
+    rows of similar length (less padding: the same pairs in less time); the
+    batches are then shuffled, so the order of lengths is random too.
+    lengths: each group's row length in a batch (row_length); None: its
+    longest sequence."""
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     order = torch.randperm(len(groups), generator=generator).tolist()
     if sort_window <= 1:
@@ -269,7 +272,8 @@ def pair_batches(groups, batch_size, seed, epoch, sort_window=1):
         windows.append(current)
     batches = []
     for window in windows:
-        window = sorted(window, key=lambda g: max(len(s) for s in groups[g]["seqs"]))  # stable: ties keep the order
+        window = sorted(window, key=lambda g: max(len(s) for s in groups[g]["seqs"]) if lengths is None
+                        else lengths[g])  # stable: ties keep the order
         batches += pack_groups(groups, window, batch_size)
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
@@ -367,6 +371,16 @@ def pack_group(seqs):
         branches += [b] * (len(s) - shared)
         ends.append(len(ids) - 1)
     return ids, positions, branches, ends
+
+
+def row_length(group, share_prefix):
+    """The tokens a group takes in a training batch: its one packed row
+    (pack_group: the shared prefix once, then each sequence's rest) with
+    share_prefix, else its longest sequence (every sequence is a row of that
+    length once padded). pair_batches sorts by it."""
+    if share_prefix:
+        return len(pack_group(group["seqs"])[0])
+    return max(len(s) for s in group["seqs"])
 
 
 def tree_mask(positions, branches):
@@ -746,7 +760,8 @@ def run(config, flags=()):
 
     stopper = StopRequested()
     end_iter = config["max_iters"] if config["stop_at_iter"] <= 0 else min(config["stop_at_iter"], config["max_iters"])
-    batches = pair_batches(train_groups, config["batch_size"], config["seed"], epoch, config["sort_window"])
+    lengths = [row_length(g, config["share_prefix"]) for g in train_groups]
+    batches = pair_batches(train_groups, config["batch_size"], config["seed"], epoch, config["sort_window"], lengths)
     metrics = evaluate_all(start_iter) if start_iter == 0 else {}
     t_start = time.time()
     t_train = 0.0  # seconds spent in training steps, for the ETA
@@ -761,7 +776,8 @@ def run(config, flags=()):
                 group["lr"] = lr
             if position >= len(batches):  # next epoch, in a new order
                 epoch, position = epoch + 1, 0
-                batches = pair_batches(train_groups, config["batch_size"], config["seed"], epoch, config["sort_window"])
+                batches = pair_batches(train_groups, config["batch_size"], config["seed"], epoch,
+                                       config["sort_window"], lengths)
             batch_groups = [train_groups[g] for g in batches[position]]
             position += 1
             with ctx:

@@ -265,6 +265,29 @@ def test_pair_batches_sort_window_batches_similar_lengths():
     assert firsts != sorted(firsts), "the batches themselves come in a random order"
 
 
+def test_pair_batches_sort_by_the_lengths_given():
+    # every group has the same longest sequence, so only `lengths` can tell them apart
+    rng = random.Random(0)
+    groups = [{"seqs": [[0] * 30, [0] * 30], "pairs": [(0, 1)], "gold": [True]} for _ in range(400)]
+    lengths = [rng.randint(3, 60) for _ in groups]
+
+    def padded_tokens(batches):
+        return sum(len(b) * max(lengths[g] for g in b) for b in batches)
+
+    by_sequence = reward.pair_batches(groups, 10, seed=1, epoch=0, sort_window=8)
+    by_row = reward.pair_batches(groups, 10, seed=1, epoch=0, sort_window=8, lengths=lengths)
+    assert sorted(g for b in by_row for g in b) == list(range(400)) and all(len(b) <= 10 for b in by_row)
+    assert padded_tokens(by_row) < 0.8 * padded_tokens(by_sequence), "batches of similar given lengths"
+
+
+def test_row_length_is_the_packed_row_or_the_longest_sequence():
+    group = {"seqs": [[1, 2, 3, 9], [1, 2, 4, 5, 9], [1, 2, 3, 7, 9]], "pairs": [(0, 1), (0, 2)], "gold": [None] * 2}
+    # shared prefix [1, 2]; rests [3, 9], [4, 5, 9], [3, 7, 9]
+    assert reward.row_length(group, share_prefix=True) == 2 + 2 + 3 + 3
+    assert reward.row_length(group, share_prefix=True) == len(reward.pack_group(group["seqs"])[0])
+    assert reward.row_length(group, share_prefix=False) == 5, "a row per sequence: the longest"
+
+
 def test_differs_only_in_answer_finds_right_wrong_pairs_in_the_same_words():
     same_words = [("Anna has 6 bells now.", "Anna has 7 bells now."),
                   ("Sara has 0 carrots left.", "Sara has 1 carrot left."),       # two words differ
@@ -397,7 +420,8 @@ def test_training_losses_are_the_pairwise_plus_lm_loss_either_layout(world):
 
 def test_share_prefix_off_and_on_train_the_same_model(world, tmp_path):
     root, _ = world
-    common = dict(max_iters=6, eval_interval=6, norm_prompts=0, dropout=0.0)
+    # sort_window 1: the same batches either way (sorted, they would follow each layout's row_length)
+    common = dict(max_iters=6, eval_interval=6, norm_prompts=0, dropout=0.0, sort_window=1)
     plain = reward.run(tiny_config(root, tmp_path / "plain", share_prefix=False, **common))
     shared = reward.run(tiny_config(root, tmp_path / "shared", share_prefix=True, **common))
     assert shared["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-4), "the same steps, so the same model"

@@ -4,11 +4,13 @@ per prompt with its responses branching off it (collate_shared, the default).
     python tests/bench/bench_reward.py [--dataset tinyworld] [--oversample arithmetic:8] [--steps 60]
 
 Model: the `small` preset of train.py with random weights (speed does not depend
-on them) and the dataset's tokenizer; batches: reward.py's own (32 pairs,
-sort_window 16) of the dataset's prefs_train.jsonl, built offline if missing.
-Each step is forward, pairwise loss + LM loss and backward (no update, so both
-ways see the same weights), the two ways timed alternately on the same batches.
-Both give the same loss (checked).
+on them) and the dataset's tokenizer; batches of 32 pairs of the dataset's
+prefs_train.jsonl (built offline if missing), sorted by length within windows
+of 16 batches: by the longest sequence for the first two ways (the same
+batches), by the packed row (row_length, what reward.py does) for the third.
+Each step is forward, pairwise loss + LM loss and backward (no update, so every
+way sees the same weights), the three ways timed in turn, step by step. The
+first two give the same loss on the same batch (checked).
 """
 
 import argparse
@@ -52,35 +54,42 @@ def main():
     if args.oversample:
         groups, _ = reward.oversample_groups(groups, prepare_data.read_jsonl(train_path),
                                              reward.parse_oversample(args.oversample))
-    batches = reward.pair_batches(groups, 32, 1337, 0, 16)[:args.steps + 10]
+    by_sequence = reward.pair_batches(groups, 32, 1337, 0, 16)[:args.steps + 10]
+    lengths = [reward.row_length(g, True) for g in groups]
+    by_row = reward.pair_batches(groups, 32, 1337, 0, 16, lengths)[:args.steps + 10]
     torch.manual_seed(0)
     model = ScalarHeadModel(config)
 
-    first = [groups[g] for g in batches[0]]
+    first = [groups[g] for g in by_sequence[0]]
     worst = abs(step_loss(model, first, False).item() - step_loss(model, first, True).item())
-    seconds, tokens = {False: 0.0, True: 0.0}, {False: 0, True: 0}
-    for step, batch in enumerate(batches):
-        batch_groups = [groups[g] for g in batch]
-        for shared in ((False, True) if step % 2 else (True, False)):
+    # (name, share_prefix, batches): the first two see the same batches, the third reward.py's own
+    ways = [("a row per sequence (collate)", False, by_sequence),
+            ("a row per prompt (collate_shared)", True, by_sequence),
+            ("the same, batches sorted by row", True, by_row)]
+    seconds, tokens, pairs = [0.0] * 3, [0] * 3, [0] * 3
+    for step in range(len(by_sequence)):
+        for k in [(step + j) % 3 for j in range(3)]:  # the order rotates: no way always runs first
+            name, shared, batches = ways[k]
+            batch_groups = [groups[g] for g in batches[step]]
             t0 = time.perf_counter()
             step_loss(model, batch_groups, shared).backward()
             model.zero_grad(set_to_none=True)
             if step >= 10:
-                seconds[shared] += time.perf_counter() - t0
-                tokens[shared] += batch_tokens(batch_groups, shared)  # counted outside the timing
-    n_pairs = sum(len(groups[g]["pairs"]) for batch in batches[10:] for g in batch)
+                seconds[k] += time.perf_counter() - t0
+                tokens[k] += batch_tokens(batch_groups, shared)  # counted outside the timing
+                pairs[k] += sum(len(g["pairs"]) for g in batch_groups)
+    steps = len(by_sequence) - 10
     print(f"model: small preset ({config.n_layer} layers, {config.n_embd} wide, vocab {config.vocab_size}), "
-          f"{args.dataset}{' ' + args.oversample if args.oversample else ''}, {len(batches) - 10} steps of "
+          f"{args.dataset}{' ' + args.oversample if args.oversample else ''}, {steps} steps of "
           f"32 pairs, {torch.get_num_threads()} threads, cpu\n")
     print(f"| {'training step':33s} | {'ms/step':>8s} | {'pairs/s':>8s} | {'tokens/step':>12s} |")
     print(f"|{'-' * 35}|{'-' * 10}|{'-' * 10}|{'-' * 14}|")
-    steps = len(batches) - 10
-    for name, shared in (("a row per sequence (collate)", False), ("a row per prompt (collate_shared)", True)):
-        print(f"| {name:33s} | {1000 * seconds[shared] / steps:8.1f} | {n_pairs / seconds[shared]:8.0f} | "
-              f"{tokens[shared] / steps:12.0f} |")
-    print(f"\nspeedup of collate_shared: {seconds[False] / seconds[True]:.2f}x; "
-          f"loss difference on the first batch {worst:.1e} (the same model either way)")
-
+    for k, (name, _, _) in enumerate(ways):
+        print(f"| {name:33s} | {1000 * seconds[k] / steps:8.1f} | {pairs[k] / seconds[k]:8.0f} | "
+              f"{tokens[k] / steps:12.0f} |")
+    print(f"\nspeedup of collate_shared: {seconds[0] / seconds[1]:.2f}x on the same batches, "
+          f"{pairs[2] / seconds[2] / (pairs[0] / seconds[0]):.2f}x in pairs/s with batches sorted by row "
+          f"(row_length); loss difference on the first batch {worst:.1e} (the same model either way)")
 
 if __name__ == "__main__":
     main()
