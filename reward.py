@@ -99,7 +99,7 @@ PRESETS = {
     # seconds, for tests
     "tiny": dict(batch_size=8, max_iters=30, warmup_iters=3, eval_interval=15, log_interval=5,
                  learning_rate=1e-3, lm_coef=1.0, norm_prompts=16, norm_max_new_tokens=8, eval_batch_size=32),
-    # a 2-core laptop CPU: 2.4 epochs of tinyworld's 12000 pairs in about 2.5 minutes (136 s measured)
+    # a 2-core laptop CPU: 2.4 epochs of tinyworld's 12000 pairs in about 2.5 minutes (137-142 s measured)
     "small": dict(batch_size=32, max_iters=900, warmup_iters=30, eval_interval=300, log_interval=25,
                   learning_rate=1e-3, dropout=0.0, lm_coef=1.0, norm_prompts=256, norm_max_new_tokens=64),
     # 85% against the gold labels, at 1.5x the time (about 4.5 minutes here): 36,000 pairs, 1,800
