@@ -261,6 +261,8 @@ def pair_batches(groups, batch_size, seed, epoch, sort_window=1, lengths=None):
     order = torch.randperm(len(groups), generator=generator).tolist()
     if sort_window <= 1:
         return pack_groups(groups, order, batch_size)
+    if lengths is None:
+        lengths = [row_length(g, share_prefix=False) for g in groups]
     windows, current, n_pairs = [], [], 0
     for g in order:
         current.append(g)
@@ -272,8 +274,7 @@ def pair_batches(groups, batch_size, seed, epoch, sort_window=1, lengths=None):
         windows.append(current)
     batches = []
     for window in windows:
-        window = sorted(window, key=lambda g: max(len(s) for s in groups[g]["seqs"]) if lengths is None
-                        else lengths[g])  # stable: ties keep the order
+        window = sorted(window, key=lambda g: lengths[g])  # stable: ties keep the order
         batches += pack_groups(groups, window, batch_size)
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
