@@ -83,7 +83,7 @@ MIRROR_ENV = "STAGEGPT_MIRROR"    # base URL that replaces every source's host (
 DATASETS = {
     "tinyworld":   {"kind": "generated", "vocab_size": 2048, "val_fraction": 0.05},
     # tinyworld with 24,000 more preference pairs (36,000), every other file byte-identical:
-    # what reward.py's small-long preset needs to judge sums (README, stage 5)
+    # what reward.py's small preset needs to judge sums (README, stage 5)
     "tinyworld-prefs36k": {"kind": "generated", "vocab_size": 2048, "val_fraction": 0.05, "prefs_extra": 24000},
     "shakespeare": {"kind": "pretrain", "sources": ["shakespeare"], "vocab_size": 1024, "val_fraction": 0.10},
     "tinystories": {"kind": "pretrain", "sources": ["tinystories"], "vocab_size": 2048, "val_fraction": 0.05},

@@ -121,6 +121,45 @@ def test_explicit_attention_matches_sdpa():
     assert torch.allclose(explicit_attention(q, k, v, mask), expected, atol=1e-5)
 
 
+def test_attend_matches_the_explicit_reference_in_each_case():
+    torch.manual_seed(0)
+    attn = tiny_model().transformer.h[0].attn.eval()
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8)
+    full = causal_mask(5, 5, "cpu")
+    torch.testing.assert_close(attn.attend(q, k, v), explicit_attention(q, k, v, full), atol=1e-5, rtol=1e-5,
+                               msg="no mask: causal attention")
+    torch.testing.assert_close(attn.attend(q[:, :, 3:], k, v), explicit_attention(q[:, :, 3:], k, v, full[3:]),
+                               atol=1e-5, rtol=1e-5, msg="2 queries after 3 cached keys")
+    torch.testing.assert_close(attn.attend(q[:, :, 4:], k, v), explicit_attention(q[:, :, 4:], k, v, full[4:]),
+                               atol=1e-5, rtol=1e-5, msg="one new query sees every key")
+    mask = torch.rand(2, 1, 5, 5) > 0.5
+    mask[..., 0] = True  # every query sees something
+    torch.testing.assert_close(attn.attend(q, k, v, mask), explicit_attention(q, k, v, mask), atol=1e-5,
+                               rtol=1e-5, msg="a given mask replaces the causal one")
+
+
+def test_cpu_bf16_autocast_attends_in_float32(monkeypatch):
+    # bf16 attention kernels are ~3.5x slower than float32 on a CPU without AMX: attention must
+    # run in float32 there while the matrix products around it stay in bf16
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    m = tiny_model().eval()
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = m.hidden_states(idx)
+        projected = m.transformer.h[0].attn(torch.randn(2, 12, 32))
+    assert seen[:m.config.n_layer] == [torch.float32] * m.config.n_layer, \
+        f"attention ran in {seen}, expected float32 in every layer"
+    assert projected.dtype == torch.bfloat16, "the projections around attention stay in bf16 under autocast"
+    torch.testing.assert_close(hidden.float(), m.hidden_states(idx), atol=0.1, rtol=0.05)
+
+
 def test_swiglu_mlp_is_gated():
     m = tiny_model(mlp="swiglu")
     mlp = m.transformer.h[0].mlp

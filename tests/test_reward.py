@@ -776,7 +776,7 @@ def test_main_bad_inputs_give_one_line(world, tmp_path, capsys):
          "no pair of prefs_train.jsonl has one"),
         (base + [f"--data_dir={root / 'data'}", "--dataset=toy", "--oversample=toy:4,arithmetc:4"],
          "no task arithmetc in prefs_train.jsonl; the tasks there: toy"),
-        (["--config", "small-long", f"--init={tmp_path / 'out' / 'small' / 'sft'}", f"--out_dir={tmp_path / 'o2'}"],
+        (["--config", "small", f"--init={tmp_path / 'out' / 'small' / 'sft'}", f"--out_dir={tmp_path / 'o2'}"],
          "run `python sft.py --config small` first"),
         (["--config", "tiny", f"--out_dir={tmp_path / 'none'}", "--resume"], "does not exist"),
         (["--score", "--ckpt", str(root / "sft"), "--prompt", "p", "--response", "r"], "'sft' checkpoint"),

@@ -1,5 +1,6 @@
 """Benchmark of a reward-model training step: a row per sequence (collate) vs a row
-per prompt with its responses branching off it (collate_shared, the default).
+per prompt with its responses branching off it (collate_shared, the default),
+and the packed step in float32 vs bf16 autocast (the small preset's dtype).
 
     python tests/bench/bench_reward.py [--dataset tinyworld] [--oversample arithmetic:8] [--steps 60]
 
@@ -8,15 +9,20 @@ on them) and the dataset's tokenizer; batches of 32 pairs of the dataset's
 prefs_train.jsonl (built offline if missing), sorted by length within windows
 of 16 batches: by the longest sequence for the first two ways (the same
 batches), by the packed row (row_length, what reward.py does) for the third.
-Each step is forward, pairwise loss + LM loss and backward (no update, so every
-way sees the same weights), the three ways timed in turn, step by step. The
-first two give the same loss on the same batch (checked).
+The last two ways repeat the third under bf16 autocast: with attention in
+float32 (model.CausalSelfAttention.float32_on_cpu, what the stages do on a CPU)
+and with attention in bf16 too (the flag off). Each step is forward, pairwise
+loss + LM loss and backward (no update, so every way sees the same weights),
+the five ways timed in turn, step by step. The first two give the same loss on
+the same batch (checked).
 """
 
 import argparse
 import os
 import sys
 import time
+
+import contextlib
 
 import torch
 
@@ -25,7 +31,7 @@ import bpe  # noqa: E402
 import prepare_data  # noqa: E402
 import reward  # noqa: E402
 import train  # noqa: E402
-from model import GPTConfig, ScalarHeadModel  # noqa: E402
+from model import CausalSelfAttention, GPTConfig, ScalarHeadModel  # noqa: E402
 
 
 def step_loss(model, groups, share_prefix):
@@ -62,17 +68,25 @@ def main():
 
     first = [groups[g] for g in by_sequence[0]]
     worst = abs(step_loss(model, first, False).item() - step_loss(model, first, True).item())
-    # (name, share_prefix, batches): the first two see the same batches, the third reward.py's own
-    ways = [("a row per sequence (collate)", False, by_sequence),
-            ("a row per prompt (collate_shared)", True, by_sequence),
-            ("the same, batches sorted by row", True, by_row)]
-    seconds, tokens, pairs = [0.0] * 3, [0] * 3, [0] * 3
+    # (name, share_prefix, batches, dtype, attention in float32): the first two see the same
+    # batches, the others reward.py's own
+    ways = [("a row per sequence (collate)", False, by_sequence, None, True),
+            ("a row per prompt (collate_shared)", True, by_sequence, None, True),
+            ("the same, batches sorted by row", True, by_row, None, True),
+            ("the same, bf16, attention in fp32", True, by_row, torch.bfloat16, True),
+            ("the same, bf16, attention in bf16", True, by_row, torch.bfloat16, False)]
+    n = len(ways)
+    seconds, tokens, pairs = [0.0] * n, [0] * n, [0] * n
     for step in range(len(by_sequence)):
-        for k in [(step + j) % 3 for j in range(3)]:  # the order rotates: no way always runs first
-            name, shared, batches = ways[k]
+        for k in [(step + j) % n for j in range(n)]:  # the order rotates: no way always runs first
+            name, shared, batches, dtype, float32_attention = ways[k]
             batch_groups = [groups[g] for g in batches[step]]
+            CausalSelfAttention.float32_on_cpu = float32_attention
+            autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
             t0 = time.perf_counter()
-            step_loss(model, batch_groups, shared).backward()
+            with autocast:
+                loss = step_loss(model, batch_groups, shared)
+            loss.backward()
             model.zero_grad(set_to_none=True)
             if step >= 10:
                 seconds[k] += time.perf_counter() - t0
@@ -84,12 +98,15 @@ def main():
           f"32 pairs, {torch.get_num_threads()} threads, cpu\n")
     print(f"| {'training step':33s} | {'ms/step':>8s} | {'pairs/s':>8s} | {'tokens/step':>12s} |")
     print(f"|{'-' * 35}|{'-' * 10}|{'-' * 10}|{'-' * 14}|")
-    for k, (name, _, _) in enumerate(ways):
+    CausalSelfAttention.float32_on_cpu = True
+    for k, (name, *_) in enumerate(ways):
         print(f"| {name:33s} | {1000 * seconds[k] / steps:8.1f} | {pairs[k] / seconds[k]:8.0f} | "
               f"{tokens[k] / steps:12.0f} |")
     print(f"\nspeedup of collate_shared: {seconds[0] / seconds[1]:.2f}x on the same batches, "
           f"{pairs[2] / seconds[2] / (pairs[0] / seconds[0]):.2f}x in pairs/s with batches sorted by row "
           f"(row_length); loss difference on the first batch {worst:.1e} (the same model either way)")
+    print(f"bf16 autocast on the sorted batches: {seconds[2] / seconds[3]:.2f}x faster than float32 with "
+          f"attention in float32, {seconds[2] / seconds[4]:.2f}x with attention in bf16 too")
 
 if __name__ == "__main__":
     main()
