@@ -30,7 +30,7 @@ worded alike share nearly everything), so training packs each prompt into one
 row: the shared prefix once, then each response's rest, with an attention mask
 that lets each token see only its own sequence (collate_shared), and batches
 rows of similar packed length (row_length). The rewards, the losses and the
-gradients are those of a row per sequence; the step is ~1.7x faster on the
+gradients are those of a row per sequence; the step is ~1.55x faster on the
 small preset's batches, and bf16 autocast makes it 1.5x faster again on a CPU
 (tests/bench/bench_reward.py).
 """
@@ -99,7 +99,8 @@ PRESETS = {
     # seconds, for tests
     "tiny": dict(batch_size=8, max_iters=30, warmup_iters=3, eval_interval=15, log_interval=5,
                  learning_rate=1e-3, lm_coef=1.0, norm_prompts=16, norm_max_new_tokens=8, eval_batch_size=32),
-    # a 2-core laptop CPU, about 3 minutes (162-175 s measured), 85-87% against the gold labels:
+    # a 2-core laptop CPU, about 3 minutes (151-162 s measured; 184 s building the data first), 85-87%
+    # against the gold labels:
     # 36,000 pairs (tinyworld-prefs36k, built on first use), the right-vs-wrong sums shown 8x
     # as often, 1,800 steps, bf16 autocast (attention in float32: model.CausalSelfAttention)
     # with the LM term (README, stage 5)
