@@ -2,7 +2,7 @@
 ppo.py: RLHF with PPO. The policy learns to please the reward model while a KL
 penalty keeps it close to the SFT model it started from.
 
-    python ppo.py --config small                  # a 2-core laptop CPU, about 6 minutes
+    python ppo.py --config small                  # a 2-core laptop CPU, about 5 minutes
     python ppo.py --config small --kl_coef=0 --out_dir=out/small/ppo-nokl   # no leash: the RM gets gamed
     python ppo.py --config small --resume         # continue out/small/ppo/ckpt.pt
 
@@ -112,7 +112,7 @@ PRESETS = {
     "tiny": dict(batch_size=8, samples_per_prompt=2, max_new_tokens=12, temperature=1.0, ppo_epochs=2,
                  minibatch_size=8, learning_rate=1e-3, critic_lr=1e-3, max_iters=4, eval_prompts=8, save_interval=2,
                  log_interval=1),
-    # a 2-core laptop CPU, about 6 minutes (361 s measured): 4 layers x 128 wide, tinyworld
+    # a 2-core laptop CPU, about 5 minutes (289-371 s measured): 4 layers x 128 wide, tinyworld
     "small": dict(batch_size=16, samples_per_prompt=4, max_new_tokens=40, temperature=0.7, ppo_epochs=4,
                   minibatch_size=16, learning_rate=3e-5, critic_lr=1e-4, kl_coef=0.1, max_iters=120,
                   eval_interval=40, eval_prompts=200, save_interval=20),
