@@ -507,7 +507,7 @@ def score_sequences(model, sequences, batch_size=64, normalizer=None):
     for start in range(0, len(sequences), batch_size):
         rows = order[start:start + batch_size]
         ids, lengths = pad_right([sequences[i] for i in rows])
-        rewards[rows] = read_last(model(ids.to(device)), lengths).float().cpu()
+        rewards[rows] = read_last(model(ids.to(device)), lengths).cpu()
     model.train(was_training)
     if normalizer is not None:
         rewards = (rewards - normalizer["bias"]) / normalizer["scale"]

@@ -99,11 +99,10 @@ PRESETS = {
     # seconds, for tests
     "tiny": dict(batch_size=8, max_iters=30, warmup_iters=3, eval_interval=15, log_interval=5,
                  learning_rate=1e-3, lm_coef=1.0, norm_prompts=16, norm_max_new_tokens=8, eval_batch_size=32),
-    # a 2-core laptop CPU, about 3 minutes (151-162 s measured; 184 s building the data first), 85-87%
-    # against the gold labels:
-    # 36,000 pairs (tinyworld-prefs36k, built on first use), the right-vs-wrong sums shown 8x
-    # as often, 1,800 steps, bf16 autocast (attention in float32: model.CausalSelfAttention)
-    # with the LM term (README, stage 5)
+    # a 2-core laptop CPU, about 3 minutes (151-162 s measured; 184 s building the data first),
+    # 85-87% against the gold labels: 36,000 pairs (tinyworld-prefs36k, built on first use), the
+    # right-vs-wrong sums shown 8x as often, 1,800 steps, the LM term, bf16 autocast (attention
+    # in float32: model.CausalSelfAttention) (README, stage 5)
     "small": dict(dataset="tinyworld-prefs36k", batch_size=32, max_iters=1800, warmup_iters=30,
                   eval_interval=600, log_interval=25, learning_rate=1e-3, dropout=0.0, lm_coef=1.0,
                   oversample="arithmetic:8", dtype="bfloat16", norm_prompts=256, norm_max_new_tokens=64),
@@ -759,7 +758,11 @@ def run(config, flags=()):
 
     stopper = StopRequested()
     end_iter = config["max_iters"] if config["stop_at_iter"] <= 0 else min(config["stop_at_iter"], config["max_iters"])
-    lengths = [row_length(g, config["share_prefix"]) for g in train_groups]
+    measured = {}  # an oversampled pair is the same group object K times: pack each once
+    for g in train_groups:
+        if id(g) not in measured:
+            measured[id(g)] = row_length(g, config["share_prefix"])
+    lengths = [measured[id(g)] for g in train_groups]
     batches = pair_batches(train_groups, config["batch_size"], config["seed"], epoch, config["sort_window"], lengths)
     metrics = evaluate_all(start_iter) if start_iter == 0 else {}
     t_start = time.time()

@@ -18,11 +18,10 @@ the same batch (checked).
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
-
-import contextlib
 
 import torch
 
