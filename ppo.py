@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 import bpe
 import prepare_data
+from train import resolve_dtype
 from model import (CheckpointError, StopRequested, append_jsonl, autocast_context, clean_state_dict, clip_gradients,
                    configure_optimizer, format_eta, generate_responses, load_checkpoint, model_from_checkpoint,
                    pad_right, parent_record, parse_config, pick_device, pick_dtype, plot_curves, read_jsonl_log,
@@ -103,7 +104,7 @@ DEFAULTS = dict(
     stop_at_iter=0,              # stop (and save) after this many iterations; 0 = run to max_iters
     # system
     device="auto",               # auto | cpu | cuda | mps
-    dtype="float32",             # float32 | bfloat16 | float16 | auto (autocast for the forward passes)
+    dtype="auto",                # auto | float32 | bfloat16 | float16 (autocast for the forward passes)
     seed=1337,
 )
 
@@ -112,14 +113,14 @@ PRESETS = {
     "tiny": dict(batch_size=8, samples_per_prompt=2, max_new_tokens=12, temperature=1.0, ppo_epochs=2,
                  minibatch_size=8, learning_rate=1e-3, critic_lr=1e-3, max_iters=4, eval_prompts=8, save_interval=2,
                  log_interval=1),
-    # a 2-core laptop CPU, about 5 minutes (289-371 s measured): 4 layers x 128 wide, tinyworld
+    # a 2-core laptop CPU, after reward.py --config small
     "small": dict(batch_size=16, samples_per_prompt=4, max_new_tokens=40, temperature=0.7, ppo_epochs=4,
-                  minibatch_size=16, learning_rate=3e-5, critic_lr=1e-4, kl_coef=0.1, max_iters=120,
-                  eval_interval=40, eval_prompts=200, save_interval=20),
+                  minibatch_size=16, learning_rate=3e-5, critic_lr=1e-4, kl_coef=0.1, max_iters=60,
+                  eval_interval=30, eval_prompts=200, save_interval=15),
     # GPT-2 124M class on one GPU
     "gpt2": dict(batch_size=128, samples_per_prompt=4, max_new_tokens=128, ppo_epochs=4, minibatch_size=64,
                  gen_batch_size=512, learning_rate=1e-5, critic_lr=3e-5, kl_coef=0.05, max_iters=300,
-                 eval_interval=50, eval_prompts=0, save_interval=25, dtype="auto"),
+                 eval_interval=50, eval_prompts=0, save_interval=25),
 }
 
 
@@ -532,8 +533,7 @@ def run(config, flags=()):
     check_config(config)
     device = pick_device(config["device"])
     device_type = device.split(":")[0]
-    dtype = pick_dtype(config["dtype"], device_type)
-    ctx = autocast_context(device_type, dtype)
+    pick_dtype(config["dtype"], device_type)  # a bad name fails before any work
     init_dir, reward_dir, out_dir = resolve_dirs(config)
     ckpt_path, critic_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "critic.pt")
     log_path = os.path.join(out_dir, "log.jsonl")
@@ -578,6 +578,20 @@ def run(config, flags=()):
     reference = model_from_checkpoint(sft_ckpt, device).eval().requires_grad_(False)
     reward_model = scalar_model_from_checkpoint(rm_ckpt, device).eval().requires_grad_(False)
     critic = critic_from_reward_model(rm_ckpt, device).eval()
+
+    def sample_and_backward(autocast, prompts):
+        """A little of both halves of an iteration: sampling, then a forward and backward pass."""
+        with autocast:
+            sampled = generate_responses(policy, prompts, 8, special["end"], config["temperature"], config["seed"])
+            ids, _ = build_sequences(prompts, [r for r, _ in sampled], pad_value=special["end"])
+            loss = sequence_logprobs(policy, ids.to(device), config["temperature"]).sum()
+        loss.backward()
+
+    # precision, measured on a few prompts (before the optimizers exist: no state to disturb)
+    probe = [tokenizer.encode_chat(r["prompt"])[0][-(policy.config.block_size - 8):] for r in train_records[:8]]
+    dtype, dtype_why = resolve_dtype(config["dtype"], device_type, lambda c: sample_and_backward(c, probe))
+    policy.zero_grad(set_to_none=True)
+    ctx = autocast_context(device_type, dtype)
     policy_optimizer = configure_optimizer(policy, config["learning_rate"], config["weight_decay"],
                                            (config["beta1"], config["beta2"]), device_type)
     critic_optimizer = configure_optimizer(critic, config["critic_lr"], config["weight_decay"],
@@ -602,7 +616,9 @@ def run(config, flags=()):
     n_responses = config["batch_size"] * config["samples_per_prompt"]
     print(f"{STAGE}: policy {policy.num_params() / 1e6:.2f}M parameters from {sft_path}, reward model "
           f"{rm_path}; {len(train_records)} prompts, {n_responses} responses/iter, {config['ppo_epochs']} epochs "
-          f"of minibatch {config['minibatch_size']}, beta {kl_controller.value}, device {device}, {dtype}")
+          f"of minibatch {config['minibatch_size']}, beta {kl_controller.value}, device {device}, "
+          f"{dtype} ({dtype_why})")
+    append_jsonl(log_path, {"iter": start_iter, "dtype": dtype, "dtype_why": dtype_why})
 
     def run_eval(it):
         nonlocal sft_eval
@@ -622,7 +638,7 @@ def run(config, flags=()):
         return record
 
     def save(it, metrics):
-        base = {"tokenizer": tokenizer.to_dict(), "config": dict(config), "metrics": metrics}
+        base = {"tokenizer": tokenizer.to_dict(), "config": dict(config, dtype=dtype), "metrics": metrics}
         critic_ckpt = dict(base, stage="critic", model_args=dict(rm_ckpt["model_args"]),
                            model=clean_state_dict(critic), parent=rm_record,
                            resume={"optimizer": critic_optimizer.state_dict(), "iter": it})

@@ -31,8 +31,7 @@ row: the shared prefix once, then each response's rest, with an attention mask
 that lets each token see only its own sequence (collate_shared), and batches
 rows of similar packed length (row_length). The rewards, the losses and the
 gradients are those of a row per sequence; the step is ~1.55x faster on the
-small preset's batches, and bf16 autocast makes it 1.5x faster again on a CPU
-(tests/bench/bench_reward.py).
+small preset's batches (tests/bench/bench_reward.py).
 """
 
 import argparse
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 
 import bpe
 import prepare_data
+from train import resolve_dtype
 from model import (CheckpointError, GPTConfig, ScalarHeadModel, StopRequested, answer_prompts, append_jsonl,
                    autocast_context, clean_state_dict, clip_gradients, configure_optimizer, cosine_lr, format_eta,
                    load_checkpoint, model_from_checkpoint, pad_right, parent_record, parse_config, pick_device,
@@ -99,13 +99,11 @@ PRESETS = {
     # seconds, for tests
     "tiny": dict(batch_size=8, max_iters=30, warmup_iters=3, eval_interval=15, log_interval=5,
                  learning_rate=1e-3, lm_coef=1.0, norm_prompts=16, norm_max_new_tokens=8, eval_batch_size=32),
-    # a 2-core laptop CPU, about 3 minutes (151-162 s measured; 184 s building the data first),
-    # 85-87% against the gold labels: 36,000 pairs (tinyworld-prefs36k, built on first use), the
-    # right-vs-wrong sums shown 8x as often, 1,800 steps, the LM term, bf16 autocast (attention
-    # in float32: model.CausalSelfAttention) (README, stage 5)
+    # a 2-core laptop CPU, after sft.py --config small: 36,000 pairs (tinyworld-prefs36k, built on first
+    # use), the right-vs-wrong sums shown 8x as often (the sums are learned late), the LM term (README, stage 5)
     "small": dict(dataset="tinyworld-prefs36k", batch_size=32, max_iters=1800, warmup_iters=30,
                   eval_interval=600, log_interval=25, learning_rate=1e-3, dropout=0.0, lm_coef=1.0,
-                  oversample="arithmetic:8", dtype="bfloat16", norm_prompts=256, norm_max_new_tokens=64),
+                  oversample="arithmetic:8", norm_prompts=256, norm_max_new_tokens=64),
     # GPT-2 124M on a GPU, human preferences (InstructGPT: one epoch, lr ~1e-5)
     "gpt2": dict(dataset="hh", batch_size=64, max_iters=1000, warmup_iters=50, eval_interval=200,
                  log_interval=10, learning_rate=1e-5, norm_prompts=512, norm_max_new_tokens=128,
@@ -605,9 +603,7 @@ def run(config, flags=()):
     check_config(config)
     device = pick_device(config["device"])
     device_type = "cuda" if device.startswith("cuda") else ("mps" if device.startswith("mps") else "cpu")
-    dtype = pick_dtype(config["dtype"], device_type)
-    ctx = autocast_context(device_type, dtype)
-    scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
+    pick_dtype(config["dtype"], device_type)  # a bad name fails before any work
 
     init_path, out_dir = resolve_paths(config)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -668,6 +664,18 @@ def run(config, flags=()):
         raise CheckpointError(f"checkpoint {init_file} weights do not fit its model_args "
                               f"({str(e).strip().splitlines()[0][:160]})") from None
     model.to(device)
+
+    def training_step(autocast, groups):
+        with autocast:
+            loss = training_losses(model, groups, config["share_prefix"], config["margin"], config["lm_coef"],
+                                   device)[0]
+        loss.backward()
+
+    # precision, measured on a few training groups (before the optimizer exists: no state to disturb)
+    dtype, dtype_why = resolve_dtype(config["dtype"], device_type, lambda c: training_step(c, train_groups[:8]))
+    model.zero_grad(set_to_none=True)
+    ctx = autocast_context(device_type, dtype)
+    scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
     optimizer = configure_optimizer(model, config["learning_rate"], config["weight_decay"],
                                     (config["beta1"], config["beta2"]), device_type)
     start_iter, epoch, position = 0, 0, 0  # position: the next batch of this epoch
@@ -689,7 +697,9 @@ def run(config, flags=()):
           f"({init['stage']}); {n_train_pairs} train pairs{' per epoch' if config['oversample'] else ''} "
           f"({n_prompts} prompts), "
           f"{sum(len(g['pairs']) for g in val_groups)} val pairs; {config['batch_size']} pairs/step, "
-          f"device {device}, {dtype}" + (f"; labeller agreement on val {agreement:.3f}" if agreement is not None else ""))
+          f"device {device}, {dtype} ({dtype_why})"
+          + (f"; labeller agreement on val {agreement:.3f}" if agreement is not None else ""))
+    append_jsonl(log_path, {"iter": start_iter, "dtype": dtype, "dtype_why": dtype_why})
 
     norm_cache = {}
 
@@ -722,7 +732,7 @@ def run(config, flags=()):
             "model_args": dict(init["model_args"]),  # dropout was a training choice: later stages get the init's
             "model": clean_state_dict(model),
             "tokenizer": tokenizer.to_dict(),
-            "config": dict(config),
+            "config": dict(config, dtype=dtype),  # the precision that ran, not "auto"
             "parent": parent,
             "metrics": metrics,
             "reward_norm": {"bias": norm["bias"], "scale": norm["scale"]},

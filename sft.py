@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare_data
+from train import resolve_dtype
 from model import (CheckpointError, StopRequested, answer_prompts, append_jsonl, autocast_context, clean_state_dict,
                    clip_gradients, compile_or_fall_back, configure_optimizer, cosine_lr, format_eta,
                    forward_backward, load_checkpoint, model_from_checkpoint, parent_record, parse_config, pick_dtype,
@@ -85,9 +86,9 @@ PRESETS = {
     # seconds, for tests
     "tiny": dict(batch_size=8, max_iters=30, warmup_iters=3, learning_rate=1e-3, eval_interval=15,
                  eval_prompts=8, max_new_tokens=12, log_interval=5),
-    # a 2-core laptop CPU, after train.py --config small: 156 s measured, 78.5% of sft_val answers right
+    # a 2-core laptop CPU, after train.py --config small
     "small": dict(batch_size=32, max_iters=900, warmup_iters=30, learning_rate=2e-3, eval_interval=450,
-                  eval_prompts=200, dtype="bfloat16"),
+                  eval_prompts=200),
     # GPT-2 124M on GPUs, after train.py --config gpt2
     "gpt2": dict(dataset="alpaca", batch_size=16, grad_accum=8, block_size=512, pack=True, max_iters=1500,
                  learning_rate=3e-5, warmup_iters=50, eval_interval=250, eval_prompts=200,
@@ -276,9 +277,7 @@ def run(config, flags=()):
     rank, world, device = setup_distributed(config)
     master = rank == 0
     device_type = "cuda" if device.startswith("cuda") else ("mps" if device.startswith("mps") else "cpu")
-    dtype = pick_dtype(config["dtype"], device_type)
-    ctx = autocast_context(device_type, dtype)
-    scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
+    pick_dtype(config["dtype"], device_type)  # a bad name fails before any work
     if config["grad_accum"] % world:
         raise ValueError(f"grad_accum={config['grad_accum']} must be divisible by the number of processes ({world})")
     accum_per_rank = config["grad_accum"] // world
@@ -316,6 +315,13 @@ def run(config, flags=()):
 
     torch.manual_seed(config["seed"] + rank)
     model = model_from_checkpoint(dict(base, model_args=model_args), device)
+    # precision, measured on a few training rows (before the optimizer exists: no state to disturb)
+    x, y = collate(data["train"][:8])
+    dtype, dtype_why = resolve_dtype(config["dtype"], device_type,
+                                     lambda c: forward_backward(model, [(x.to(device), y.to(device))], c))
+    model.zero_grad(set_to_none=True)
+    ctx = autocast_context(device_type, dtype)
+    scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
     optimizer = configure_optimizer(model, config["learning_rate"], config["weight_decay"],
                                     (config["beta1"], config["beta2"]), device_type)
     start_iter, epoch, cursor = 0, 0, 0
@@ -346,7 +352,9 @@ def run(config, flags=()):
         print(f"{STAGE}: from {init_path} ({raw_model.num_params() / 1e6:.2f}M parameters), "
               f"{len(data['train_records'])} demonstrations in {n_train} rows"
               f"{' (packed)' if config['pack'] else ''}, {truncated['train']} truncated to {block_size + 1} "
-              f"tokens; {config['grad_accum'] * config['batch_size']} rows/iter, device {device} x{world}, {dtype}")
+              f"tokens; {config['grad_accum'] * config['batch_size']} rows/iter, device {device} x{world}, "
+              f"{dtype} ({dtype_why})")
+        append_jsonl(log_path, {"iter": start_iter, "dtype": dtype, "dtype_why": dtype_why})
 
     metrics = dict(resume["metrics"]) if resume is not None else {}
 
@@ -358,7 +366,7 @@ def run(config, flags=()):
             "model_args": dict(model_args, dropout=0.0),
             "model": clean_state_dict(raw_model),
             "tokenizer": tokenizer.to_dict(),
-            "config": dict(config),
+            "config": dict(config, dtype=dtype),  # the precision that ran, not "auto"
             "parent": parent,
             "metrics": metrics,
             "data": {"dataset": config["dataset"], "truncated": truncated},

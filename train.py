@@ -76,12 +76,12 @@ PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_iters=40,
                  warmup_iters=5, eval_interval=20, eval_iters=2, log_interval=10, sample_tokens=16,
                  learning_rate=3e-3),
-    # a 2-core laptop CPU: a fluent-looking model of tinyworld in about 3.5 minutes (201-210 s measured)
-    # rotary positions: at the same cost, val 0.228 bits/byte instead of 0.323, and the
-    # in-context copying the chat tasks need (cloze multiple choice 98% instead of 20%)
-    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, max_iters=1300,
-                  warmup_iters=100, eval_interval=260, eval_iters=20, learning_rate=2e-3, pos="rope",
-                  dtype="bfloat16", compile=True),
+    # a 2-core laptop CPU in minutes, float32 or bf16 (dtype auto). Three layers: the in-context copying
+    # the chat tasks need (rotary positions) appears after fewer tokens than with four at the same cost;
+    # block 128 holds every tinyworld document and chat example. Not compiled: a run this short would
+    # spend on compiling what compiling saves
+    "small": dict(n_layer=3, n_head=4, n_embd=128, block_size=128, batch_size=16, max_iters=1500,
+                  warmup_iters=100, eval_interval=375, eval_iters=20, learning_rate=3e-3, pos="rope"),
     # GPT-2 124M on GPUs (8 x 80 GB: 0.5M tokens per step as in the GPT-2 paper). Micro-batch 32:
     # on one H100, 41.0% MFU against 38.9% with 16 (tests/bench/bench_gpu.py), 22 GiB
     "gpt2": dict(dataset="tinystories", n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=32,
@@ -112,16 +112,17 @@ def load_dataset(config):
         if not os.path.exists(path):
             raise ValueError(f"{path} is missing: rerun `python prepare_data.py --dataset {config['dataset']} --force`")
         data[split] = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
-        if len(data[split]) <= config["block_size"] + 1:
-            raise ValueError(f"{path} has {len(data[split])} tokens, fewer than block_size + 2 = "
-                             f"{config['block_size'] + 2}: use a smaller --block_size or more data")
+        if len(data[split]) < config["block_size"] + 1:  # one window: block_size inputs and their next tokens
+            raise ValueError(f"{path} has {len(data[split])} tokens, fewer than block_size + 1 = "
+                             f"{config['block_size'] + 1}: use a smaller --block_size or more data")
     return data, tokenizer, meta
 
 
 def get_batch(data, block_size, batch_size, generator):
     """batch_size random windows of data: inputs x and targets y = x shifted by
     one, both (batch_size, block_size) int64. Starts drawn from `generator`."""
-    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).numpy()
+    # a window is block_size + 1 tokens, so the last valid start is len(data) - block_size - 1
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
     # one read of block_size + 1 tokens per window: x is all but the last, y all but the first
     windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
     return windows[:, :-1], windows[:, 1:]
@@ -166,6 +167,79 @@ def evaluate(model, data, config, byte_lengths, ctx, device):
 
 
 # -----------------------------------------------------------------------------
+# Precision: bf16 autocast only where it is measured to be faster
+
+# bf16 must win by this much: below it the choice could flip between runs on one machine
+BF16_MIN_SPEEDUP = 1.15
+
+
+def synchronize(device_type):
+    """Wait for queued kernels, so that a timer measures them (a CPU runs in order)."""
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()
+
+
+def measure_bf16_speedup(step, device_type, repeats=3, timer=time.perf_counter):
+    """float32 step time / bf16 autocast step time: above 1, bf16 is faster.
+    step(ctx) runs one forward and backward of the run's own model on a few rows.
+    Each precision is warmed up once, then timed `repeats` times, alternating (a
+    machine that drifts affects both alike); the fastest of each counts. A CPU
+    without native bf16 instructions emulates it ~10-20x slower: a warm-up that
+    slow already decides, so such a machine pays for two steps, not eight."""
+    def timed(dtype):
+        synchronize(device_type)
+        start = timer()
+        step(autocast_context(device_type, dtype))
+        synchronize(device_type)
+        return timer() - start
+
+    warm32, warm16 = timed("float32"), timed("bfloat16")
+    if warm16 > 3 * warm32:
+        return warm32 / warm16
+    best32, best16 = float("inf"), float("inf")
+    for _ in range(repeats):
+        best32 = min(best32, timed("float32"))
+        best16 = min(best16, timed("bfloat16"))
+    return best32 / best16
+
+
+def resolve_dtype(requested, device_type, step=None, timer=time.perf_counter):
+    """(dtype, why): the precision a training run uses, and the reason, for its
+    start-up line. An explicit float32 | bfloat16 | float16 is kept as asked.
+    'auto': on CUDA, bf16 where the card has it, else fp16 (with a gradient
+    scaler); elsewhere bf16 autocast only if measure_bf16_speedup(step) is at
+    least BF16_MIN_SPEEDUP, so that a laptop without native bf16 trains in
+    float32 rather than 10-20x slower. Under torchrun every rank takes rank 0's
+    answer (ranks that disagreed would run different kernels)."""
+    if requested != "auto":
+        pick_dtype(requested, device_type)  # checks the name
+        return requested, "as asked"
+    if device_type == "cuda":
+        dtype = pick_dtype("auto", device_type)
+        return dtype, "auto: " + ("the GPU supports bf16" if dtype == "bfloat16" else "the GPU has no bf16")
+    if step is None:
+        return "float32", "auto: nothing to measure"
+    choice = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        rng = torch.get_rng_state()  # the timed steps must not move the run's random state (dropout)
+        try:
+            speedup = measure_bf16_speedup(step, device_type, timer=timer)
+            faster = speedup >= BF16_MIN_SPEEDUP
+            choice[0] = ("bfloat16" if faster else "float32",
+                         f"auto: a bf16 autocast step measured {speedup:.2f}x the speed of float32's"
+                         + ("" if faster else f" (bf16 needs {BF16_MIN_SPEEDUP}x)"))
+        except RuntimeError as e:  # bf16 autocast not implemented for this device or an op
+            choice[0] = ("float32", f"auto: bf16 autocast failed here ({str(e).strip().splitlines()[0][:80]})")
+        finally:
+            torch.set_rng_state(rng)
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+# -----------------------------------------------------------------------------
 # The run
 
 def resolve_out_dir(config):
@@ -177,9 +251,7 @@ def run(config, flags=()):
     rank, world, device = setup_distributed(config)
     master = rank == 0
     device_type = "cuda" if device.startswith("cuda") else ("mps" if device.startswith("mps") else "cpu")
-    dtype = pick_dtype(config["dtype"], device_type)
-    ctx = autocast_context(device_type, dtype)
-    scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
+    pick_dtype(config["dtype"], device_type)  # a bad name fails before any work
     if config["grad_accum"] % world:
         raise ValueError(f"grad_accum={config['grad_accum']} must be divisible by the number of processes ({world})")
     accum_per_rank = config["grad_accum"] // world
@@ -204,6 +276,13 @@ def run(config, flags=()):
     torch.manual_seed(config["seed"] + rank)
     model_config = GPTConfig(vocab_size=tokenizer.vocab_size, **{k: config[k] for k in MODEL_KEYS})
     model = GPT(model_config).to(device)
+    # precision, measured on a few windows of the run's own shape (a generator of its own: the data order stays)
+    x, y = get_batch(data["train"], config["block_size"], min(4, config["batch_size"]), torch.Generator().manual_seed(0))
+    dtype, dtype_why = resolve_dtype(config["dtype"], device_type,
+                                     lambda c: forward_backward(model, [(x.to(device), y.to(device))], c))
+    model.zero_grad(set_to_none=True)
+    ctx = autocast_context(device_type, dtype)
+    scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
     optimizer = configure_optimizer(model, config["learning_rate"], config["weight_decay"],
                                     (config["beta1"], config["beta2"]), device_type)
     # the data order: a generator per process, so ranks see different windows
@@ -243,7 +322,8 @@ def run(config, flags=()):
     if master:
         print(f"{STAGE}: {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, dataset "
               f"{config['dataset']} ({len(data['train']):,} train tokens), {tokens_per_iter:,} tokens/iter, "
-              f"device {device} x{world}, {dtype}{', compiled' if config['compile'] else ''}")
+              f"device {device} x{world}, {dtype}{', compiled' if config['compile'] else ''} ({dtype_why})")
+        append_jsonl(log_path, {"iter": start_iter, "dtype": dtype, "dtype_why": dtype_why})
 
     def save(it, metrics):
         data_states = [data_gen.get_state()]
@@ -257,7 +337,7 @@ def run(config, flags=()):
             "model_args": vars(model_config).copy(),
             "model": clean_state_dict(raw_model),
             "tokenizer": tokenizer.to_dict(),
-            "config": dict(config),
+            "config": dict(config, dtype=dtype),  # the precision that ran, not "auto"
             "parent": None,
             "metrics": metrics,
             "data": {"dataset": config["dataset"], "meta": meta},

@@ -120,6 +120,87 @@ def test_pick_device_and_dtype():
         pick_dtype("fp8", "cpu")
 
 
+# --- precision: auto measures, an explicit dtype is kept ----------------------------
+
+class FakeClock:
+    """A timer for measure_bf16_speedup: each step advances it by the cost given for
+    its precision (bf16 autocast on or off), so the outcome is known in advance."""
+
+    def __init__(self, float32_cost, bf16_cost):
+        self.now, self.costs, self.calls = 0.0, {False: float32_cost, True: bf16_cost}, []
+
+    def __call__(self):
+        return self.now
+
+    def step(self, ctx):
+        with ctx:
+            bf16 = torch.is_autocast_enabled("cpu")
+        self.calls.append("bfloat16" if bf16 else "float32")
+        self.now += self.costs[bf16]
+
+
+def test_measure_bf16_speedup_is_the_ratio_of_the_fastest_steps():
+    clock = FakeClock(float32_cost=1.0, bf16_cost=0.5)
+    assert train.measure_bf16_speedup(clock.step, "cpu", repeats=3, timer=clock) == pytest.approx(2.0)
+    # a warm-up each, then alternating, so that a drifting machine affects both alike
+    assert clock.calls == ["float32", "bfloat16"] + ["float32", "bfloat16"] * 3
+
+
+def test_measure_bf16_speedup_stops_early_when_bf16_is_emulated():
+    clock = FakeClock(float32_cost=1.0, bf16_cost=12.0)  # a CPU without native bf16
+    assert train.measure_bf16_speedup(clock.step, "cpu", repeats=3, timer=clock) == pytest.approx(1 / 12)
+    assert clock.calls == ["float32", "bfloat16"], "one slow bf16 step decides; no more are paid for"
+
+
+@pytest.mark.parametrize("bf16_cost, expected", [(12.0, "float32"), (1.5, "float32"), (0.9, "float32"),
+                                                 (0.8, "bfloat16"), (0.5, "bfloat16")])
+def test_auto_dtype_picks_bf16_only_when_clearly_faster(bf16_cost, expected):
+    clock = FakeClock(float32_cost=1.0, bf16_cost=bf16_cost)
+    dtype, why = train.resolve_dtype("auto", "cpu", clock.step, timer=clock)
+    assert dtype == expected, f"bf16 step {bf16_cost}x float32's time: auto should pick {expected}"
+    assert why.startswith("auto:") and f"{1 / bf16_cost:.2f}x" in why
+
+
+def test_explicit_dtype_is_never_measured_or_overridden():
+    def step(ctx):
+        raise AssertionError("an explicit --dtype must not be measured")
+    for name in ("float32", "bfloat16", "float16"):
+        assert train.resolve_dtype(name, "cpu", step) == (name, "as asked")
+    with pytest.raises(ValueError, match="dtype 'fp8'"):
+        train.resolve_dtype("fp8", "cpu", step)
+
+
+def test_auto_dtype_on_a_real_model_keeps_the_random_state():
+    net = tiny_gpt()
+    x = torch.randint(0, 50, (2, 16))
+    before = torch.get_rng_state()
+    dtype, why = train.resolve_dtype("auto", "cpu", lambda c: model.forward_backward(net, [(x, x)], c))
+    assert dtype in ("float32", "bfloat16") and "measured" in why
+    assert torch.equal(torch.get_rng_state(), before), "the timed steps must not move the run's random state"
+
+
+def test_startup_line_log_and_checkpoint_name_the_chosen_dtype(data_dir, tmp_path, monkeypatch, capsys):
+    for speedup, expected in ((0.1, "float32"), (1.5, "bfloat16")):
+        monkeypatch.setattr(train, "measure_bf16_speedup", lambda *a, s=speedup, **k: s)
+        out = tmp_path / expected
+        train.run(tiny_config(data_dir, out, max_iters=4, eval_interval=4))
+        line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("pretrain:"))
+        assert f"{expected} (auto: a bf16 autocast step measured {speedup:.2f}x" in line, line
+        first = read_jsonl_log(str(out / "log.jsonl"))[0]
+        assert first["dtype"] == expected and first["iter"] == 0
+        assert load_checkpoint(str(out / "ckpt.pt"))["config"]["dtype"] == expected
+
+
+def test_no_preset_names_a_dtype():
+    import ppo
+    import reward
+    import sft
+    for stage in (train, sft, reward, ppo):
+        assert stage.DEFAULTS["dtype"] == "auto", f"{stage.__name__}.py: the default dtype should be auto"
+        for name, preset in stage.PRESETS.items():
+            assert "dtype" not in preset, f"{stage.__name__}.py preset {name!r} names a dtype"
+
+
 # --- learning rate, clipping, data -------------------------------------------------
 
 def test_cosine_lr_warmup_peak_and_end():
@@ -157,6 +238,26 @@ def test_get_batch_windows_are_shifted_slices():
         assert row_y.tolist() == list(range(start + 1, start + 9))
     again = train.get_batch(data, 8, 5, torch.Generator().manual_seed(0))
     assert torch.equal(again[0], x), "the same seed gives the same windows"
+
+
+def test_get_batch_draws_every_valid_window_even_the_last():
+    data = np.arange(11, dtype=np.uint16)  # block_size 8: windows of 9 tokens start at 0, 1 or 2
+    x, y = train.get_batch(data, 8, 300, torch.Generator().manual_seed(0))
+    assert set(x[:, 0].tolist()) == {0, 1, 2}, "the last window (start len - block_size - 1) must be drawn"
+    assert int(y.max()) == 10
+    one = np.arange(9, dtype=np.uint16)  # exactly block_size + 1 tokens: one window
+    x, y = train.get_batch(one, 8, 3, torch.Generator().manual_seed(0))
+    assert x.tolist() == [list(range(8))] * 3 and y.tolist() == [list(range(1, 9))] * 3
+
+
+def test_load_dataset_accepts_a_split_of_one_window(tmp_path):
+    tok = make_dataset(str(tmp_path / "toy"))
+    n_val = len(np.fromfile(str(tmp_path / "toy" / "val.bin"), dtype=np.uint16))
+    config = dict(train.DEFAULTS, dataset="toy", data_dir=str(tmp_path), block_size=n_val - 1)
+    data, tokenizer, _ = train.load_dataset(config)
+    assert len(data["val"]) == n_val and tokenizer.vocab_size == tok.vocab_size
+    with pytest.raises(ValueError, match=f"fewer than block_size \\+ 1 = {n_val + 1}"):
+        train.load_dataset(dict(config, block_size=n_val))
 
 
 def test_token_byte_lengths_and_bits_per_byte():
@@ -263,7 +364,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
 
     monkeypatch.setattr(GPT, "forward", poisoned)
     with pytest.raises(FloatingPointError, match="loss is nan at iteration 5"):
-        train.run(tiny_config(data_dir, out, max_iters=20, eval_interval=2))
+        # float32 as asked: auto's timed steps would call the poisoned forward too
+        train.run(tiny_config(data_dir, out, max_iters=20, eval_interval=2, dtype="float32"))
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["resume"]["iter"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
@@ -301,7 +403,8 @@ def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path):
            "--log_interval=5", "--sample_tokens=0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60
-    while not (out / "log.jsonl").exists() and time.time() < deadline:
+    # the first training step is logged at iteration 5 (the log's first line is the chosen precision)
+    while not any("loss" in r for r in read_jsonl_log(str(out / "log.jsonl"))) and time.time() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
@@ -365,7 +468,8 @@ def test_compile_warm_up_batch_is_laid_out_like_the_loops(data_dir, tmp_path, mo
 
     monkeypatch.setattr(train, "compile_or_fall_back", recording_compile)
     monkeypatch.setattr(train, "forward_backward", recording_forward_backward)
-    train.run(tiny_config(data_dir, tmp_path / "layout", compile=True, max_iters=2, eval_interval=2))
+    # float32 as asked: auto's timed steps on a few windows would be the first forward_backward seen
+    train.run(tiny_config(data_dir, tmp_path / "layout", compile=True, max_iters=2, eval_interval=2, dtype="float32"))
 
     def layout(batch):
         x, y = batch
