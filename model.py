@@ -150,10 +150,9 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    # bf16 attention on a CPU without AMX runs ~3.5x slower than float32 (torch 2.13, forward and
-    # backward), so under CPU autocast the projections stay in bf16 and attention alone runs in
-    # float32: 1.3x faster pretraining, 1.6x SFT, 1.5x reward steps (README, "Performance").
-    # tests/bench/bench_reward.py sets it False to measure the difference.
+    # torch's CPU bf16 attention kernels are slower than its float32 ones, with native bf16 or without,
+    # so under CPU autocast the projections stay in bf16 and attention alone runs in float32
+    # (README, "Performance"). tests/bench/bench_dtype.py and bench_reward.py set it False to compare.
     float32_on_cpu = True
 
     def __init__(self, config, layer_index):

@@ -2,7 +2,7 @@
 ppo.py: RLHF with PPO. The policy learns to please the reward model while a KL
 penalty keeps it close to the SFT model it started from.
 
-    python ppo.py --config small                  # a 2-core laptop CPU, about 5 minutes
+    python ppo.py --config small                  # a 2-core laptop CPU, minutes
     python ppo.py --config small --kl_coef=0 --out_dir=out/small/ppo-nokl   # no leash: the RM gets gamed
     python ppo.py --config small --resume         # continue out/small/ppo/ckpt.pt
 

@@ -1,7 +1,7 @@
 """
 reward.py: a reward model trained on preference pairs.
 
-    python reward.py --config small                  # a 2-core laptop CPU, about 3 minutes
+    python reward.py --config small                  # a 2-core laptop CPU, minutes
     python reward.py --config small --max_iters=500  # any key can be overridden
     python reward.py --config small --resume         # continue out/small/rm/ckpt.pt
     python reward.py --score --ckpt out/small/rm --prompt "What is 3 plus 4?" --response "3 plus 4 is 7."

@@ -186,7 +186,7 @@ def measure_bf16_speedup(step, device_type, repeats=3, timer=time.perf_counter):
     step(ctx) runs one forward and backward of the run's own model on a few rows.
     Each precision is warmed up once, then timed `repeats` times, alternating (a
     machine that drifts affects both alike); the fastest of each counts. A CPU
-    without native bf16 instructions emulates it ~10-20x slower: a warm-up that
+    without native bf16 instructions emulates it many times slower: a warm-up that
     slow already decides, so such a machine pays for two steps, not eight."""
     def timed(dtype):
         synchronize(device_type)
@@ -277,7 +277,8 @@ def run(config, flags=()):
     model_config = GPTConfig(vocab_size=tokenizer.vocab_size, **{k: config[k] for k in MODEL_KEYS})
     model = GPT(model_config).to(device)
     # precision, measured on a few windows of the run's own shape (a generator of its own: the data order stays)
-    x, y = get_batch(data["train"], config["block_size"], min(4, config["batch_size"]), torch.Generator().manual_seed(0))
+    x, y = get_batch(data["train"], config["block_size"], min(4, config["batch_size"]),
+                     torch.Generator().manual_seed(0))
     dtype, dtype_why = resolve_dtype(config["dtype"], device_type,
                                      lambda c: forward_backward(model, [(x.to(device), y.to(device))], c))
     model.zero_grad(set_to_none=True)
