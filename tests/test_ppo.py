@@ -57,7 +57,8 @@ def tiny_config(world, out_dir, **overrides):
     config = dict(ppo.DEFAULTS)
     config.update(ppo.PRESETS["tiny"])
     config.update(config="tiny", data_dir=world["data_dir"], init_dir=world["sft"], reward_dir=world["rm"],
-                  out_dir=str(out_dir), log_interval=1000)
+                  out_dir=str(out_dir), log_interval=1000,
+                  dtype="float32")  # as asked: runs compared bit for bit must not choose their precision by timing
     config.update(overrides)
     return config
 
@@ -508,6 +509,16 @@ def test_resolve_dirs_defaults_follow_the_config_name():
 
 
 # --- whole runs -------------------------------------------------------------------------------
+
+def test_auto_dtype_is_measured_named_and_recorded(world, tmp_path, monkeypatch, capsys):
+    import train
+    calls = []
+    monkeypatch.setattr(train, "measure_bf16_speedup", lambda step, *a, **k: calls.append(step) or 0.1)
+    ppo.run(tiny_config(world, tmp_path / "ppo", max_iters=1, eval_prompts=2, dtype="auto"))
+    assert len(calls) == 1, "ppo.py measures one sampling and training step once, before the first iteration"
+    assert "float32 (auto: a bf16 autocast step measured 0.10x" in capsys.readouterr().out
+    assert load_checkpoint(str(tmp_path / "ppo"))["config"]["dtype"] == "float32"
+
 
 def test_tiny_run_writes_its_checkpoints_logs_and_plots(world, tmp_path):
     out = tmp_path / "run"

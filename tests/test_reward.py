@@ -93,7 +93,7 @@ def tiny_config(root, out, **overrides):
     config = dict(reward.DEFAULTS)
     config.update(reward.PRESETS["tiny"])
     config.update(config="tiny", data_dir=str(root / "data"), dataset="toy", init=str(root / "sft"),
-                  out_dir=str(out), log_interval=1000,
+                  out_dir=str(out), log_interval=1000, dtype="float32",  # not timed: runs are compared
                   device="cpu")  # the normalisation test re-samples on the CPU: same device, same samples
     config.update(overrides)
     return config
@@ -616,6 +616,18 @@ def test_score_responses_reads_reward_input_and_normalises(world):
 
 
 # --- whole runs -----------------------------------------------------------------------------------
+
+def test_auto_dtype_is_measured_named_and_recorded(world, tmp_path, monkeypatch, capsys):
+    import train
+    calls = []
+    monkeypatch.setattr(train, "measure_bf16_speedup", lambda step, *a, **k: calls.append(step) or 0.1)
+    reward.run(tiny_config(world[0], tmp_path / "rm", max_iters=2, eval_interval=2, norm_prompts=2,
+                           dtype="auto"))
+    assert len(calls) == 1, "reward.py measures its own training step once, before the first"
+    assert "float32 (auto: a bf16 autocast step measured 0.10x" in capsys.readouterr().out
+    assert load_checkpoint(str(tmp_path / "rm"))["config"]["dtype"] == "float32"
+    assert read_jsonl_log(str(tmp_path / "rm" / "log.jsonl"))[0]["dtype"] == "float32"
+
 
 def test_tiny_run_learns_separable_pairs_and_writes_its_files(world, trained):
     root, tok = world

@@ -11,7 +11,7 @@ import bpe
 import prepare_data
 import sample
 import sft
-from model import (GPT, GPTConfig, ScalarHeadModel, file_sha256, load_checkpoint,
+from model import (GPT, GPTConfig, ScalarHeadModel, file_sha256, load_checkpoint, read_jsonl_log,
                    save_checkpoint)
 
 SMALL_DATA = dict(megabytes=0.08, sft_train=80, sft_val=8, prefs_train=40, prefs_val=8, prompts_ppo=16,
@@ -36,8 +36,9 @@ def world(tmp_path_factory):
 def tiny_config(world, out_dir, **overrides):
     config = dict(sft.DEFAULTS)
     config.update(sft.PRESETS["tiny"])
+    # float32 as asked: runs compared bit for bit must not choose their precision by timing
     config.update(config="tiny", data_dir=world["root"], init=world["init"], out_dir=str(out_dir),
-                  log_interval=1000)
+                  log_interval=1000, dtype="float32")
     config.update(overrides)
     return config
 
@@ -209,6 +210,17 @@ def test_response_loss_and_evaluate(world, tok):
 
 
 # --- runs -------------------------------------------------------------------------------
+
+def test_auto_dtype_is_measured_named_and_recorded(world, tmp_path, monkeypatch, capsys):
+    import train
+    calls = []
+    monkeypatch.setattr(train, "measure_bf16_speedup", lambda step, *a, **k: calls.append(step) or 0.1)
+    sft.run(tiny_config(world, tmp_path / "sft", max_iters=2, eval_interval=2, eval_prompts=2, dtype="auto"))
+    assert len(calls) == 1, "sft.py measures its own training step once, before the first"
+    assert "float32 (auto: a bf16 autocast step measured 0.10x" in capsys.readouterr().out
+    assert load_checkpoint(str(tmp_path / "sft"))["config"]["dtype"] == "float32"
+    assert read_jsonl_log(str(tmp_path / "sft" / "log.jsonl"))[0]["dtype"] == "float32"
+
 
 def test_tiny_sft_run_lowers_response_loss_and_writes_its_files(world, tmp_path):
     metrics = sft.run(tiny_config(world, tmp_path / "sft"))

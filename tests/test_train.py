@@ -58,8 +58,9 @@ def data_dir(tmp_path_factory):
 def tiny_config(data_dir, out_dir, **overrides):
     config = dict(train.DEFAULTS)
     config.update(train.PRESETS["tiny"])
+    # float32 as asked: runs compared bit for bit must not choose their precision by timing (auto's tests do)
     config.update(config="tiny", data_dir=data_dir, dataset="toy", out_dir=str(out_dir), sample_tokens=0,
-                  log_interval=1000)
+                  log_interval=1000, dtype="float32")
     config.update(overrides)
     return config
 
@@ -183,12 +184,44 @@ def test_startup_line_log_and_checkpoint_name_the_chosen_dtype(data_dir, tmp_pat
     for speedup, expected in ((0.1, "float32"), (1.5, "bfloat16")):
         monkeypatch.setattr(train, "measure_bf16_speedup", lambda *a, s=speedup, **k: s)
         out = tmp_path / expected
-        train.run(tiny_config(data_dir, out, max_iters=4, eval_interval=4))
+        train.run(tiny_config(data_dir, out, max_iters=4, eval_interval=4, dtype="auto"))
         line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("pretrain:"))
         assert f"{expected} (auto: a bf16 autocast step measured {speedup:.2f}x" in line, line
         first = read_jsonl_log(str(out / "log.jsonl"))[0]
         assert first["dtype"] == expected and first["iter"] == 0
         assert load_checkpoint(str(out / "ckpt.pt"))["config"]["dtype"] == expected
+
+
+def test_a_resumed_run_may_change_its_precision(data_dir, tmp_path, capsys):
+    out = tmp_path / "resumed"
+    train.run(tiny_config(data_dir, out, max_iters=6, stop_at_iter=3, eval_interval=100))
+    train.run(tiny_config(data_dir, out, max_iters=6, eval_interval=100, dtype="bfloat16"), flags={"resume"})
+    assert "bfloat16 (as asked)" in capsys.readouterr().out
+    assert [r["dtype"] for r in read_jsonl_log(str(out / "log.jsonl")) if "dtype" in r] == ["float32", "bfloat16"]
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["config"]["dtype"] == "bfloat16" and ckpt["resume"]["iter"] == 6
+
+
+def _dtype_worker(rank, world, port, path):
+    """Each rank measures something else; all must take rank 0's answer."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    clock = FakeClock(float32_cost=1.0, bf16_cost=2.0 if rank == 0 else 0.5)  # rank 1 alone finds bf16 faster
+    choice = train.resolve_dtype("auto", "cpu", clock.step, timer=clock)
+    torch.save({"choice": choice, "steps": len(clock.calls)}, f"{path}.{rank}")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_auto_dtype_under_torchrun_is_rank_zeros_choice(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = str(tmp_path / "choice")
+    torch.multiprocessing.spawn(_dtype_worker, args=(2, port, path), nprocs=2, join=True)
+    rank0, rank1 = torch.load(f"{path}.0"), torch.load(f"{path}.1")
+    assert rank0["choice"][0] == rank1["choice"][0] == "float32", "ranks that disagree would run different kernels"
+    assert rank0["choice"] == rank1["choice"] and rank1["steps"] == 0, "only rank 0 measures"
 
 
 def test_no_preset_names_a_dtype():
@@ -364,8 +397,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
 
     monkeypatch.setattr(GPT, "forward", poisoned)
     with pytest.raises(FloatingPointError, match="loss is nan at iteration 5"):
-        # float32 as asked: auto's timed steps would call the poisoned forward too
-        train.run(tiny_config(data_dir, out, max_iters=20, eval_interval=2, dtype="float32"))
+        train.run(tiny_config(data_dir, out, max_iters=20, eval_interval=2))
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["resume"]["iter"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
@@ -468,8 +500,7 @@ def test_compile_warm_up_batch_is_laid_out_like_the_loops(data_dir, tmp_path, mo
 
     monkeypatch.setattr(train, "compile_or_fall_back", recording_compile)
     monkeypatch.setattr(train, "forward_backward", recording_forward_backward)
-    # float32 as asked: auto's timed steps on a few windows would be the first forward_backward seen
-    train.run(tiny_config(data_dir, tmp_path / "layout", compile=True, max_iters=2, eval_interval=2, dtype="float32"))
+    train.run(tiny_config(data_dir, tmp_path / "layout", compile=True, max_iters=2, eval_interval=2))
 
     def layout(batch):
         x, y = batch
