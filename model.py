@@ -793,7 +793,7 @@ def pick_dtype(name, device_type):
     """'auto' -> bfloat16 on a GPU that has it, float16 on an older GPU, float32 elsewhere."""
     if name != "auto":
         if name not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype {name!r} is not one of float32, bfloat16, float16")
+            raise ValueError(f"--dtype={name!r} is not one of auto, float32, bfloat16, float16")
         return name
     if device_type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
