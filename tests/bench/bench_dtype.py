@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train  # noqa: E402
-from model import GPT, CausalSelfAttention, GPTConfig, autocast_context, configure_optimizer  # noqa: E402
+from model import (GPT, CausalSelfAttention, GPTConfig, autocast_context, clip_gradients,  # noqa: E402
+                   configure_optimizer)
 
 
 def cpu_description():
@@ -43,14 +44,11 @@ def cpu_description():
 
 
 def step_seconds(model, optimizer, batch, dtype, float32_attention):
-    """One whole training step, timed."""
+    """One whole training step as train.py takes it, timed."""
     CausalSelfAttention.float32_on_cpu = float32_attention
-    x, y = batch
     start = time.perf_counter()
-    with autocast_context("cpu", dtype):
-        _, loss = model(x, y)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    loss = train.forward_backward(model, [batch], autocast_context("cpu", dtype))
+    clip_gradients(model, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss.item()
