@@ -211,7 +211,7 @@ def resolve_dtype(requested, device_type, step=None, timer=time.perf_counter):
     'auto': on CUDA, bf16 where the card has it, else fp16 (with a gradient
     scaler); elsewhere bf16 autocast only if measure_bf16_speedup(step) is at
     least BF16_MIN_SPEEDUP, so that a laptop without native bf16 trains in
-    float32 rather than 10-20x slower. Under torchrun every rank takes rank 0's
+    float32 rather than in emulated bf16, many times slower. Under torchrun every rank takes rank 0's
     answer (ranks that disagreed would run different kernels)."""
     if requested != "auto":
         pick_dtype(requested, device_type)  # checks the name
