@@ -55,10 +55,12 @@ def prompt_ids(tokenizer, prompt, chat, history=()):
 def generate_text(model, tokenizer, ids, chat, num_samples=1, max_new_tokens=100, temperature=0.8,
                   top_k=None, top_p=None, seed=None):
     """num_samples continuations of the prompt ids, as text. Chat models stop at
-    end of turn (the marker is not part of the returned text). A prompt longer
-    than the room left in the block keeps its most recent tokens."""
+    end of turn (the marker is not part of the returned text). The prompt and
+    the answer share the block: the prompt comes first, the answer gets the room
+    left (at most max_new_tokens, at least a quarter of the block); a prompt
+    longer than that keeps its most recent tokens."""
     block = model.config.block_size
-    max_new_tokens = max(1, min(max_new_tokens, block - 1))
+    max_new_tokens = max(1, min(max_new_tokens, max(block - len(ids), block // 4)))
     ids = ids[-(block - max_new_tokens):]
     device = next(model.parameters()).device
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)

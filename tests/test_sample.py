@@ -77,8 +77,17 @@ def test_generate_text_is_seeded_and_chat_stops_at_end_of_turn(checkpoints):
 def test_long_prompt_keeps_its_end(checkpoints):
     model, tok, _ = sample.load_for_sampling(str(checkpoints / "pretrain"))
     ids = list(range(100, 100 + 200))  # longer than block_size 32
-    texts = sample.generate_text(model, tok, ids, False, max_new_tokens=5, seed=0)
-    assert len(texts) == 1
+    texts = sample.generate_text(model, tok, ids, False, max_new_tokens=5, temperature=0)
+    kept = model.generate(torch.tensor([ids[-27:]]), 5, temperature=0)[0, 27:].tolist()
+    assert texts == [tok.decode(kept)], "the most recent block_size - 5 tokens of the prompt, then 5 new"
+
+
+def test_a_long_answer_never_crowds_out_the_prompt(checkpoints):
+    model, tok, _ = sample.load_for_sampling(str(checkpoints / "pretrain"))
+    ids = list(range(100, 112))  # 12 tokens; block_size 32
+    texts = sample.generate_text(model, tok, ids, False, max_new_tokens=150, temperature=0)
+    whole = model.generate(torch.tensor([ids]), 20, temperature=0)[0, 12:].tolist()
+    assert texts == [tok.decode(whole)], "the whole prompt, then the 20 tokens left in the block"
 
 
 def test_chat_loop_keeps_history(checkpoints):
