@@ -48,8 +48,8 @@ import torch.nn.functional as F
 
 import bpe
 import prepare_data
-from train import resolve_dtype
-from model import (CheckpointError, StopRequested, append_jsonl, autocast_context, clean_state_dict, clip_gradients,
+from train import training_precision
+from model import (CheckpointError, StopRequested, append_jsonl, clean_state_dict, clip_gradients,
                    configure_optimizer, format_eta, generate_responses, load_checkpoint, model_from_checkpoint,
                    pad_right, parent_record, parse_config, pick_device, pick_dtype, plot_curves, read_jsonl_log,
                    rng_state, save_checkpoint, scalar_model_from_checkpoint, score_sequences, set_rng_state,
@@ -589,9 +589,8 @@ def run(config, flags=()):
 
     # precision, measured on a few prompts (before the optimizers exist: no state to disturb)
     probe = [tokenizer.encode_chat(r["prompt"])[0][-(policy.config.block_size - 8):] for r in train_records[:8]]
-    dtype, dtype_why = resolve_dtype(config["dtype"], device_type, lambda c: sample_and_backward(c, probe))
-    policy.zero_grad(set_to_none=True)
-    ctx = autocast_context(device_type, dtype)
+    dtype, dtype_why, ctx, _ = training_precision(config["dtype"], device_type, policy,
+                                                  lambda c: sample_and_backward(c, probe))
     policy_optimizer = configure_optimizer(policy, config["learning_rate"], config["weight_decay"],
                                            (config["beta1"], config["beta2"]), device_type)
     critic_optimizer = configure_optimizer(critic, config["critic_lr"], config["weight_decay"],

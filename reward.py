@@ -45,9 +45,9 @@ import torch.nn.functional as F
 
 import bpe
 import prepare_data
-from train import resolve_dtype
+from train import training_precision
 from model import (CheckpointError, GPTConfig, ScalarHeadModel, StopRequested, answer_prompts, append_jsonl,
-                   autocast_context, clean_state_dict, clip_gradients, configure_optimizer, cosine_lr, format_eta,
+                   clean_state_dict, clip_gradients, configure_optimizer, cosine_lr, format_eta,
                    load_checkpoint, model_from_checkpoint, pad_right, parent_record, parse_config, pick_device,
                    pick_dtype, plot_curves, read_jsonl_log, read_last, rng_state, save_checkpoint,
                    scalar_model_from_checkpoint, score_sequences, set_rng_state, tokenizer_from_checkpoint,
@@ -672,10 +672,8 @@ def run(config, flags=()):
         loss.backward()
 
     # precision, measured on a few training groups (before the optimizer exists: no state to disturb)
-    dtype, dtype_why = resolve_dtype(config["dtype"], device_type, lambda c: training_step(c, train_groups[:8]))
-    model.zero_grad(set_to_none=True)
-    ctx = autocast_context(device_type, dtype)
-    scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
+    dtype, dtype_why, ctx, scaler = training_precision(config["dtype"], device_type, model,
+                                                       lambda c: training_step(c, train_groups[:8]))
     optimizer = configure_optimizer(model, config["learning_rate"], config["weight_decay"],
                                     (config["beta1"], config["beta2"]), device_type)
     start_iter, epoch, position = 0, 0, 0  # position: the next batch of this epoch

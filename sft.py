@@ -36,8 +36,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare_data
-from train import resolve_dtype
-from model import (CheckpointError, StopRequested, answer_prompts, append_jsonl, autocast_context, clean_state_dict,
+from train import training_precision
+from model import (CheckpointError, StopRequested, answer_prompts, append_jsonl, clean_state_dict,
                    clip_gradients, compile_or_fall_back, configure_optimizer, cosine_lr, format_eta,
                    forward_backward, load_checkpoint, model_from_checkpoint, parent_record, parse_config, pick_dtype,
                    plot_curves, read_jsonl_log, rng_state, save_checkpoint, set_rng_state, setup_distributed,
@@ -317,11 +317,8 @@ def run(config, flags=()):
     model = model_from_checkpoint(dict(base, model_args=model_args), device)
     # precision, measured on a few training rows (before the optimizer exists: no state to disturb)
     x, y = collate(data["train"][:8])
-    dtype, dtype_why = resolve_dtype(config["dtype"], device_type,
-                                     lambda c: forward_backward(model, [(x.to(device), y.to(device))], c))
-    model.zero_grad(set_to_none=True)
-    ctx = autocast_context(device_type, dtype)
-    scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
+    dtype, dtype_why, ctx, scaler = training_precision(
+        config["dtype"], device_type, model, lambda c: forward_backward(model, [(x.to(device), y.to(device))], c))
     optimizer = configure_optimizer(model, config["learning_rate"], config["weight_decay"],
                                     (config["beta1"], config["beta2"]), device_type)
     start_iter, epoch, cursor = 0, 0, 0

@@ -239,6 +239,16 @@ def resolve_dtype(requested, device_type, step=None, timer=time.perf_counter):
     return choice[0]
 
 
+def training_precision(requested, device_type, model, step):
+    """(dtype, why, ctx, scaler) of a training run: resolve_dtype on step(ctx),
+    the gradients of its timed steps cleared from model, then the autocast
+    context and, for float16, the gradient scaler (None otherwise)."""
+    dtype, why = resolve_dtype(requested, device_type, step)
+    model.zero_grad(set_to_none=True)
+    scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
+    return dtype, why, autocast_context(device_type, dtype), scaler
+
+
 # -----------------------------------------------------------------------------
 # The run
 
@@ -279,11 +289,8 @@ def run(config, flags=()):
     # precision, measured on a few windows of the run's own shape (a generator of its own: the data order stays)
     x, y = get_batch(data["train"], config["block_size"], min(4, config["batch_size"]),
                      torch.Generator().manual_seed(0))
-    dtype, dtype_why = resolve_dtype(config["dtype"], device_type,
-                                     lambda c: forward_backward(model, [(x.to(device), y.to(device))], c))
-    model.zero_grad(set_to_none=True)
-    ctx = autocast_context(device_type, dtype)
-    scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
+    dtype, dtype_why, ctx, scaler = training_precision(
+        config["dtype"], device_type, model, lambda c: forward_backward(model, [(x.to(device), y.to(device))], c))
     optimizer = configure_optimizer(model, config["learning_rate"], config["weight_decay"],
                                     (config["beta1"], config["beta2"]), device_type)
     # the data order: a generator per process, so ranks see different windows

@@ -192,6 +192,21 @@ def test_startup_line_log_and_checkpoint_name_the_chosen_dtype(data_dir, tmp_pat
         assert load_checkpoint(str(out / "ckpt.pt"))["config"]["dtype"] == expected
 
 
+@pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled")  # float16 asked for on a CPU
+def test_training_precision_clears_the_timed_gradients_and_builds_context_and_scaler():
+    net = tiny_gpt()
+    x = torch.randint(0, 50, (2, 16))
+    dtype, why, ctx, scaler = train.training_precision(
+        "auto", "cpu", net, lambda c: model.forward_backward(net, [(x, x)], c))
+    assert dtype in ("float32", "bfloat16") and why.startswith("auto:") and scaler is None
+    assert all(p.grad is None for p in net.parameters()), "the timed steps must leave no gradient behind"
+    with ctx:
+        assert torch.is_autocast_enabled("cpu") == (dtype == "bfloat16")
+    dtype, why, ctx, scaler = train.training_precision("float16", "cpu", net, None)
+    assert (dtype, why) == ("float16", "as asked") and isinstance(scaler, torch.amp.GradScaler)
+    assert train.training_precision("float32", "cpu", net, None)[3] is None
+
+
 def test_a_resumed_run_may_change_its_precision(data_dir, tmp_path, capsys):
     out = tmp_path / "resumed"
     train.run(tiny_config(data_dir, out, max_iters=6, stop_at_iter=3, eval_interval=100))
