@@ -41,11 +41,12 @@ import torch.nn.functional as F
 
 import bpe
 import prepare_data
-from model import (CheckpointError, autocast_context, generate_responses, load_checkpoint, model_from_checkpoint,
-                   pad_right, parse_config, pick_device, pick_dtype, read_jsonl_log, scalar_model_from_checkpoint,
-                   score_sequences, tokenizer_from_checkpoint)
+from model import (CheckpointError, generate_responses, load_checkpoint, model_from_checkpoint,
+                   tokenizer_from_checkpoint)
+from train import (autocast_context, bits_per_byte, parse_config, pick_device, pick_dtype, read_jsonl_log,
+                   token_byte_lengths)
+from reward import pad_right, scalar_model_from_checkpoint, score_sequences
 from reward import reward_input  # the one way a response is laid out for the reward model
-from train import bits_per_byte, token_byte_lengths
 
 # -----------------------------------------------------------------------------
 # Configuration: defaults, then a preset (--config NAME), then --key=value overrides.

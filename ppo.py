@@ -48,12 +48,12 @@ import torch.nn.functional as F
 
 import bpe
 import prepare_data
-from train import training_precision
-from model import (CheckpointError, StopRequested, append_jsonl, clean_state_dict, clip_gradients,
-                   configure_optimizer, format_eta, generate_responses, load_checkpoint, model_from_checkpoint,
-                   pad_right, parent_record, parse_config, pick_device, pick_dtype, plot_curves, read_jsonl_log,
-                   rng_state, save_checkpoint, scalar_model_from_checkpoint, score_sequences, set_rng_state,
-                   tokenizer_from_checkpoint, truncate_log, with_reward_token)
+from train import (append_jsonl, clip_gradients, configure_optimizer, format_eta, parse_config, pick_device,
+                   pick_dtype, plot_curves, read_jsonl_log, rng_state, set_rng_state, StopRequested,
+                   training_precision, truncate_log)
+from model import (CheckpointError, clean_state_dict, generate_responses, load_checkpoint, model_from_checkpoint,
+                   parent_record, save_checkpoint, tokenizer_from_checkpoint)
+from reward import pad_right, scalar_model_from_checkpoint, score_sequences, with_reward_token
 
 STAGE = "ppo"
 

@@ -13,7 +13,7 @@ loss.png, accuracy.png}.
 
 The lecture's design: the response is followed by the special <|reward|> token;
 the transformer's output at that position goes through a scalar head
-(model.ScalarHeadModel) and every other output is ignored. The labeller said
+(reward.ScalarHeadModel) and every other output is ignored. The labeller said
 "chosen is better than rejected", so the loss asks for r_chosen > r_rejected:
 
     loss = -log sigmoid(r_chosen - r_rejected - margin)     (Bradley-Terry)
@@ -41,17 +41,16 @@ import sys
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import bpe
 import prepare_data
-from train import training_precision
-from model import (CheckpointError, GPTConfig, ScalarHeadModel, StopRequested, answer_prompts, append_jsonl,
-                   clean_state_dict, clip_gradients, configure_optimizer, cosine_lr, format_eta,
-                   load_checkpoint, model_from_checkpoint, pad_right, parent_record, parse_config, pick_device,
-                   pick_dtype, plot_curves, read_jsonl_log, read_last, rng_state, save_checkpoint,
-                   scalar_model_from_checkpoint, score_sequences, set_rng_state, tokenizer_from_checkpoint,
-                   truncate_log, with_reward_token)
+from train import (append_jsonl, clip_gradients, configure_optimizer, cosine_lr, format_eta, parse_config,
+                   pick_device, pick_dtype, plot_curves, read_jsonl_log, rng_state, set_rng_state, StopRequested,
+                   training_precision, truncate_log)
+from model import (answer_prompts, CheckpointError, clean_state_dict, GPT, GPTConfig, load_checkpoint,
+                   model_from_checkpoint, parent_record, save_checkpoint, tokenizer_from_checkpoint)
 
 STAGE = "rm"
 INIT_STAGES = ("sft", "pretrain")  # a reward model starts from a language model, never from another rm/ppo
@@ -112,12 +111,100 @@ PRESETS = {
 
 
 # -----------------------------------------------------------------------------
+# The reward model: the GPT body and a scalar head
+#
+# A linear head maps the final hidden state to one number. The response is followed
+# by the <|reward|> token and the reward is the head's output at that position; all
+# other outputs are ignored. PPO's critic is the same network reading its output at
+# every response position.
+
+class ScalarHeadModel(nn.Module):
+    """GPT body + scalar head: ids (B, T) -> one scalar per position (B, T)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.gpt = GPT(config)
+        self.head = nn.Linear(config.n_embd, 1)
+        # small outputs at the start, so the first losses are about ln 2 (reward)
+        # or about the squared returns (critic), not dominated by a random head
+        nn.init.normal_(self.head.weight, mean=0.0, std=0.1 / math.sqrt(config.n_embd + 1))
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx, hidden=None):
+        """hidden: the body's hidden states (B, T, C) of idx when already
+        computed (reward.py shares them with its LM loss)."""
+        hidden = self.gpt.hidden_states(idx) if hidden is None else hidden
+        return self.head(hidden).squeeze(-1).float()
+
+
+def with_reward_token(prompt_ids, response_ids, reward_id, block_size=None):
+    """The reward model's input: prompt, response, then <|reward|>. Used the same
+    way in reward training, evaluation and PPO scoring. A sequence longer than
+    block_size loses its oldest tokens (the reward token is always kept)."""
+    ids = list(prompt_ids) + list(response_ids) + [reward_id]
+    if block_size is not None and len(ids) > block_size:
+        ids = ids[-block_size:]
+    return ids
+
+
+def pad_right(sequences, pad_value=0):
+    """Lists of ids -> (ids (B, T_max) long, lengths (B,) long). Padding goes
+    after each sequence: under the causal mask it cannot change any earlier
+    position's output."""
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    out = torch.full((len(sequences), int(lengths.max())), pad_value, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out, lengths
+
+
+def read_last(values, lengths):
+    """values (B, T), lengths (B,) -> values[b, lengths[b] - 1]: the scalar at
+    each sequence's last real token (the <|reward|> token for a reward model)."""
+    return values.gather(1, (lengths - 1).to(values.device)[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def score_sequences(model, sequences, batch_size=64, normalizer=None):
+    """Rewards of reward-model inputs (each ending with <|reward|>, from
+    with_reward_token) -> (N,) float tensor on the CPU. normalizer: the
+    {"bias", "scale"} stored in a reward checkpoint; the result is then
+    (raw - bias) / scale."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    # batches of similar lengths pad less (2.2x faster on tinyworld's held-out pairs); the order is kept
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    rewards = torch.zeros(len(sequences))
+    for start in range(0, len(sequences), batch_size):
+        rows = order[start:start + batch_size]
+        ids, lengths = pad_right([sequences[i] for i in rows])
+        rewards[rows] = read_last(model(ids.to(device)), lengths).cpu()
+    model.train(was_training)
+    if normalizer is not None:
+        rewards = (rewards - normalizer["bias"]) / normalizer["scale"]
+    return rewards
+
+
+def scalar_model_from_checkpoint(ckpt, device="cpu"):
+    """The ScalarHeadModel of a reward (or critic) checkpoint, with its weights."""
+    try:
+        model = ScalarHeadModel(GPTConfig.from_dict(ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise CheckpointError(f"checkpoint weights do not fit a reward model of its model_args ({first})") from None
+    return model.to(device)
+
+
+# -----------------------------------------------------------------------------
 # The reward model's input: one function builds it, everywhere
 
 def reward_input(tokenizer, prompt, response, ended=True, block_size=None):
     """prompt and response text -> the ids the reward model reads:
         <|user|> prompt <|end|> <|assistant|> response [<|end|>] <|reward|>
-    The chat template of bpe.py, then model.with_reward_token (which ppo.py
+    The chat template of bpe.py, then reward.with_reward_token (which ppo.py
     applies to generated ids directly: the same layout). ended=False: the
     response was cut at a length limit, so it has no end-of-turn token."""
     prompt_ids, response_ids = tokenizer.encode_chat(prompt, response, ended)

@@ -16,13 +16,13 @@ top-p; a seed makes the output repeatable.
 """
 
 import argparse
-import os
 import sys
 
 import torch
 
 import bpe
-from model import CheckpointError, load_checkpoint, model_from_checkpoint, pick_device, tokenizer_from_checkpoint
+from model import CheckpointError, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+from train import pick_device
 
 CHAT_STAGES = ("sft", "ppo")
 GENERATIVE_STAGES = ("pretrain", "sft", "ppo")

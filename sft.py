@@ -36,12 +36,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare_data
-from train import training_precision
-from model import (CheckpointError, StopRequested, answer_prompts, append_jsonl, clean_state_dict,
-                   clip_gradients, compile_or_fall_back, configure_optimizer, cosine_lr, format_eta,
-                   forward_backward, load_checkpoint, model_from_checkpoint, parent_record, parse_config, pick_dtype,
-                   plot_curves, read_jsonl_log, rng_state, save_checkpoint, set_rng_state, setup_distributed,
-                   tokenizer_from_checkpoint, truncate_log)
+from train import (append_jsonl, clip_gradients, compile_or_fall_back, configure_optimizer, cosine_lr, format_eta,
+                   forward_backward, parse_config, pick_dtype, plot_curves, read_jsonl_log, rng_state, set_rng_state,
+                   setup_distributed, StopRequested, training_precision, truncate_log)
+from model import (answer_prompts, CheckpointError, clean_state_dict, load_checkpoint, model_from_checkpoint,
+                   parent_record, save_checkpoint, tokenizer_from_checkpoint)
 
 STAGE = "sft"
 

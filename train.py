@@ -16,9 +16,12 @@ gradient accumulation and clipping; evaluate train/val loss and bits per byte
 now and then; save a checkpoint that a later stage (or --resume) starts from.
 """
 
+import contextlib
 import json
 import math
 import os
+import random
+import signal
 import sys
 import time
 
@@ -29,11 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 import prepare_data
-from model import (GPT, CheckpointError, GPTConfig, StopRequested, append_jsonl, autocast_context, clean_state_dict,
-                   clip_gradients, compile_or_fall_back, configure_optimizer, cosine_lr, deterministic_algorithms,
-                   flops_per_token, format_eta, forward_backward, load_checkpoint, model_flops_utilization,
-                   parse_config, pick_dtype, plot_curves, read_jsonl_log, rng_state, save_checkpoint, set_rng_state,
-                   setup_distributed, truncate_log)
+from model import CheckpointError, clean_state_dict, GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 STAGE = "pretrain"
 
@@ -67,7 +66,7 @@ DEFAULTS = dict(
     device="auto",              # auto | cpu | cuda | cuda:1 | mps
     dtype="auto",               # auto | float32 | bfloat16 | float16
     compile=False,              # torch.compile the model
-    deterministic=True,         # the same run twice gives the same numbers on one machine (model.deterministic_algorithms)
+    deterministic=True,         # the same run twice gives the same numbers on one machine (train.deterministic_algorithms)
     seed=1337,
 )
 
@@ -164,6 +163,365 @@ def evaluate(model, data, config, byte_lengths, ctx, device):
         out[f"{split}_bpb"] = bits_per_byte(nats, n_bytes)
     model.train()
     return out
+
+
+# -----------------------------------------------------------------------------
+# The loop's machinery: sft.py, reward.py and ppo.py import these from here
+
+def configure_optimizer(model, learning_rate, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
+    """AdamW with weight decay on matrices (linear weights, embeddings) only:
+    biases and norm gains are not decayed. Fused kernels where available."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = device_type in ("cuda", "cpu")  # fused AdamW exists for both in torch >= 2.4
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+
+def flops_per_token(config, num_params):
+    """Training FLOPs per token (forward + backward), PaLM appendix B:
+    6 per parameter, plus the attention scores and sums, 12 * L * C * T."""
+    return 6 * num_params + 12 * config.n_layer * config.n_embd * config.block_size
+
+
+# Peak dense bf16 tensor FLOP/s by device name fragment (vendor datasheets).
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+def peak_flops(device_name):
+    """Peak FLOP/s for a device name such as 'NVIDIA H100 80GB HBM3', or None."""
+    for fragment, flops in PEAK_FLOPS.items():
+        if fragment in device_name:
+            return flops
+    return None
+
+
+def model_flops_utilization(flops_per_tok, tokens_per_second, device_name):
+    """MFU: achieved FLOP/s over the device's peak, or None if the peak is unknown."""
+    peak = peak_flops(device_name)
+    if peak is None:
+        return None
+    return flops_per_tok * tokens_per_second / peak
+
+
+def parse_config(argv, defaults, presets, prog, description=""):
+    """`--config NAME --key=value ...` -> (config dict, flags).
+
+    The config starts from `defaults`, then the preset NAME, then each
+    `--key=value` override, which must name a known key and parse as the type
+    of its default (int, float, bool, str). Flags (`--resume`, `--overwrite`)
+    are returned separately. Every mistake is one ValueError line."""
+    argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        lines = [f"usage: python {prog} --config NAME [--key=value ...] [--resume] [--overwrite]", ""]
+        if description:
+            lines += [description, ""]
+        lines.append(f"presets: {', '.join(presets)}")
+        for name, preset in presets.items():
+            lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in preset.items()))
+        lines += ["", "keys (default):"]
+        lines += [f"  --{k}={v!r}" for k, v in defaults.items()]
+        print("\n".join(lines))
+        raise SystemExit(0)
+    config = dict(defaults)
+    flags = set()
+    preset_name = None
+    overrides = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--resume", "--overwrite"):
+            flags.add(arg[2:])
+        elif arg == "--config" or arg.startswith("--config="):
+            if "=" in arg:
+                preset_name = arg.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                preset_name = argv[i + 1]
+                i += 1
+            else:
+                raise ValueError(f"--config needs a preset name: one of {', '.join(presets)}")
+        elif arg.startswith("--") and "=" in arg:
+            overrides.append(arg[2:].split("=", 1))
+        elif arg.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            overrides.append([arg[2:], argv[i + 1]])
+            i += 1
+        else:
+            raise ValueError(f"cannot read argument {arg!r}: write --key=value (see --help)")
+        i += 1
+    if preset_name is not None:
+        if preset_name not in presets:
+            raise ValueError(f"unknown config {preset_name!r}: choose one of {', '.join(presets)}")
+        config.update(presets[preset_name])
+        config["config"] = preset_name
+    for key, text in overrides:
+        key = key.replace("-", "_")
+        if key not in defaults:
+            close = [k for k in defaults if key in k or k in key]
+            hint = f" (did you mean {', '.join(close)}?)" if close else " (see --help for the keys)"
+            raise ValueError(f"unknown config key --{key}{hint}")
+        # the preset's value where it has one of the default's type: its type parses the text,
+        # and an error names it as the default, which it is under this preset
+        current = config[key] if type(config[key]) is type(defaults[key]) else defaults[key]
+        config[key] = convert_value(key, text, current)
+    return config, flags
+
+
+def convert_value(key, text, default):
+    """'3' -> 3 when the default is an int, and so on; a clear error otherwise."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        return text
+    except ValueError:
+        raise ValueError(f"--{key}={text!r} is not a valid {kind.__name__} "
+                         f"(the default is {default!r})") from None
+
+
+def pick_device(name="auto"):
+    """'auto' -> cuda if present, then Apple mps, then cpu."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(name, device_type):
+    """'auto' -> bfloat16 on a GPU that has it, float16 on an older GPU, float32 elsewhere."""
+    if name != "auto":
+        if name not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype={name!r} is not one of auto, float32, bfloat16, float16")
+        return name
+    if device_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def autocast_context(device_type, dtype):
+    """Mixed precision: matrix multiplies in bf16/fp16, weights and optimizer
+    state stay in fp32. A no-op context for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+def cosine_lr(it, max_lr, warmup_iters, max_iters, min_lr_ratio=0.1):
+    """Linear warmup from ~0 to max_lr over warmup_iters, then cosine decay to
+    min_lr_ratio * max_lr at max_iters (and flat after)."""
+    min_lr = min_lr_ratio * max_lr
+    if it < warmup_iters:
+        return max_lr * (it + 1) / warmup_iters
+    if it >= max_iters:
+        return min_lr
+    progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def rng_state():
+    """Every random state a training run depends on, as checkpoint-safe values."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def append_jsonl(path, record):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl_log(path):
+    """The records of a log.jsonl, skipping a torn last line from a crash."""
+    records = []
+    if not os.path.exists(path):
+        return records
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
+def truncate_log(path, last_iter):
+    """On resume, forget log lines written after the checkpoint we resume from."""
+    kept = [r for r in read_jsonl_log(path) if r.get("iter", 0) <= last_iter]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in kept:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_curves(records, series, path, title, xlabel="iteration"):
+    """A PNG with one line per (label, key) in `series`, from log records that
+    have `iter` and that key. Written atomically; matplotlib without a screen."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, key in series:
+        points = [(r["iter"], r[key]) for r in records if key in r and r.get(key) is not None]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, label=label, marker="." if len(points) < 30 else None)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_lines():
+        ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def format_eta(seconds):
+    seconds = int(max(0, seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def forward_backward(model, micro_batches, ctx, scaler=None):
+    """Accumulate gradients over micro-batches [(x, y), ...]; returns the mean
+    loss (a tensor). Under DDP, gradients are all-reduced only on the last
+    micro-step: the earlier backward passes run inside no_sync()."""
+    total = 0.0
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if (last or not isinstance(model, DDP)) else model.no_sync()
+        with sync:
+            with ctx:
+                _, loss = model(x, y)
+                loss = loss / len(micro_batches)  # the mean over micro-batches, not the sum
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        total = total + loss.detach()
+    return total
+
+
+def clip_gradients(model, max_norm):
+    """Scale all gradients down together if their global L2 norm exceeds
+    max_norm. Returns the norm before clipping."""
+    if max_norm <= 0:
+        return torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def setup_distributed(config):
+    """(rank, world_size, device). Under torchrun: one process per GPU with NCCL,
+    or per CPU process with gloo."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(config["device"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = pick_device(config["device"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled=True):
+    """Within the block torch uses deterministic kernels (an op that has none
+    warns instead of failing), so the same run twice on one machine gives the same
+    numbers: without it, compiled bfloat16 CPU kernels differ in the last bits
+    from run to run, and a 5-minute pretraining run drifts apart (val loss 0.605
+    in one run, 0.622 in the next). The previous setting comes back afterwards."""
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs for repeatable GEMMs
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def compile_or_fall_back(model, example_batch, ctx, master=True, mode=None):
+    """torch.compile the model and build its kernels now, with one forward and
+    backward pass on example_batch = (x, y) of the training shape. Where compiling
+    fails (no C++ compiler on a laptop, say) the run goes on uncompiled. mode is
+    torch.compile's (None = its default; "max-autotune-no-cudagraphs" times
+    several kernels per matrix shape on a GPU and keeps the fastest)."""
+    compiled = torch.compile(model, mode=mode)
+    rng = torch.get_rng_state()  # the dummy pass must not move the random state
+    try:
+        with ctx:
+            _, loss = compiled(*example_batch)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return compiled
+    except Exception as e:  # torch raises many kinds here, all meaning "cannot compile"
+        model.zero_grad(set_to_none=True)
+        if master:
+            print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); "
+                  f"training without it")
+        return model
+    finally:
+        torch.set_rng_state(rng)
+
+
+class StopRequested:
+    """Ctrl-C sets a flag; the loop saves at the end of the current step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            signal.signal(signal.SIGINT, self.previous)
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)")
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self.previous)
 
 
 # -----------------------------------------------------------------------------

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 import bpe
 import eval as E
 import prepare_data
-from model import GPT, GPTConfig, ScalarHeadModel, append_jsonl, save_checkpoint
+from model import GPT, GPTConfig, save_checkpoint
+from train import append_jsonl
+from reward import ScalarHeadModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DATA = dict(megabytes=0.05, vocab_size=300, sft_train=20, sft_val=8, prefs_train=20, prefs_val=10,

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 import bpe
 import model
-from model import (GPT, CheckpointError, GPTConfig, KVCache, RMSNorm, apply_rope, causal_mask, clean_state_dict,
-                   configure_optimizer, explicit_attention, file_sha256, flops_per_token, load_checkpoint,
-                   model_flops_utilization, model_from_checkpoint, parent_record, peak_flops, rope_tables,
+from model import (apply_rope, causal_mask, CheckpointError, clean_state_dict, explicit_attention, file_sha256, GPT,
+                   GPTConfig, KVCache, load_checkpoint, model_from_checkpoint, parent_record, RMSNorm, rope_tables,
                    sample_next_token, save_checkpoint, tokenizer_from_checkpoint)
+from train import configure_optimizer
 
 VARIANTS = [
     {},
@@ -326,29 +326,6 @@ def test_sample_next_token_follows_softmax_of_scaled_logits():
 
 # --- optimizer and efficiency --------------------------------------------------------
 
-def test_optimizer_decays_matrices_only():
-    m = tiny_model()
-    opt = configure_optimizer(m, learning_rate=1e-3, weight_decay=0.1)
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
-    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == m.num_params()
-    assert any(p is m.transformer.wte.weight for p in decay["params"])
-    assert opt.defaults["fused"] is True
-
-
-def test_flops_per_token_formula():
-    config = tiny_config()
-    assert flops_per_token(config, 1000) == 6 * 1000 + 12 * 2 * 32 * 48
-
-
-def test_peak_flops_and_mfu():
-    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
-    assert peak_flops("cpu") is None
-    assert model_flops_utilization(1e9, 494.5e3, "NVIDIA H100 PCIe") == pytest.approx(0.5)
-    assert model_flops_utilization(1e9, 1.0, "cpu") is None
-
 
 # --- checkpoints ---------------------------------------------------------------------
 
@@ -498,52 +475,6 @@ def test_generate_responses_cuts_at_stop_token():
     assert len(resp) == 4 and not ended, "without a stop token the answer runs to max_new_tokens"
 
 
-def test_with_reward_token_appends_and_keeps_reward_when_too_long():
-    assert model.with_reward_token([1, 2], [3, 4], 99) == [1, 2, 3, 4, 99]
-    assert model.with_reward_token([1, 2], [3, 4], 99, block_size=3) == [3, 4, 99]
-
-
-def test_pad_right_and_read_last():
-    ids, lengths = model.pad_right([[1, 2, 3], [4]], pad_value=0)
-    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and lengths.tolist() == [3, 1]
-    values = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
-    assert model.read_last(values, lengths).tolist() == pytest.approx([0.3, 0.4])
-
-
-def test_scalar_head_model_shape_and_small_initial_outputs():
-    torch.manual_seed(0)
-    rm = model.ScalarHeadModel(tiny_config()).eval()
-    out = rm(torch.randint(0, 97, (3, 10)))
-    assert out.shape == (3, 10) and out.dtype == torch.float32
-    assert out.abs().max() < 0.5, "the head starts small (rewards near 0, loss near ln 2)"
-    assert rm.head.bias.item() == 0.0
-
-
-def test_score_sequences_ignores_padding_and_batching():
-    torch.manual_seed(0)
-    rm = model.ScalarHeadModel(tiny_config()).eval()
-    seqs = [[1, 2, 3, 96], [4, 5, 96], [7, 8, 9, 10, 11, 96]]
-    together = model.score_sequences(rm, seqs, batch_size=8)
-    alone = torch.cat([model.score_sequences(rm, [s]) for s in seqs])
-    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
-    direct = torch.stack([rm(torch.tensor([s]))[0, -1] for s in seqs]).detach()
-    torch.testing.assert_close(together, direct, rtol=1e-5, atol=1e-5)
-    norm = model.score_sequences(rm, seqs, normalizer={"bias": 1.0, "scale": 2.0})
-    torch.testing.assert_close(norm, (together - 1.0) / 2.0)
-
-
-def test_scalar_model_from_checkpoint_round_trip_and_error():
-    torch.manual_seed(0)
-    rm = model.ScalarHeadModel(tiny_config())
-    ckpt = {"model_args": vars(rm.config).copy(), "model": rm.state_dict()}
-    back = model.scalar_model_from_checkpoint(ckpt)
-    x = torch.randint(0, 97, (2, 5))
-    torch.testing.assert_close(back.eval()(x), rm.eval()(x))
-    gpt_only = {"model_args": vars(rm.config).copy(), "model": GPT(tiny_config()).state_dict()}
-    with pytest.raises(CheckpointError, match="reward model"):
-        model.scalar_model_from_checkpoint(gpt_only)
-
-
 def test_answer_prompts_is_the_chat_template_then_generate_responses():
     tok = bpe.train_tokenizer("What is one plus one? It is two. " * 30, 300)
     torch.manual_seed(0)
@@ -555,16 +486,3 @@ def test_answer_prompts_is_the_chat_template_then_generate_responses():
     assert got == [(tok.decode(ids), ended) for ids, ended in want]
 
 
-def test_deterministic_algorithms_sets_and_restores_torch_flag():
-    from model import deterministic_algorithms
-    assert not torch.are_deterministic_algorithms_enabled(), "tests start without deterministic mode"
-    with deterministic_algorithms(True):
-        assert torch.are_deterministic_algorithms_enabled(), "inside, torch must use deterministic kernels"
-        assert torch.is_deterministic_algorithms_warn_only_enabled(), "an op without one must warn, not fail"
-    assert not torch.are_deterministic_algorithms_enabled(), "the previous setting must come back"
-    with pytest.raises(KeyError):
-        with deterministic_algorithms(True):
-            raise KeyError("boom")
-    assert not torch.are_deterministic_algorithms_enabled(), "restored after an error too"
-    with deterministic_algorithms(False):
-        assert not torch.are_deterministic_algorithms_enabled(), "enabled=False changes nothing"

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 import bpe
 import ppo
 import prepare_data
-from model import (GPT, GPTConfig, ScalarHeadModel, load_checkpoint, model_from_checkpoint, parent_record,
-                   read_jsonl_log, save_checkpoint, score_sequences, with_reward_token)
+from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, parent_record, save_checkpoint
+from train import read_jsonl_log
+from reward import ScalarHeadModel, score_sequences, with_reward_token
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

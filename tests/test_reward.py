@@ -16,8 +16,9 @@ import torch.nn.functional as F
 import bpe
 import prepare_data
 import reward
-from model import (GPT, CheckpointError, GPTConfig, ScalarHeadModel, load_checkpoint, parent_record, read_jsonl_log,
-                   save_checkpoint)
+from model import CheckpointError, GPT, GPTConfig, load_checkpoint, parent_record, save_checkpoint
+from train import read_jsonl_log
+from reward import ScalarHeadModel
 
 GOOD = ["yes", "the", "cat", "sat", "on", "mat", "good", "dog"]
 BAD = ["no", "red", "ball", "ran", "to", "park", "bad", "with"]
@@ -798,3 +799,55 @@ def test_main_bad_inputs_give_one_line(world, tmp_path, capsys):
         assert reward.main(argv) == 1, argv
         err = capsys.readouterr().err
         assert err.startswith("reward.py: error:") and message in err and err.count("\n") == 1, err
+
+
+# --- the scalar head, read at <|reward|> ------------------------------------------------
+
+def head_config():
+    return GPTConfig(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_embd=32)
+
+
+def test_with_reward_token_appends_and_keeps_reward_when_too_long():
+    assert reward.with_reward_token([1, 2], [3, 4], 99) == [1, 2, 3, 4, 99]
+    assert reward.with_reward_token([1, 2], [3, 4], 99, block_size=3) == [3, 4, 99]
+
+
+def test_pad_right_and_read_last():
+    ids, lengths = reward.pad_right([[1, 2, 3], [4]], pad_value=0)
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and lengths.tolist() == [3, 1]
+    values = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
+    assert reward.read_last(values, lengths).tolist() == pytest.approx([0.3, 0.4])
+
+
+def test_scalar_head_model_shape_and_small_initial_outputs():
+    torch.manual_seed(0)
+    rm = reward.ScalarHeadModel(head_config()).eval()
+    out = rm(torch.randint(0, 97, (3, 10)))
+    assert out.shape == (3, 10) and out.dtype == torch.float32
+    assert out.abs().max() < 0.5, "the head starts small (rewards near 0, loss near ln 2)"
+    assert rm.head.bias.item() == 0.0
+
+
+def test_score_sequences_ignores_padding_and_batching():
+    torch.manual_seed(0)
+    rm = reward.ScalarHeadModel(head_config()).eval()
+    seqs = [[1, 2, 3, 96], [4, 5, 96], [7, 8, 9, 10, 11, 96]]
+    together = reward.score_sequences(rm, seqs, batch_size=8)
+    alone = torch.cat([reward.score_sequences(rm, [s]) for s in seqs])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    direct = torch.stack([rm(torch.tensor([s]))[0, -1] for s in seqs]).detach()
+    torch.testing.assert_close(together, direct, rtol=1e-5, atol=1e-5)
+    norm = reward.score_sequences(rm, seqs, normalizer={"bias": 1.0, "scale": 2.0})
+    torch.testing.assert_close(norm, (together - 1.0) / 2.0)
+
+
+def test_scalar_model_from_checkpoint_round_trip_and_error():
+    torch.manual_seed(0)
+    rm = reward.ScalarHeadModel(head_config())
+    ckpt = {"model_args": vars(rm.config).copy(), "model": rm.state_dict()}
+    back = reward.scalar_model_from_checkpoint(ckpt)
+    x = torch.randint(0, 97, (2, 5))
+    torch.testing.assert_close(back.eval()(x), rm.eval()(x))
+    gpt_only = {"model_args": vars(rm.config).copy(), "model": GPT(head_config()).state_dict()}
+    with pytest.raises(CheckpointError, match="reward model"):
+        reward.scalar_model_from_checkpoint(gpt_only)

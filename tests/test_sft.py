@@ -11,8 +11,9 @@ import bpe
 import prepare_data
 import sample
 import sft
-from model import (GPT, GPTConfig, ScalarHeadModel, file_sha256, load_checkpoint, read_jsonl_log,
-                   save_checkpoint)
+from model import file_sha256, GPT, GPTConfig, load_checkpoint, save_checkpoint
+from train import read_jsonl_log
+from reward import ScalarHeadModel
 
 SMALL_DATA = dict(megabytes=0.08, sft_train=80, sft_val=8, prefs_train=40, prefs_val=8, prompts_ppo=16,
                   prompts_eval=8, mc=8, quiet=True)

@@ -1,4 +1,4 @@
-"""Tests for train.py and the training plumbing it shares through model.py."""
+"""Tests for train.py: pretraining, and the loop machinery the later training stages import from it."""
 
 import contextlib
 import json
@@ -14,13 +14,13 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import bpe
 import model
 import train
-from model import (GPT, GPTConfig, convert_value, cosine_lr, load_checkpoint, parse_config, pick_device,
-                   pick_dtype, plot_curves, read_jsonl_log, truncate_log)
+from model import GPT, GPTConfig, load_checkpoint
+from train import (configure_optimizer, convert_value, cosine_lr, flops_per_token, model_flops_utilization,
+                   parse_config, peak_flops, pick_device, pick_dtype, plot_curves, read_jsonl_log, truncate_log)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -175,7 +175,7 @@ def test_auto_dtype_on_a_real_model_keeps_the_random_state():
     net = tiny_gpt()
     x = torch.randint(0, 50, (2, 16))
     before = torch.get_rng_state()
-    dtype, why = train.resolve_dtype("auto", "cpu", lambda c: model.forward_backward(net, [(x, x)], c))
+    dtype, why = train.resolve_dtype("auto", "cpu", lambda c: train.forward_backward(net, [(x, x)], c))
     assert dtype in ("float32", "bfloat16") and "measured" in why
     assert torch.equal(torch.get_rng_state(), before), "the timed steps must not move the run's random state"
 
@@ -197,7 +197,7 @@ def test_training_precision_clears_the_timed_gradients_and_builds_context_and_sc
     net = tiny_gpt()
     x = torch.randint(0, 50, (2, 16))
     dtype, why, ctx, scaler = train.training_precision(
-        "auto", "cpu", net, lambda c: model.forward_backward(net, [(x, x)], c))
+        "auto", "cpu", net, lambda c: train.forward_backward(net, [(x, x)], c))
     assert dtype in ("float32", "bfloat16") and why.startswith("auto:") and scaler is None
     assert all(p.grad is None for p in net.parameters()), "the timed steps must leave no gradient behind"
     with ctx:
@@ -268,11 +268,11 @@ def test_clip_gradients_scales_to_max_norm():
     layer(torch.randn(5, 4)).pow(2).sum().backward()
     grads = [p.grad.clone() for p in layer.parameters()]
     norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
-    returned = model.clip_gradients(layer, max_norm=float(norm) / 2)
+    returned = train.clip_gradients(layer, max_norm=float(norm) / 2)
     assert torch.allclose(returned, norm)
     for g, p in zip(grads, layer.parameters()):
         assert torch.allclose(p.grad, g / 2, atol=1e-5), "every gradient scaled by the same factor"
-    assert torch.allclose(model.clip_gradients(layer, 0), norm / 2), "0 disables clipping but reports the norm"
+    assert torch.allclose(train.clip_gradients(layer, 0), norm / 2), "0 disables clipping but reports the norm"
 
 
 def test_get_batch_windows_are_shifted_slices():
@@ -327,9 +327,9 @@ def test_forward_backward_accumulation_equals_one_big_batch():
     torch.manual_seed(1)
     x, y = torch.randint(0, 50, (8, 16)), torch.randint(0, 50, (8, 16))
     big = tiny_gpt()
-    model.forward_backward(big, [(x, y)], contextlib.nullcontext())
+    train.forward_backward(big, [(x, y)], contextlib.nullcontext())
     small = tiny_gpt()
-    loss = model.forward_backward(small, [(x[:4], y[:4]), (x[4:], y[4:])], contextlib.nullcontext())
+    loss = train.forward_backward(small, [(x[:4], y[:4]), (x[4:], y[4:])], contextlib.nullcontext())
     for a, b in zip(big.parameters(), small.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6)
     assert torch.allclose(loss, big(x, y)[1], atol=1e-6)
@@ -342,7 +342,7 @@ def _ddp_worker(rank, world, port, path):
     x, y = torch.randint(0, 50, (8, 16)), torch.randint(0, 50, (8, 16))
     ddp = train.DDP(tiny_gpt())
     mine = [(x[rank * 4:rank * 4 + 2], y[rank * 4:rank * 4 + 2]), (x[rank * 4 + 2:rank * 4 + 4], y[rank * 4 + 2:rank * 4 + 4])]
-    model.forward_backward(ddp, mine, contextlib.nullcontext())
+    train.forward_backward(ddp, mine, contextlib.nullcontext())
     if rank == 0:
         torch.save([p.grad for p in ddp.module.parameters()], path)
     torch.distributed.barrier()  # neither process leaves while the other still talks to it (a gloo abort otherwise)
@@ -360,7 +360,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     torch.manual_seed(1)
     x, y = torch.randint(0, 50, (8, 16)), torch.randint(0, 50, (8, 16))
     single = tiny_gpt()
-    model.forward_backward(single, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)], contextlib.nullcontext())
+    train.forward_backward(single, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)], contextlib.nullcontext())
     for a, b in zip(single.parameters(), ddp_grads):
         assert torch.allclose(a.grad, b, atol=1e-6), "DDP over 2 processes must equal one process on the global batch"
 
@@ -465,9 +465,9 @@ def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path):
 
 def test_jsonl_log_skips_torn_line_and_truncates(tmp_path):
     path = str(tmp_path / "log.jsonl")
-    model.append_jsonl(path, {"iter": 1, "loss": 2.0})
-    model.append_jsonl(path, {"iter": 2, "loss": 1.5})
-    model.append_jsonl(path, {"iter": 3, "loss": 1.2})
+    train.append_jsonl(path, {"iter": 1, "loss": 2.0})
+    train.append_jsonl(path, {"iter": 2, "loss": 1.5})
+    train.append_jsonl(path, {"iter": 3, "loss": 1.2})
     with open(path, "a") as f:
         f.write('{"iter": 4, "lo')
     assert [r["iter"] for r in read_jsonl_log(path)] == [1, 2, 3]
@@ -484,7 +484,7 @@ def test_plot_curves_writes_a_png(tmp_path):
 
 
 def test_format_eta():
-    assert model.format_eta(5) == "5s" and model.format_eta(75) == "1m15s" and model.format_eta(3725) == "1h02m"
+    assert train.format_eta(5) == "5s" and train.format_eta(75) == "1m15s" and train.format_eta(3725) == "1h02m"
 
 
 @pytest.mark.slow
@@ -535,3 +535,48 @@ def test_compile_failure_falls_back_to_eager(data_dir, tmp_path, monkeypatch, ca
     metrics = train.run(tiny_config(data_dir, tmp_path / "fallback", compile=True, max_iters=4, eval_interval=4))
     assert "torch.compile failed (RuntimeError: no C++ compiler found); training without it" in capsys.readouterr().out
     assert math.isfinite(metrics["val_loss"])
+
+
+# --- optimizer, efficiency figures, deterministic kernels ------------------------------
+
+def machinery_config():
+    return GPTConfig(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_embd=32)
+
+
+def test_optimizer_decays_matrices_only():
+    torch.manual_seed(0)
+    m = GPT(machinery_config())
+    opt = configure_optimizer(m, learning_rate=1e-3, weight_decay=0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == m.num_params()
+    assert any(p is m.transformer.wte.weight for p in decay["params"])
+    assert opt.defaults["fused"] is True
+
+
+def test_flops_per_token_formula():
+    config = machinery_config()
+    assert flops_per_token(config, 1000) == 6 * 1000 + 12 * 2 * 32 * 48
+
+
+def test_peak_flops_and_mfu():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+    assert peak_flops("cpu") is None
+    assert model_flops_utilization(1e9, 494.5e3, "NVIDIA H100 PCIe") == pytest.approx(0.5)
+    assert model_flops_utilization(1e9, 1.0, "cpu") is None
+
+
+def test_deterministic_algorithms_sets_and_restores_torch_flag():
+    assert not torch.are_deterministic_algorithms_enabled(), "tests start without deterministic mode"
+    with train.deterministic_algorithms(True):
+        assert torch.are_deterministic_algorithms_enabled(), "inside, torch must use deterministic kernels"
+        assert torch.is_deterministic_algorithms_warn_only_enabled(), "an op without one must warn, not fail"
+    assert not torch.are_deterministic_algorithms_enabled(), "the previous setting must come back"
+    with pytest.raises(KeyError):
+        with train.deterministic_algorithms(True):
+            raise KeyError("boom")
+    assert not torch.are_deterministic_algorithms_enabled(), "restored after an error too"
+    with train.deterministic_algorithms(False):
+        assert not torch.are_deterministic_algorithms_enabled(), "enabled=False changes nothing"

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train  # noqa: E402
-from model import (GPT, CausalSelfAttention, GPTConfig, autocast_context, clip_gradients,  # noqa: E402
-                   configure_optimizer)
+from model import CausalSelfAttention, GPT, GPTConfig
+from train import autocast_context, clip_gradients, configure_optimizer
 
 
 def cpu_description():

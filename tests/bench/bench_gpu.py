@@ -4,12 +4,12 @@ the same model in several precisions and attention paths, side by side in one ru
     python tests/bench/bench_gpu.py                       # GPT-2 124M, vocab 50304
     python tests/bench/bench_gpu.py --variants bf16-compile-sdpa --steps 20
 
-The step is train.py's own: model.forward_backward over grad_accum micro-batches,
-model.clip_gradients, fused AdamW from model.configure_optimizer. Tokens are
+The step is train.py's own: train.forward_backward over grad_accum micro-batches,
+train.clip_gradients, fused AdamW from train.configure_optimizer. Tokens are
 random (throughput does not depend on what they say), so no dataset is needed.
 The vocabulary defaults to GPT-2's 50257 rounded up to a multiple of 64, as in
 nanoGPT: with it the model is GPT-2 small, 124M parameters. MFU counts
-model.flops_per_token against the datasheet peak in model.PEAK_FLOPS; the table
+train.flops_per_token against the datasheet peak in train.PEAK_FLOPS; the table
 also gives a bf16 matrix product measured on the same device, the ceiling that
 is reachable in practice. "sdpa" is F.scaled_dot_product_attention with
 is_causal=True, as in model.py; the kernels it runs on this device for the
@@ -27,8 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train  # noqa: E402
-from model import (GPT, GPTConfig, autocast_context, clip_gradients, compile_or_fall_back,  # noqa: E402
-                   configure_optimizer, flops_per_token, forward_backward, model_flops_utilization, peak_flops)
+from model import GPT, GPTConfig
+from train import (autocast_context, clip_gradients, compile_or_fall_back, configure_optimizer, flops_per_token,
+                   forward_backward, model_flops_utilization, peak_flops)
 
 # name -> (dtype, attention, compile)
 VARIANTS = {

@@ -30,7 +30,8 @@ import bpe  # noqa: E402
 import prepare_data  # noqa: E402
 import reward  # noqa: E402
 import train  # noqa: E402
-from model import CausalSelfAttention, GPTConfig, ScalarHeadModel  # noqa: E402
+from model import CausalSelfAttention, GPTConfig
+from reward import ScalarHeadModel
 
 
 def step_loss(model, groups, share_prefix):

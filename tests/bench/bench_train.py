@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train  # noqa: E402
-from model import GPT, GPTConfig, read_jsonl_log  # noqa: E402
+from model import GPT, GPTConfig
+from train import read_jsonl_log
 
 
 def plain_loop_tokens_per_s(config, data, vocab_size, iters, warmup):
