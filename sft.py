@@ -26,21 +26,17 @@ task type, end-of-turn rate). The evaluation before the first step is the base
 model prompted with the template: what SFT buys is the difference.
 """
 
-import math
 import os
 import sys
-import time
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare_data
-from train import (append_jsonl, clip_gradients, compile_or_fall_back, configure_optimizer, cosine_lr, format_eta,
-                   forward_backward, parse_config, pick_dtype, plot_curves, read_jsonl_log, rng_state, set_rng_state,
-                   setup_distributed, StopRequested, training_precision, truncate_log)
 from model import (answer_prompts, CheckpointError, clean_state_dict, load_checkpoint, model_from_checkpoint,
                    parent_record, save_checkpoint, tokenizer_from_checkpoint)
+from train import (append_jsonl, configure_optimizer, end_run, forward_backward, open_log, optimizer_step,
+                   parse_config, plot_curves, Progress, read_jsonl_log, rng_state, scheduled_lr, set_rng_state,
+                   start_run, StopRequested, training_precision, wrap_model)
 
 STAGE = "sft"
 
@@ -273,34 +269,14 @@ def resolve_paths(config):
 def run(config, flags=()):
     """Fine-tune; returns the metrics of the final evaluation (with the base
     model's under "base")."""
-    rank, world, device = setup_distributed(config)
-    master = rank == 0
-    device_type = "cuda" if device.startswith("cuda") else ("mps" if device.startswith("mps") else "cpu")
-    pick_dtype(config["dtype"], device_type)  # a bad name fails before any work
-    if config["grad_accum"] % world:
-        raise ValueError(f"grad_accum={config['grad_accum']} must be divisible by the number of processes ({world})")
-    accum_per_rank = config["grad_accum"] // world
-
+    # 1. processes, device, --resume or --overwrite; the base model (pretrained, or SFT to fine-tune further)
     init_path, out_dir = resolve_paths(config)
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    log_path = os.path.join(out_dir, "log.jsonl")
-    resume = None
-    if "resume" in flags:
-        resume = load_checkpoint(ckpt_path, stages={STAGE})
-        saved = resume["config"]
-        for key in DEFAULTS:  # the run continues with its own config; run length and system keys may change
-            if key not in ("max_iters", "stop_at_iter", "device", "dtype", "compile", "eval_interval",
-                           "log_interval", "out_dir"):
-                config[key] = saved.get(key, config[key])
-        init_path = resume["parent"]["path"]
-    elif os.path.exists(ckpt_path) and "overwrite" not in flags:
-        raise ValueError(f"{ckpt_path} already exists: pass --resume to continue it, "
-                         f"or --overwrite to start over (it will be replaced)")
-
-    # the base model: a pretrained checkpoint (or an SFT one, to fine-tune further)
-    if resume is not None:
-        base = resume
-        parent = resume["parent"]
+    run = start_run(config, flags, STAGE, out_dir)
+    if config["grad_accum"] % run.world:
+        raise ValueError(f"grad_accum={config['grad_accum']} must be divisible by the number of processes ({run.world})")
+    if run.resume is not None:
+        base, parent = run.resume, run.resume["parent"]
+        init_path = parent["path"]
     else:
         base = load_checkpoint(init_path, stages={"pretrain", "sft"})
         parent = parent_record(init_path if os.path.isfile(init_path) else os.path.join(init_path, "ckpt.pt"))
@@ -312,148 +288,96 @@ def run(config, flags=()):
                          f"{model_args['block_size']}")
     data, truncated = load_sft_data(config, tokenizer, block_size)
 
-    torch.manual_seed(config["seed"] + rank)
-    model = model_from_checkpoint(dict(base, model_args=model_args), device)
-    # precision, measured on a few training rows (before the optimizer exists: no state to disturb)
+    # 2. the model, its precision (measured on a few training rows) and the optimizer
+    torch.manual_seed(config["seed"] + run.rank)
+    raw_model = model_from_checkpoint(dict(base, model_args=model_args), run.device)
     x, y = collate(data["train"][:8])
-    dtype, dtype_why, ctx, scaler = training_precision(
-        config["dtype"], device_type, model, lambda c: forward_backward(model, [(x.to(device), y.to(device))], c))
-    optimizer = configure_optimizer(model, config["learning_rate"], config["weight_decay"],
-                                    (config["beta1"], config["beta2"]), device_type)
-    start_iter, epoch, cursor = 0, 0, 0
-    if resume is not None:
-        optimizer.load_state_dict(resume["resume"]["optimizer"])
-        start_iter = resume["resume"]["iter"]
-        epoch, cursor = resume["resume"]["epoch"], resume["resume"]["cursor"]
-        if resume["resume"]["world"] != world:
-            raise ValueError(f"{ckpt_path} was saved by {resume['resume']['world']} process(es): "
-                             f"resume it with the same number (now {world})")
-        set_rng_state(resume["resume"]["rng"])
-        if master:
-            truncate_log(log_path, start_iter)
-            print(f"resuming {ckpt_path} at iteration {start_iter}")
-    elif master:
-        os.makedirs(out_dir, exist_ok=True)
-        if os.path.exists(log_path):
-            os.remove(log_path)
-
-    raw_model = model
+    dtype, dtype_why, ctx, scaler = training_precision(config["dtype"], run.device_type, raw_model, lambda c: forward_backward(
+        raw_model, [(x.to(run.device), y.to(run.device))], c))
+    optimizer = configure_optimizer(raw_model, config["learning_rate"], config["weight_decay"],
+                                    (config["beta1"], config["beta2"]), run.device_type)
+    it, epoch, cursor = 0, 0, 0
+    metrics = {}
+    if run.resume is not None:
+        state = run.resume["resume"]
+        if state["world"] != run.world:
+            raise ValueError(f"{run.ckpt_path} was saved by {state['world']} process(es): "
+                             f"resume it with the same number (now {run.world})")
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        it, epoch, cursor = state["iter"], state["epoch"], state["cursor"]
+        metrics = dict(run.resume["metrics"])
+    compile_batch = None
     if config["compile"]:
-        model = compile_or_fall_back(model, collate(data["train"][:config["batch_size"]]), ctx, master)
-    if dist.is_initialized():  # under torchrun, one process too: the same code path as on 8 GPUs
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+        compile_batch = tuple(t.to(run.device) for t in collate(data["train"][:config["batch_size"]]))
+    model = wrap_model(raw_model, run, compile_batch, ctx)
 
     n_train = len(data["train"])
-    if master:
-        print(f"{STAGE}: from {init_path} ({raw_model.num_params() / 1e6:.2f}M parameters), "
-              f"{len(data['train_records'])} demonstrations in {n_train} rows"
-              f"{' (packed)' if config['pack'] else ''}, {truncated['train']} truncated to {block_size + 1} "
-              f"tokens; {config['grad_accum'] * config['batch_size']} rows/iter, device {device} x{world}, "
-              f"{dtype} ({dtype_why})")
-        append_jsonl(log_path, {"iter": start_iter, "dtype": dtype, "dtype_why": dtype_why})
-
-    metrics = dict(resume["metrics"]) if resume is not None else {}
-
-    def save(it):
-        if not master:
-            return
-        checkpoint = {
-            "stage": STAGE,
-            "model_args": dict(model_args, dropout=0.0),
-            "model": clean_state_dict(raw_model),
-            "tokenizer": tokenizer.to_dict(),
-            "config": dict(config, dtype=dtype),  # the precision that ran, not "auto"
-            "parent": parent,
-            "metrics": metrics,
-            "data": {"dataset": config["dataset"], "truncated": truncated},
-            "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(), "epoch": epoch,
-                       "cursor": cursor, "world": world},
-        }
-        save_checkpoint(checkpoint, ckpt_path)
+    open_log(run, it, f"from {init_path} ({raw_model.num_params() / 1e6:.2f}M parameters), "
+             f"{len(data['train_records'])} demonstrations in {n_train} rows{' (packed)' if config['pack'] else ''}, "
+             f"{truncated['train']} truncated to {block_size + 1} tokens; {config['grad_accum'] * config['batch_size']} "
+             f"rows/iter, device {run.device} x{run.world}", dtype, dtype_why)
 
     def run_eval(it):
-        result = evaluate(raw_model, tokenizer, data, config, ctx, device)
-        result["iter"] = it
+        result = dict(evaluate(raw_model, tokenizer, data, config, ctx, run.device), iter=it)
         print(f"eval {it}: {format_metrics(result)}")
-        append_jsonl(log_path, result)
+        append_jsonl(run.log_path, result)
         return result
 
-    if master and start_iter == 0:
-        metrics["base"] = run_eval(0)  # the base model, prompted with the chat template
-
+    if run.master and it == 0:
+        metrics["base"] = run_eval(0)  # the base model, prompted with the chat template: what SFT buys is the difference
+    end_iter = min(config["stop_at_iter"] or config["max_iters"], config["max_iters"])
+    progress = Progress(run, it, end_iter, config["log_interval"], "target_tok")
     stopper = StopRequested()
-    end_iter = config["max_iters"] if config["stop_at_iter"] <= 0 else min(config["stop_at_iter"], config["max_iters"])
-    t_start = time.time()
-    t_last = t_start
-    tokens_since_log = 0
-    it = start_iter
     try:
         while it < end_iter:
-            lr = cosine_lr(it, config["learning_rate"], config["warmup_iters"], config["max_iters"],
-                           config["min_lr_ratio"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro_batches = []
-            for _ in range(accum_per_rank):
-                # every process walks the same order; each takes its own slice of the global batch
-                indices, epoch, cursor = batch_indices(n_train, config["batch_size"] * world, epoch, cursor,
+            # 3. one optimizer step on the response tokens: every process walks the same order of
+            #    examples and takes its own slice of each global batch
+            lr = scheduled_lr(optimizer, it, config)
+            micro_batches, targets = [], 0
+            for _ in range(config["grad_accum"] // run.world):
+                indices, epoch, cursor = batch_indices(n_train, config["batch_size"] * run.world, epoch, cursor,
                                                        config["seed"])
-                x, y = collate([data["train"][i] for i in indices[rank::world]])
-                tokens_since_log += int((y != -1).sum()) * world
-                micro_batches.append((x.to(device), y.to(device)))
+                x, y = collate([data["train"][i] for i in indices[run.rank::run.world]])
+                targets += int((y != -1).sum()) * run.world
+                micro_batches.append((x.to(run.device), y.to(run.device)))
             loss = forward_backward(model, micro_batches, ctx, scaler)
-            if world > 1:
-                dist.all_reduce(loss)
-                loss = loss / world
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = clip_gradients(raw_model, config["grad_clip"])
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at iteration {it}: stopping; the last good "
-                                         f"checkpoint {ckpt_path} is kept. Try a lower --learning_rate")
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm = optimizer_step(raw_model, optimizer, loss, scaler, config["grad_clip"], run, it)
             it += 1
+            progress.update(it, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "epoch": epoch}, targets,
+                            f"epoch {epoch}")
 
-            if master and (it % config["log_interval"] == 0 or it == end_iter):
-                now = time.time()
-                rate = tokens_since_log / max(now - t_last, 1e-9)
-                eta = (end_iter - it) * (now - t_start) / max(it - start_iter, 1)
-                print(f"iter {it:5d}/{end_iter} | loss {loss_value:.4f} | lr {lr:.2e} | grad {grad_norm:.2f} | "
-                      f"{rate / 1e3:.1f}k target tok/s | epoch {epoch} | ETA {format_eta(eta)}", flush=True)
-                append_jsonl(log_path, {"iter": it, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                                        "target_tok_per_s": rate, "epoch": epoch, "time": now - t_start})
-                t_last, tokens_since_log = now, 0
-
+            # 4. now and then: held-out loss and graded answers, a checkpoint, the plots
             at_eval = it % config["eval_interval"] == 0 or it == end_iter
             if at_eval or stopper.requested:
-                if master and at_eval:
+                if run.master and at_eval:
                     metrics.update(run_eval(it))
-                save(it)
-                if master:
-                    records = read_jsonl_log(log_path)
-                    plot_curves(records, [("train (per step)", "loss"), ("val responses", "val_loss")],
-                                os.path.join(out_dir, "loss.png"), f"SFT loss on response tokens ({config['config']})")
-                    plot_curves(records, [("accuracy", "accuracy"), ("end-of-turn rate", "end_rate")]
-                                + [(k[4:], k) for k in metrics if k.startswith("acc_")],
-                                os.path.join(out_dir, "accuracy.png"), f"SFT held-out answers ({config['config']})")
-                t_last = time.time()
+                if run.master:
+                    save_checkpoint({"stage": STAGE, "model_args": dict(model_args, dropout=0.0),
+                                     "model": clean_state_dict(raw_model), "tokenizer": tokenizer.to_dict(),
+                                     "config": dict(config, dtype=dtype), "parent": parent, "metrics": metrics,
+                                     "data": {"dataset": config["dataset"], "truncated": truncated},
+                                     "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(),
+                                                "epoch": epoch, "cursor": cursor, "world": run.world}}, run.ckpt_path)
+                    plot_progress(read_jsonl_log(run.log_path), metrics, run.out_dir, config["config"])
+                progress.pause(it)
                 if stopper.requested:
-                    print(f"saved {ckpt_path} at iteration {it}; continue with --resume")
+                    print(f"saved {run.ckpt_path} at iteration {it}; continue with --resume")
                     break
     finally:
-        stopper.restore()
-        if dist.is_initialized():  # torchrun with one process too
-            model = None  # the DDP wrapper goes first: freed after its process group, it can hang (gloo)
-            dist.destroy_process_group()
-    if master:
-        print(f"done: {it} iterations in {format_eta(time.time() - t_start)}; checkpoint {ckpt_path}")
+        model = None  # the DDP wrapper goes before its process group
+        end_run(stopper)
+    progress.done(it)
     return metrics
+
+
+def plot_progress(records, metrics, out_dir, name):
+    """loss.png (training and held-out response loss) and accuracy.png (graded answers by task)."""
+    plot_curves(records, [("train (per step)", "loss"), ("val responses", "val_loss")],
+                os.path.join(out_dir, "loss.png"), f"SFT loss on response tokens ({name})")
+    plot_curves(records, [("accuracy", "accuracy"), ("end-of-turn rate", "end_rate")]
+                + [(k[4:], k) for k in metrics if k.startswith("acc_")],
+                os.path.join(out_dir, "accuracy.png"), f"SFT held-out answers ({name})")
 
 
 def main(argv=None):

@@ -24,6 +24,7 @@ import random
 import signal
 import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -608,6 +609,148 @@ def training_precision(requested, device_type, model, step):
 
 
 # -----------------------------------------------------------------------------
+# One training run's frame, the same in every training stage: start, log, step, save, end
+
+# what a resumed run may change (how long, how often, where, on what machine); every
+# other key comes from its checkpoint, so the run continues as it began
+RESUME_MAY_CHANGE = ("max_iters", "stop_at_iter", "eval_interval", "save_interval", "log_interval", "sample_tokens",
+                     "eval_batch_size", "device", "dtype", "compile", "out_dir", "data_dir", "init_dir", "reward_dir")
+
+
+def start_run(config, flags, stage, out_dir):
+    """What a training stage does before its model: processes and device, the
+    precision's name checked, and --resume or --overwrite. Returns a namespace:
+    stage, rank, world, master, device, device_type, out_dir, ckpt_path,
+    log_path, and resume (the checkpoint being resumed, whose config then
+    replaces every key but RESUME_MAY_CHANGE in config; or None)."""
+    rank, world, device = setup_distributed(config)
+    device_type = device.split(":")[0]
+    pick_dtype(config["dtype"], device_type)  # a bad name fails before any work
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    resume = None
+    if "resume" in flags:
+        resume = load_checkpoint(ckpt_path, stages={stage})
+        for key in config:
+            if key not in RESUME_MAY_CHANGE:
+                config[key] = resume["config"].get(key, config[key])
+    elif os.path.exists(ckpt_path) and "overwrite" not in flags:
+        raise ValueError(f"{ckpt_path} already exists: pass --resume to continue it, "
+                         f"or --overwrite to start over (it will be replaced)")
+    return types.SimpleNamespace(stage=stage, rank=rank, world=world, master=rank == 0, device=device,
+                                 device_type=device_type, out_dir=out_dir, ckpt_path=ckpt_path,
+                                 log_path=os.path.join(out_dir, "log.jsonl"), resume=resume)
+
+
+def open_log(run, start_iter, summary, dtype, dtype_why):
+    """Print the start-up line (summary, the precision and why) and begin log.jsonl:
+    a resumed run drops the records after its checkpoint, a new one starts empty.
+    The first record is the precision."""
+    if not run.master:
+        return
+    if run.resume is not None:
+        truncate_log(run.log_path, start_iter)
+        print(f"resuming {run.ckpt_path} at iteration {start_iter}")
+    else:
+        os.makedirs(run.out_dir, exist_ok=True)
+        if os.path.exists(run.log_path):
+            os.remove(run.log_path)
+    print(f"{run.stage}: {summary}, {dtype} ({dtype_why})")
+    append_jsonl(run.log_path, {"iter": start_iter, "dtype": dtype, "dtype_why": dtype_why})
+
+
+def wrap_model(model, run, compile_batch=None, ctx=None):
+    """The model the loop calls: compiled when compile_batch (an example batch) is
+    given, and in DDP under torchrun (one process too: the same code as on 8 GPUs)."""
+    if compile_batch is not None:
+        model = compile_or_fall_back(model, compile_batch, ctx, run.master)
+    if dist.is_initialized():
+        model = DDP(model, device_ids=[int(run.device.split(":")[1])] if run.device_type == "cuda" else None)
+    return model
+
+
+def scheduled_lr(optimizer, it, config):
+    """Set and return iteration it's learning rate: cosine_lr of the config's
+    learning_rate, warmup_iters, max_iters and min_lr_ratio."""
+    lr = cosine_lr(it, config["learning_rate"], config["warmup_iters"], config["max_iters"], config["min_lr_ratio"])
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def optimizer_step(model, optimizer, loss, scaler, grad_clip, run, it):
+    """After the backward passes: the loss averaged over processes, the gradients
+    unscaled (fp16), clipped, applied and cleared. Returns (loss, gradient norm
+    before clipping). A loss that is not finite stops the run before the step, so
+    the last checkpoint is a good one."""
+    if run.world > 1:  # every rank reports the same mean
+        dist.all_reduce(loss)
+        loss = loss / run.world
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = clip_gradients(model, grad_clip)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"loss is {loss_value} at iteration {it}: stopping; the last good checkpoint "
+                                 f"{run.ckpt_path} is kept. Try a lower --learning_rate or --dtype=float32")
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, float(grad_norm)
+
+
+class Progress:
+    """Progress lines every log_interval iterations: loss, learning rate, gradient
+    norm, throughput (work per second, e.g. tokens) and ETA, each also a log.jsonl
+    record. Time spent evaluating and saving is not throughput (pause())."""
+
+    def __init__(self, run, start_iter, end_iter, log_interval, unit="tok", flops_per_token=None, device_name=""):
+        self.run, self.end_iter, self.log_interval, self.unit = run, end_iter, log_interval, unit
+        self.flops_per_token, self.device_name = flops_per_token, device_name
+        self.t_start = time.time()
+        self.t_last, self.it_last, self.work = self.t_start, start_iter, 0
+
+    def update(self, it, record, work, note=""):
+        """Count this iteration's work; on a logging iteration print and log record
+        (loss, lr, grad_norm and the stage's own figures) with rate and ETA."""
+        self.work += work
+        if not self.run.master or (it % self.log_interval and it != self.end_iter):
+            return
+        now = time.time()
+        rate = self.work / max(now - self.t_last, 1e-9)
+        eta = (self.end_iter - it) * (now - self.t_last) / max(it - self.it_last, 1)
+        record = {"iter": it, **record, f"{self.unit}_per_s": rate}
+        text = f"{rate / 1e3:.1f}k {self.unit.replace('_', ' ')}/s"
+        if self.flops_per_token is not None:
+            record["mfu"] = model_flops_utilization(self.flops_per_token, rate / self.run.world, self.device_name)
+            text += f" | mfu {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
+        print(f"iter {it:6d}/{self.end_iter} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+              f"grad {record['grad_norm']:.2f} | {text}{' | ' + note if note else ''} | ETA {format_eta(eta)}",
+              flush=True)
+        append_jsonl(self.run.log_path, {**record, "time": now - self.t_start})
+        self.pause(it)
+
+    def pause(self, it):
+        """Restart the throughput clock at iteration it (after an evaluation or a save)."""
+        self.t_last, self.it_last, self.work = time.time(), it, 0
+
+    def done(self, it):
+        if self.run.master:
+            print(f"done: {it} iterations in {format_eta(time.time() - self.t_start)}; checkpoint {self.run.ckpt_path}")
+
+
+def end_run(stopper):
+    """Teardown, on success or error: Ctrl-C's handler restored, the process group
+    destroyed (the caller drops its DDP model first: freed after its process
+    group, a DDP model can hang under gloo)."""
+    stopper.restore()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
 # The run
 
 def resolve_out_dir(config):
@@ -615,188 +758,114 @@ def resolve_out_dir(config):
 
 
 def run(config, flags=()):
-    """Train; returns the metrics of the final evaluation."""
-    rank, world, device = setup_distributed(config)
-    master = rank == 0
-    device_type = "cuda" if device.startswith("cuda") else ("mps" if device.startswith("mps") else "cpu")
-    pick_dtype(config["dtype"], device_type)  # a bad name fails before any work
-    if config["grad_accum"] % world:
-        raise ValueError(f"grad_accum={config['grad_accum']} must be divisible by the number of processes ({world})")
-    accum_per_rank = config["grad_accum"] // world
-
-    out_dir = resolve_out_dir(config)
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    log_path = os.path.join(out_dir, "log.jsonl")
-    resume = None
-    if "resume" in flags:
-        resume = load_checkpoint(ckpt_path, stages={STAGE})
-        saved = resume["config"]
-        # the run continues with its own config; only run-length and system keys may change
-        for key in DEFAULTS:
-            if key not in ("max_iters", "stop_at_iter", "device", "dtype", "compile", "eval_interval",
-                           "log_interval", "sample_tokens", "out_dir"):
-                config[key] = saved.get(key, config[key])
-    elif os.path.exists(ckpt_path) and "overwrite" not in flags:
-        raise ValueError(f"{ckpt_path} already exists: pass --resume to continue it, "
-                         f"or --overwrite to start over (it will be replaced)")
-
+    """Pretrain; returns the metrics of the final evaluation."""
+    # 1. processes, device, --resume or --overwrite
+    run = start_run(config, flags, STAGE, resolve_out_dir(config))
+    if config["grad_accum"] % run.world:
+        raise ValueError(f"grad_accum={config['grad_accum']} must be divisible by the number of processes ({run.world})")
     data, tokenizer, meta = load_dataset(config)
-    torch.manual_seed(config["seed"] + rank)
-    model_config = GPTConfig(vocab_size=tokenizer.vocab_size, **{k: config[k] for k in MODEL_KEYS})
-    model = GPT(model_config).to(device)
-    # precision, measured on a few windows of the run's own shape (a generator of its own: the data order stays)
-    x, y = get_batch(data["train"], config["block_size"], min(4, config["batch_size"]),
-                     torch.Generator().manual_seed(0))
-    dtype, dtype_why, ctx, scaler = training_precision(
-        config["dtype"], device_type, model, lambda c: forward_backward(model, [(x.to(device), y.to(device))], c))
-    optimizer = configure_optimizer(model, config["learning_rate"], config["weight_decay"],
-                                    (config["beta1"], config["beta2"]), device_type)
-    # the data order: a generator per process, so ranks see different windows
-    data_gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
-    start_iter = 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["resume"]["optimizer"])
-        start_iter = resume["resume"]["iter"]
-        if len(resume["resume"]["data_rng"]) != world:
-            raise ValueError(f"{ckpt_path} was saved by {len(resume['resume']['data_rng'])} process(es): "
-                             f"resume it with the same number (now {world})")
-        data_gen.set_state(resume["resume"]["data_rng"][rank])
-        set_rng_state(resume["resume"]["rng"])
-        if master:
-            truncate_log(log_path, start_iter)
-            print(f"resuming {ckpt_path} at iteration {start_iter}")
-    elif master:
-        os.makedirs(out_dir, exist_ok=True)
-        if os.path.exists(log_path):
-            os.remove(log_path)
 
-    raw_model = model
+    # 2. the model, its precision (measured on a few windows of the run's own shape) and the optimizer
+    torch.manual_seed(config["seed"] + run.rank)
+    model_config = GPTConfig(vocab_size=tokenizer.vocab_size, **{k: config[k] for k in MODEL_KEYS})
+    raw_model = GPT(model_config).to(run.device)
+    x, y = get_batch(data["train"], config["block_size"], min(4, config["batch_size"]), torch.Generator().manual_seed(0))
+    dtype, dtype_why, ctx, scaler = training_precision(config["dtype"], run.device_type, raw_model, lambda c: forward_backward(
+        raw_model, [(x.to(run.device), y.to(run.device))], c))
+    optimizer = configure_optimizer(raw_model, config["learning_rate"], config["weight_decay"],
+                                    (config["beta1"], config["beta2"]), run.device_type)
+    # the data order: a generator per process, so that ranks see different windows
+    data_gen = torch.Generator().manual_seed(config["seed"] * 1000 + run.rank)
+    it = 0
+    if run.resume is not None:
+        state = run.resume["resume"]
+        if len(state["data_rng"]) != run.world:
+            raise ValueError(f"{run.ckpt_path} was saved by {len(state['data_rng'])} process(es): "
+                             f"resume it with the same number (now {run.world})")
+        raw_model.load_state_dict(run.resume["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        data_gen.set_state(state["data_rng"][run.rank])
+        set_rng_state(state["rng"])
+        it = state["iter"]
+    # compiled on a batch laid out like the loop's (x, y: views of one window array): another layout recompiles
+    compile_batch = None
     if config["compile"]:
-        # a batch laid out like the loop's (x and y: overlapping views of one window array), so that
-        # the kernels built now are the loop's: another layout makes torch.compile build them again
         x, y = get_batch(data["train"], config["block_size"], config["batch_size"], torch.Generator().manual_seed(0))
-        model = compile_or_fall_back(model, (x.to(device), y.to(device)), ctx, master)
-    if dist.is_initialized():  # under torchrun, one process too: the same code path as on 8 GPUs
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+        compile_batch = (x.to(run.device), y.to(run.device))
+    model = wrap_model(raw_model, run, compile_batch, ctx)
 
     n_params = raw_model.num_params()
-    flops_tok = flops_per_token(model_config, n_params)
-    device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else device_type
     tokens_per_iter = config["grad_accum"] * config["batch_size"] * config["block_size"]
+    open_log(run, it, f"{n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, dataset {config['dataset']} "
+             f"({len(data['train']):,} train tokens), {tokens_per_iter:,} tokens/iter, device {run.device} "
+             f"x{run.world}{', compiled' if config['compile'] else ''}", dtype, dtype_why)
+    end_iter = min(config["stop_at_iter"] or config["max_iters"], config["max_iters"])
+    progress = Progress(run, it, end_iter, config["log_interval"], "tok", flops_per_token(model_config, n_params),
+                        torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device_type)
     byte_lengths = token_byte_lengths(tokenizer)
-    if master:
-        print(f"{STAGE}: {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, dataset "
-              f"{config['dataset']} ({len(data['train']):,} train tokens), {tokens_per_iter:,} tokens/iter, "
-              f"device {device} x{world}, {dtype}{', compiled' if config['compile'] else ''} ({dtype_why})")
-        append_jsonl(log_path, {"iter": start_iter, "dtype": dtype, "dtype_why": dtype_why})
-
-    def save(it, metrics):
-        data_states = [data_gen.get_state()]
-        if world > 1:  # every rank's data position, so a resumed run continues each (all ranks take part)
-            data_states = [None] * world
-            dist.all_gather_object(data_states, data_gen.get_state())
-        if not master:
-            return
-        checkpoint = {
-            "stage": STAGE,
-            "model_args": vars(model_config).copy(),
-            "model": clean_state_dict(raw_model),
-            "tokenizer": tokenizer.to_dict(),
-            "config": dict(config, dtype=dtype),  # the precision that ran, not "auto"
-            "parent": None,
-            "metrics": metrics,
-            "data": {"dataset": config["dataset"], "meta": meta},
-            "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(), "data_rng": data_states},
-        }
-        save_checkpoint(checkpoint, ckpt_path)
-
-    def show_sample():
-        if not master or config["sample_tokens"] <= 0:
-            return
-        prompt = torch.tensor([[tokenizer.special_ids[bpe.DOC_SEP]]], device=device)
-        with ctx:
-            out = raw_model.generate(prompt, min(config["sample_tokens"], config["block_size"] - 1),
-                                     temperature=0.8, top_k=50, seed=config["seed"])
-        print("sample:", repr(tokenizer.decode(out[0, 1:].tolist())))
-
-    stopper = StopRequested()
-    end_iter = config["max_iters"] if config["stop_at_iter"] <= 0 else min(config["stop_at_iter"], config["max_iters"])
     metrics = {}
-    t_start = time.time()
-    t_last = t_start
-    tokens_since_log = 0
-    it = start_iter
+    stopper = StopRequested()
     try:
         while it < end_iter:
-            lr = cosine_lr(it, config["learning_rate"], config["warmup_iters"], config["max_iters"],
-                           config["min_lr_ratio"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro_batches = []
-            for _ in range(accum_per_rank):
-                x, y = get_batch(data["train"], config["block_size"], config["batch_size"], data_gen)
-                micro_batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+            # 3. one optimizer step: grad_accum windows in all, each process its share, summed gradients
+            lr = scheduled_lr(optimizer, it, config)
+            micro_batches = [tuple(t.to(run.device) for t in get_batch(data["train"], config["block_size"],
+                                                                       config["batch_size"], data_gen))
+                             for _ in range(config["grad_accum"] // run.world)]
             loss = forward_backward(model, micro_batches, ctx, scaler)
-            if world > 1:  # the mean over all processes, so every rank sees the same value
-                dist.all_reduce(loss)
-                loss = loss / world
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = clip_gradients(raw_model, config["grad_clip"])
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at iteration {it}: stopping; the last good "
-                                         f"checkpoint {ckpt_path} is kept. Try a lower --learning_rate or "
-                                         f"--dtype=float32")
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm = optimizer_step(raw_model, optimizer, loss, scaler, config["grad_clip"], run, it)
             it += 1
-            tokens_since_log += tokens_per_iter
+            progress.update(it, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, tokens_per_iter)
 
-            if master and (it % config["log_interval"] == 0 or it == end_iter):
-                now = time.time()
-                tok_per_s = tokens_since_log / max(now - t_last, 1e-9)
-                mfu = model_flops_utilization(flops_tok, tok_per_s / world, device_name)
-                eta = (end_iter - it) * tokens_per_iter / max(tok_per_s, 1e-9)
-                mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
-                print(f"iter {it:6d}/{end_iter} | loss {loss_value:.4f} | lr {lr:.2e} | grad {grad_norm:.2f} | "
-                      f"{tok_per_s / 1e3:.1f}k tok/s{mfu_text} | ETA {format_eta(eta)}", flush=True)
-                append_jsonl(log_path, {"iter": it, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                                        "tok_per_s": tok_per_s, "mfu": mfu, "time": now - t_start})
-                t_last, tokens_since_log = now, 0
-
+            # 4. now and then: train/val loss and bits per byte, a checkpoint, the loss plot, a sample
             at_eval = it % config["eval_interval"] == 0 or it == end_iter
             if at_eval or stopper.requested:
-                if master:
-                    metrics = evaluate(raw_model, data, config, byte_lengths, ctx, device)
-                    metrics["iter"] = it
+                if run.master:
+                    metrics = dict(evaluate(raw_model, data, config, byte_lengths, ctx, run.device), iter=it)
                     print(f"eval {it}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
                           f"val {metrics['val_bpb']:.3f} bits/byte")
-                    append_jsonl(log_path, {"iter": it, **metrics})
-                save(it, metrics)
-                if master:
-                    plot_curves(read_jsonl_log(log_path), [("train (per step)", "loss"), ("train", "train_loss"),
-                                                     ("val", "val_loss")],
-                                os.path.join(out_dir, "loss.png"), f"pretraining loss ({config['config']})")
-                    if at_eval:
-                        show_sample()
-                t_last = time.time()  # evaluation time is not training throughput
+                    append_jsonl(run.log_path, metrics)
+                save(run, it, raw_model, model_config, tokenizer, dict(config, dtype=dtype), metrics, meta,
+                     optimizer, data_gen)
+                if run.master:
+                    plot_curves(read_jsonl_log(run.log_path), [("train (per step)", "loss"), ("train", "train_loss"),
+                                                              ("val", "val_loss")],
+                                os.path.join(run.out_dir, "loss.png"), f"pretraining loss ({config['config']})")
+                    if at_eval and config["sample_tokens"] > 0:
+                        print("sample:", repr(sample_text(raw_model, tokenizer, config, ctx)))
+                progress.pause(it)
                 if stopper.requested:
-                    print(f"saved {ckpt_path} at iteration {it}; continue with --resume")
+                    print(f"saved {run.ckpt_path} at iteration {it}; continue with --resume")
                     break
     finally:
-        stopper.restore()
-        if dist.is_initialized():  # torchrun with one process too
-            model = None  # the DDP wrapper goes first: freed after its process group, it can hang (gloo)
-            dist.destroy_process_group()
-    if master:
-        print(f"done: {it} iterations in {format_eta(time.time() - t_start)}; checkpoint {ckpt_path}")
+        model = None  # the DDP wrapper goes before its process group
+        end_run(stopper)
+    progress.done(it)
     return metrics
+
+
+def save(run, it, model, model_config, tokenizer, config, metrics, meta, optimizer, data_gen):
+    """The pretraining checkpoint: weights, tokenizer, config and the state an
+    exact resume needs (optimizer, RNG, every process's data position)."""
+    data_states = [data_gen.get_state()]
+    if run.world > 1:  # every rank takes part; the master saves them all
+        data_states = [None] * run.world
+        dist.all_gather_object(data_states, data_gen.get_state())
+    if run.master:
+        save_checkpoint({"stage": STAGE, "model_args": vars(model_config).copy(), "model": clean_state_dict(model),
+                         "tokenizer": tokenizer.to_dict(), "config": config, "parent": None, "metrics": metrics,
+                         "data": {"dataset": config["dataset"], "meta": meta},
+                         "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(),
+                                    "data_rng": data_states}}, run.ckpt_path)
+
+
+def sample_text(model, tokenizer, config, ctx):
+    """A short sample from the start of a document: what the model writes now."""
+    start = torch.tensor([[tokenizer.special_ids[bpe.DOC_SEP]]], device=next(model.parameters()).device)
+    with ctx:
+        out = model.generate(start, min(config["sample_tokens"], config["block_size"] - 1), temperature=0.8,
+                             top_k=50, seed=config["seed"])
+    return tokenizer.decode(out[0, 1:].tolist())
 
 
 def main(argv=None):
