@@ -168,12 +168,10 @@ def load_records(path):
     if not records:
         raise prepare_data.DataError(f"{path} has no records: rerun prepare_data.py")
     for number, r in enumerate(records, start=1):
-        if not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
-            raise prepare_data.DataError(f"{path} line {number} has no prompt: each line needs "
-                                         f'"prompt" and "response" strings')
-        if not isinstance(r.get("response"), str):
-            raise prepare_data.DataError(f"{path} line {number} has no response: each line needs "
-                                         f'"prompt" and "response" strings')
+        for field in ("prompt", "response"):
+            if not isinstance(r.get(field), str) or (field == "prompt" and not r[field].strip()):
+                raise prepare_data.DataError(f"{path} line {number} has no {field}: each line needs "
+                                             f'"prompt" and "response" strings')
     return records
 
 
@@ -228,20 +226,14 @@ def response_loss(model, rows, batch_size, ctx, device):
     return nats / max(count, 1)
 
 
-def answer_records(model, tokenizer, records, max_new_tokens, ctx):
-    """Greedy answers to the records' prompts in the chat template ->
-    [(text, ended), ...], ready for prepare_data.grade_answers."""
-    with ctx:
-        return answer_prompts(model, tokenizer, [r["prompt"] for r in records], max_new_tokens)
-
-
 def evaluate(model, tokenizer, data, config, ctx, device):
     """Held-out response loss, and the graded greedy answers to held-out prompts."""
     metrics = {"val_loss": response_loss(model, data["val"], config["batch_size"], ctx, device)}
     records = data["val_records"][:config["eval_prompts"]]
     if records:
-        grades = prepare_data.grade_answers(records, answer_records(model, tokenizer, records,
-                                                                    config["max_new_tokens"], ctx))
+        with ctx:  # greedy answers in the chat template
+            answers = answer_prompts(model, tokenizer, [r["prompt"] for r in records], config["max_new_tokens"])
+        grades = prepare_data.grade_answers(records, answers)
         metrics.update(accuracy=grades["accuracy"], gold=grades["gold"], end_rate=grades["end_rate"],
                        words=grades["words"])
         metrics.update({f"acc_{task}": g["accuracy"] for task, g in grades["by_task"].items()})
@@ -272,8 +264,6 @@ def run(config, flags=()):
     # 1. processes, device, --resume or --overwrite; the base model (pretrained, or SFT to fine-tune further)
     init_path, out_dir = resolve_paths(config)
     run = start_run(config, flags, STAGE, out_dir)
-    if config["grad_accum"] % run.world:
-        raise ValueError(f"grad_accum={config['grad_accum']} must be divisible by the number of processes ({run.world})")
     if run.resume is not None:
         base, parent = run.resume, run.resume["parent"]
         init_path = parent["path"]
@@ -300,9 +290,6 @@ def run(config, flags=()):
     metrics = {}
     if run.resume is not None:
         state = run.resume["resume"]
-        if state["world"] != run.world:
-            raise ValueError(f"{run.ckpt_path} was saved by {state['world']} process(es): "
-                             f"resume it with the same number (now {run.world})")
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         it, epoch, cursor = state["iter"], state["epoch"], state["cursor"]
@@ -326,7 +313,7 @@ def run(config, flags=()):
 
     if run.master and it == 0:
         metrics["base"] = run_eval(0)  # the base model, prompted with the chat template: what SFT buys is the difference
-    end_iter = min(config["stop_at_iter"] or config["max_iters"], config["max_iters"])
+    end_iter = run.end_iter
     progress = Progress(run, it, end_iter, config["log_interval"], "target_tok")
     stopper = StopRequested()
     try:

@@ -76,14 +76,14 @@ PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_iters=40,
                  warmup_iters=5, eval_interval=20, eval_iters=2, log_interval=10, sample_tokens=16,
                  learning_rate=3e-3),
-    # a 2-core laptop CPU in minutes, float32 or bf16 (dtype auto). Three layers: the in-context copying
+    # a 2-core laptop CPU in minutes. Three layers: the in-context copying
     # the chat tasks need (rotary positions) appears after fewer tokens than with four at the same cost;
     # block 128 holds every tinyworld document and chat example. Not compiled: a run this short would
     # spend on compiling what compiling saves
     "small": dict(n_layer=3, n_head=4, n_embd=128, block_size=128, batch_size=16, max_iters=1500,
                   warmup_iters=100, eval_interval=375, eval_iters=20, learning_rate=3e-3, pos="rope"),
-    # GPT-2 124M on GPUs (8 x 80 GB: 0.5M tokens per step as in the GPT-2 paper). Micro-batch 32:
-    # on one H100, 41.0% MFU against 38.9% with 16 (tests/bench/bench_gpu.py), 22 GiB
+    # GPT-2 124M on GPUs (8 x 80 GB: 0.5M tokens per step as in the GPT-2 paper); micro-batch 32
+    # keeps an H100 busier than 16 (tests/bench/bench_gpu.py)
     "gpt2": dict(dataset="tinystories", n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=32,
                  grad_accum=16, max_iters=5000, learning_rate=6e-4, warmup_iters=300, eval_interval=250,
                  eval_iters=50, log_interval=10, sample_tokens=64, compile=True,
@@ -169,111 +169,48 @@ def evaluate(model, data, config, byte_lengths, ctx, device):
 # -----------------------------------------------------------------------------
 # The loop's machinery: sft.py, reward.py and ppo.py import these from here
 
-def configure_optimizer(model, learning_rate, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
-    """AdamW with weight decay on matrices (linear weights, embeddings) only:
-    biases and norm gains are not decayed. Fused kernels where available."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    fused = device_type in ("cuda", "cpu")  # fused AdamW exists for both in torch >= 2.4
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
-
-
-def flops_per_token(config, num_params):
-    """Training FLOPs per token (forward + backward), PaLM appendix B:
-    6 per parameter, plus the attention scores and sums, 12 * L * C * T."""
-    return 6 * num_params + 12 * config.n_layer * config.n_embd * config.block_size
-
-
-# Peak dense bf16 tensor FLOP/s by device name fragment (vendor datasheets).
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "V100": 125e12,
-    "T4": 65e12,
-}
-
-
-def peak_flops(device_name):
-    """Peak FLOP/s for a device name such as 'NVIDIA H100 80GB HBM3', or None."""
-    for fragment, flops in PEAK_FLOPS.items():
-        if fragment in device_name:
-            return flops
-    return None
-
-
-def model_flops_utilization(flops_per_tok, tokens_per_second, device_name):
-    """MFU: achieved FLOP/s over the device's peak, or None if the peak is unknown."""
-    peak = peak_flops(device_name)
-    if peak is None:
-        return None
-    return flops_per_tok * tokens_per_second / peak
-
-
 def parse_config(argv, defaults, presets, prog, description=""):
-    """`--config NAME --key=value ...` -> (config dict, flags).
-
-    The config starts from `defaults`, then the preset NAME, then each
-    `--key=value` override, which must name a known key and parse as the type
-    of its default (int, float, bool, str). Flags (`--resume`, `--overwrite`)
-    are returned separately. Every mistake is one ValueError line."""
-    argv = list(argv)
+    """`--config NAME --key=value ...` -> (config dict, flags). The config starts
+    from `defaults`, then the preset NAME, then each override, which must name a
+    known key and parse as the type of its default (int, float, bool, str).
+    Flags (`--resume`, `--overwrite`) come back separately. Every mistake is one
+    ValueError line."""
     if "-h" in argv or "--help" in argv:
-        lines = [f"usage: python {prog} --config NAME [--key=value ...] [--resume] [--overwrite]", ""]
-        if description:
-            lines += [description, ""]
-        lines.append(f"presets: {', '.join(presets)}")
-        for name, preset in presets.items():
-            lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in preset.items()))
-        lines += ["", "keys (default):"]
-        lines += [f"  --{k}={v!r}" for k, v in defaults.items()]
-        print("\n".join(lines))
+        print(f"usage: python {prog} --config NAME [--key=value ...] [--resume] [--overwrite]\n\n{description}\n\n"
+              f"presets: {', '.join(presets)}\n" + "".join(
+                  f"  {name}: {', '.join(f'{k}={v}' for k, v in p.items())}\n" for name, p in presets.items())
+              + "\nkeys (default):\n" + "".join(f"  --{k}={v!r}\n" for k, v in defaults.items()))
         raise SystemExit(0)
-    config = dict(defaults)
-    flags = set()
-    preset_name = None
-    overrides = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
+    config, flags, preset_name, overrides = dict(defaults), set(), None, []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
         if arg in ("--resume", "--overwrite"):
             flags.add(arg[2:])
-        elif arg == "--config" or arg.startswith("--config="):
-            if "=" in arg:
-                preset_name = arg.split("=", 1)[1]
-            elif i + 1 < len(argv):
-                preset_name = argv[i + 1]
-                i += 1
-            else:
-                raise ValueError(f"--config needs a preset name: one of {', '.join(presets)}")
         elif arg.startswith("--") and "=" in arg:
             overrides.append(arg[2:].split("=", 1))
-        elif arg.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            overrides.append([arg[2:], argv[i + 1]])
-            i += 1
+        elif arg.startswith("--") and args and not args[0].startswith("--"):
+            overrides.append([arg[2:], args.pop(0)])
+        elif arg == "--config":
+            raise ValueError(f"--config needs a preset name: one of {', '.join(presets)}")
         else:
             raise ValueError(f"cannot read argument {arg!r}: write --key=value (see --help)")
-        i += 1
+    for key, text in overrides:
+        if key == "config":
+            preset_name = text
     if preset_name is not None:
         if preset_name not in presets:
             raise ValueError(f"unknown config {preset_name!r}: choose one of {', '.join(presets)}")
-        config.update(presets[preset_name])
-        config["config"] = preset_name
+        config.update(presets[preset_name], config=preset_name)
     for key, text in overrides:
         key = key.replace("-", "_")
+        if key == "config":
+            continue
         if key not in defaults:
             close = [k for k in defaults if key in k or k in key]
             hint = f" (did you mean {', '.join(close)}?)" if close else " (see --help for the keys)"
             raise ValueError(f"unknown config key --{key}{hint}")
-        # the preset's value where it has one of the default's type: its type parses the text,
-        # and an error names it as the default, which it is under this preset
+        # the preset's value, where it has the default's type, parses the text (and is the default named)
         current = config[key] if type(config[key]) is type(defaults[key]) else defaults[key]
         config[key] = convert_value(key, text, current)
     return config, flags
@@ -284,18 +221,12 @@ def convert_value(key, text, default):
     kind = type(default)
     try:
         if kind is bool:
-            lowered = text.lower()
-            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError
-            return lowered in ("true", "1", "yes")
-        if kind is int:
-            return int(text)
-        if kind is float:
-            return float(text)
-        return text
+            return text.lower() in ("true", "1", "yes")
+        return kind(text) if kind in (int, float) else text
     except ValueError:
-        raise ValueError(f"--{key}={text!r} is not a valid {kind.__name__} "
-                         f"(the default is {default!r})") from None
+        raise ValueError(f"--{key}={text!r} is not a valid {kind.__name__} (the default is {default!r})") from None
 
 
 def pick_device(name="auto"):
@@ -304,28 +235,48 @@ def pick_device(name="auto"):
         return name
     if torch.cuda.is_available():
         return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
-def pick_dtype(name, device_type):
-    """'auto' -> bfloat16 on a GPU that has it, float16 on an older GPU, float32 elsewhere."""
-    if name != "auto":
-        if name not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype={name!r} is not one of auto, float32, bfloat16, float16")
-        return name
-    if device_type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
+def setup_distributed(config):
+    """(rank, world_size, device). Under torchrun: one process per GPU with NCCL,
+    or per CPU process with gloo."""
+    device = pick_device(config["device"])
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
 
 
-def autocast_context(device_type, dtype):
-    """Mixed precision: matrix multiplies in bf16/fp16, weights and optimizer
-    state stay in fp32. A no-op context for float32."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+@contextlib.contextmanager
+def deterministic_algorithms(enabled=True):
+    """Within the block torch uses deterministic kernels (an op that has none
+    warns instead of failing), so the same run twice on one machine gives the
+    same numbers (compiled bf16 CPU kernels, for one, differ in the last bits
+    from run to run). The previous setting comes back afterwards."""
+    if not enabled:
+        yield
+        return
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs for repeatable GEMMs
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def configure_optimizer(model, learning_rate, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
+    """AdamW with weight decay on matrices (linear weights, embeddings) only:
+    biases and norm gains are not decayed. Fused kernels where available."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
 
 def cosine_lr(it, max_lr, warmup_iters, max_iters, min_lr_ratio=0.1):
@@ -338,6 +289,73 @@ def cosine_lr(it, max_lr, warmup_iters, max_iters, min_lr_ratio=0.1):
         return min_lr
     progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def forward_backward(model, micro_batches, ctx, scaler=None):
+    """Accumulate gradients over micro-batches [(x, y), ...]; returns the mean
+    loss (a tensor). Under DDP, gradients are all-reduced only on the last
+    micro-step: the earlier backward passes run inside no_sync()."""
+    total = 0.0
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if (last or not isinstance(model, DDP)) else model.no_sync():
+            with ctx:
+                loss = model(x, y)[1] / len(micro_batches)  # the mean over micro-batches, not the sum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total = total + loss.detach()
+    return total
+
+
+def clip_gradients(model, max_norm):
+    """Scale all gradients down together if their global L2 norm exceeds
+    max_norm (0: never). Returns the norm before clipping."""
+    if max_norm <= 0:
+        return torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def flops_per_token(config, num_params):
+    """Training FLOPs per token (forward + backward), PaLM appendix B:
+    6 per parameter, plus the attention scores and sums, 12 * L * C * T."""
+    return 6 * num_params + 12 * config.n_layer * config.n_embd * config.block_size
+
+
+# peak dense bf16 tensor FLOP/s by device name fragment (vendor datasheets)
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12,
+              "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device_name):
+    """Peak FLOP/s for a device name such as 'NVIDIA H100 80GB HBM3', or None."""
+    return next((flops for fragment, flops in PEAK_FLOPS.items() if fragment in device_name), None)
+
+
+def model_flops_utilization(flops_per_tok, tokens_per_second, device_name):
+    """MFU: achieved FLOP/s over the device's peak, or None if the peak is unknown."""
+    peak = peak_flops(device_name)
+    return None if peak is None else flops_per_tok * tokens_per_second / peak
+
+
+def compile_or_fall_back(model, example_batch, ctx, master=True, mode=None):
+    """torch.compile the model and build its kernels now, with one forward and
+    backward pass on example_batch = (x, y) of the training shape. Where compiling
+    fails (no C++ compiler on a laptop, say) the run goes on uncompiled. mode is
+    torch.compile's (e.g. "max-autotune-no-cudagraphs": try kernels, keep the fastest)."""
+    compiled = torch.compile(model, mode=mode)
+    rng = torch.get_rng_state()  # the dummy pass must not move the random state
+    try:
+        with ctx:
+            loss = compiled(*example_batch)[1]
+        loss.backward()
+        return compiled
+    except Exception as e:  # torch raises many kinds here, all meaning "cannot compile"
+        if master:
+            print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); "
+                  f"training without it")
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng)
 
 
 def rng_state():
@@ -362,27 +380,24 @@ def append_jsonl(path, record):
 
 
 def read_jsonl_log(path):
-    """The records of a log.jsonl, skipping a torn last line from a crash."""
+    """The records of a log.jsonl, up to a torn last line from a crash."""
     records = []
-    if not os.path.exists(path):
-        return records
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
     return records
 
 
 def truncate_log(path, last_iter):
     """On resume, forget log lines written after the checkpoint we resume from."""
     kept = [r for r in read_jsonl_log(path) if r.get("iter", 0) <= last_iter]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in kept:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(path + ".tmp", path)
 
 
 def plot_curves(records, series, path, title, xlabel="iteration"):
@@ -393,118 +408,24 @@ def plot_curves(records, series, path, title, xlabel="iteration"):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, key in series:
-        points = [(r["iter"], r[key]) for r in records if key in r and r.get(key) is not None]
+        points = [(r["iter"], r[key]) for r in records if r.get(key) is not None]
         if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, label=label, marker="." if len(points) < 30 else None)
-    ax.set_xlabel(xlabel)
-    ax.set_title(title)
+            ax.plot(*zip(*points), label=label, marker="." if len(points) < 30 else None)
+    ax.set(xlabel=xlabel, title=title)
     ax.grid(alpha=0.3)
     if ax.get_lines():
         ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(path + ".tmp.png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    os.replace(path + ".tmp.png", path)
 
 
 def format_eta(seconds):
     seconds = int(max(0, seconds))
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
-
-
-def forward_backward(model, micro_batches, ctx, scaler=None):
-    """Accumulate gradients over micro-batches [(x, y), ...]; returns the mean
-    loss (a tensor). Under DDP, gradients are all-reduced only on the last
-    micro-step: the earlier backward passes run inside no_sync()."""
-    total = 0.0
-    for i, (x, y) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if (last or not isinstance(model, DDP)) else model.no_sync()
-        with sync:
-            with ctx:
-                _, loss = model(x, y)
-                loss = loss / len(micro_batches)  # the mean over micro-batches, not the sum
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
-        total = total + loss.detach()
-    return total
-
-
-def clip_gradients(model, max_norm):
-    """Scale all gradients down together if their global L2 norm exceeds
-    max_norm. Returns the norm before clipping."""
-    if max_norm <= 0:
-        return torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-
-
-def setup_distributed(config):
-    """(rank, world_size, device). Under torchrun: one process per GPU with NCCL,
-    or per CPU process with gloo."""
-    if "RANK" not in os.environ:
-        return 0, 1, pick_device(config["device"])
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = pick_device(config["device"])
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return rank, world, device
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled=True):
-    """Within the block torch uses deterministic kernels (an op that has none
-    warns instead of failing), so the same run twice on one machine gives the same
-    numbers: without it, compiled bfloat16 CPU kernels differ in the last bits
-    from run to run, and a 5-minute pretraining run drifts apart (val loss 0.605
-    in one run, 0.622 in the next). The previous setting comes back afterwards."""
-    if not enabled:
-        yield
-        return
-    before = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs for repeatable GEMMs
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn_only)
-
-
-def compile_or_fall_back(model, example_batch, ctx, master=True, mode=None):
-    """torch.compile the model and build its kernels now, with one forward and
-    backward pass on example_batch = (x, y) of the training shape. Where compiling
-    fails (no C++ compiler on a laptop, say) the run goes on uncompiled. mode is
-    torch.compile's (None = its default; "max-autotune-no-cudagraphs" times
-    several kernels per matrix shape on a GPU and keeps the fastest)."""
-    compiled = torch.compile(model, mode=mode)
-    rng = torch.get_rng_state()  # the dummy pass must not move the random state
-    try:
-        with ctx:
-            _, loss = compiled(*example_batch)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        return compiled
-    except Exception as e:  # torch raises many kinds here, all meaning "cannot compile"
-        model.zero_grad(set_to_none=True)
-        if master:
-            print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); "
-                  f"training without it")
-        return model
-    finally:
-        torch.set_rng_state(rng)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 class StopRequested:
@@ -532,12 +453,30 @@ class StopRequested:
 BF16_MIN_SPEEDUP = 1.15
 
 
+def pick_dtype(name, device_type):
+    """'auto' -> bfloat16 on a GPU that has it, float16 on an older GPU, float32
+    elsewhere (resolve_dtype measures instead); other names are checked."""
+    if name != "auto":
+        if name not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype={name!r} is not one of auto, float32, bfloat16, float16")
+        return name
+    if device_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def autocast_context(device_type, dtype):
+    """Mixed precision: matrix multiplies in bf16/fp16, weights and optimizer
+    state stay in fp32. A no-op context for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
 def synchronize(device_type):
     """Wait for queued kernels, so that a timer measures them (a CPU runs in order)."""
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    elif device_type == "mps":
-        torch.mps.synchronize()
+    if device_type in ("cuda", "mps"):
+        getattr(torch, device_type).synchronize()
 
 
 def measure_bf16_speedup(step, device_type, repeats=3, timer=time.perf_counter):
@@ -570,8 +509,8 @@ def resolve_dtype(requested, device_type, step=None, timer=time.perf_counter):
     'auto': on CUDA, bf16 where the card has it, else fp16 (with a gradient
     scaler); elsewhere bf16 autocast only if measure_bf16_speedup(step) is at
     least BF16_MIN_SPEEDUP, so that a laptop without native bf16 trains in
-    float32 rather than in emulated bf16, many times slower. Under torchrun every rank takes rank 0's
-    answer (ranks that disagreed would run different kernels)."""
+    float32 rather than in emulated bf16, many times slower. Under torchrun every
+    rank takes rank 0's answer (ranks that disagreed would run different kernels)."""
     if requested != "auto":
         pick_dtype(requested, device_type)  # checks the name
         return requested, "as asked"
@@ -619,13 +558,16 @@ RESUME_MAY_CHANGE = ("max_iters", "stop_at_iter", "eval_interval", "save_interva
 
 def start_run(config, flags, stage, out_dir):
     """What a training stage does before its model: processes and device, the
-    precision's name checked, and --resume or --overwrite. Returns a namespace:
-    stage, rank, world, master, device, device_type, out_dir, ckpt_path,
-    log_path, and resume (the checkpoint being resumed, whose config then
-    replaces every key but RESUME_MAY_CHANGE in config; or None)."""
+    precision's name and grad_accum checked, and --resume or --overwrite.
+    Returns a namespace: stage, rank, world, master, device, device_type,
+    out_dir, ckpt_path, log_path, end_iter (where this run stops), and resume
+    (the checkpoint being resumed, whose config then replaces every key but
+    RESUME_MAY_CHANGE in config; or None)."""
     rank, world, device = setup_distributed(config)
     device_type = device.split(":")[0]
     pick_dtype(config["dtype"], device_type)  # a bad name fails before any work
+    if config.get("grad_accum", 1) % world:
+        raise ValueError(f"grad_accum={config['grad_accum']} must be divisible by the number of processes ({world})")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     resume = None
     if "resume" in flags:
@@ -633,12 +575,17 @@ def start_run(config, flags, stage, out_dir):
         for key in config:
             if key not in RESUME_MAY_CHANGE:
                 config[key] = resume["config"].get(key, config[key])
+        saved_world = resume["resume"].get("world", world)
+        if saved_world != world:  # each process's data position is in the checkpoint
+            raise ValueError(f"{ckpt_path} was saved by {saved_world} process(es): "
+                             f"resume it with the same number (now {world})")
     elif os.path.exists(ckpt_path) and "overwrite" not in flags:
         raise ValueError(f"{ckpt_path} already exists: pass --resume to continue it, "
                          f"or --overwrite to start over (it will be replaced)")
+    end_iter = min(config["stop_at_iter"] or config["max_iters"], config["max_iters"])
     return types.SimpleNamespace(stage=stage, rank=rank, world=world, master=rank == 0, device=device,
                                  device_type=device_type, out_dir=out_dir, ckpt_path=ckpt_path,
-                                 log_path=os.path.join(out_dir, "log.jsonl"), resume=resume)
+                                 log_path=os.path.join(out_dir, "log.jsonl"), end_iter=end_iter, resume=resume)
 
 
 def open_log(run, start_iter, summary, dtype, dtype_why):
@@ -761,8 +708,6 @@ def run(config, flags=()):
     """Pretrain; returns the metrics of the final evaluation."""
     # 1. processes, device, --resume or --overwrite
     run = start_run(config, flags, STAGE, resolve_out_dir(config))
-    if config["grad_accum"] % run.world:
-        raise ValueError(f"grad_accum={config['grad_accum']} must be divisible by the number of processes ({run.world})")
     data, tokenizer, meta = load_dataset(config)
 
     # 2. the model, its precision (measured on a few windows of the run's own shape) and the optimizer
@@ -779,9 +724,6 @@ def run(config, flags=()):
     it = 0
     if run.resume is not None:
         state = run.resume["resume"]
-        if len(state["data_rng"]) != run.world:
-            raise ValueError(f"{run.ckpt_path} was saved by {len(state['data_rng'])} process(es): "
-                             f"resume it with the same number (now {run.world})")
         raw_model.load_state_dict(run.resume["model"])
         optimizer.load_state_dict(state["optimizer"])
         data_gen.set_state(state["data_rng"][run.rank])
@@ -799,7 +741,7 @@ def run(config, flags=()):
     open_log(run, it, f"{n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, dataset {config['dataset']} "
              f"({len(data['train']):,} train tokens), {tokens_per_iter:,} tokens/iter, device {run.device} "
              f"x{run.world}{', compiled' if config['compile'] else ''}", dtype, dtype_why)
-    end_iter = min(config["stop_at_iter"] or config["max_iters"], config["max_iters"])
+    end_iter = run.end_iter
     progress = Progress(run, it, end_iter, config["log_interval"], "tok", flops_per_token(model_config, n_params),
                         torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device_type)
     byte_lengths = token_byte_lengths(tokenizer)
@@ -856,7 +798,7 @@ def save(run, it, model, model_config, tokenizer, config, metrics, meta, optimiz
                          "tokenizer": tokenizer.to_dict(), "config": config, "parent": None, "metrics": metrics,
                          "data": {"dataset": config["dataset"], "meta": meta},
                          "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(),
-                                    "data_rng": data_states}}, run.ckpt_path)
+                                    "data_rng": data_states, "world": run.world}}, run.ckpt_path)
 
 
 def sample_text(model, tokenizer, config, ctx):

@@ -180,20 +180,6 @@ def test_load_sft_data_counts_truncation_and_packs(world, tok):
 
 # --- evaluation -------------------------------------------------------------------------
 
-def test_answer_records_are_greedy_chat_answers(world, tok):
-    ckpt = load_checkpoint(world["init"])
-    from model import model_from_checkpoint
-    m = model_from_checkpoint(ckpt).eval()
-    records = [{"prompt": "What is 1 plus 1?"}, {"prompt": "Where did Mia go?"}]
-    got = sft.answer_records(m, tok, records, 6, torch.no_grad())
-    end = tok.special_ids[bpe.END_OF_TURN]
-    for r, (text, ended) in zip(records, got):
-        ids = torch.tensor([tok.encode_chat(r["prompt"])[0]])
-        out = m.generate(ids, 6, temperature=0.0, stop_token=end)[0, ids.size(1):].tolist()
-        want = out[:out.index(end)] if end in out else out
-        assert (text, ended) == (tok.decode(want), end in out)
-
-
 def test_response_loss_and_evaluate(world, tok):
     config = tiny_config(world, "unused", eval_prompts=4, max_new_tokens=4)
     ckpt = load_checkpoint(world["init"])
