@@ -31,6 +31,7 @@ import sys
 
 import torch
 
+import tinyworld
 import prepare_data
 from model import (answer_prompts, CheckpointError, clean_state_dict, load_checkpoint, model_from_checkpoint,
                    parent_record, save_checkpoint, tokenizer_from_checkpoint)
@@ -233,7 +234,7 @@ def evaluate(model, tokenizer, data, config, ctx, device):
     if records:
         with ctx:  # greedy answers in the chat template
             answers = answer_prompts(model, tokenizer, [r["prompt"] for r in records], config["max_new_tokens"])
-        grades = prepare_data.grade_answers(records, answers)
+        grades = tinyworld.grade_answers(records, answers)
         metrics.update(accuracy=grades["accuracy"], gold=grades["gold"], end_rate=grades["end_rate"],
                        words=grades["words"])
         metrics.update({f"acc_{task}": g["accuracy"] for task, g in grades["by_task"].items()})

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import bpe
 import eval as E
+import tinyworld
 import prepare_data
 from model import GPT, GPTConfig, save_checkpoint
 from train import append_jsonl
@@ -137,11 +138,11 @@ def test_continuation_logprobs_match_a_brute_force_loop(world):
         brute_logprob(model, kept[:-3], cont), abs=1e-4)
 
 
-def test_choice_logprobs_one_sum_per_choice(world):
+def test_continuation_logprobs_one_sum_per_choice(world):
     model, tok = world["models"]["pretrain"], world["tok"]
     context = [tok.special_ids[bpe.DOC_SEP]] + tok.encode("The cat sat on the mat.")
     choices = [tok.encode(" It slept."), tok.encode(" A dog ran to the park."), tok.encode(" Yes")]
-    got = E.choice_logprobs(model, context, choices)
+    got = E.continuation_logprobs(model, [context] * len(choices), choices)
     assert got == pytest.approx([brute_logprob(model, context, c) for c in choices], abs=1e-4)
 
 
@@ -220,15 +221,14 @@ def greedy_reference(model, prompt_ids, max_new, stop):
     return out
 
 
-def test_chat_answers_are_greedy_in_the_chat_template(world):
+def test_evaluate_chat_answers_are_greedy_in_the_chat_template(world):
     model, tok = world["models"]["sft"], world["tok"]
     end = tok.special_ids[bpe.END_OF_TURN]
-    prompts = ["What is 2 plus 3?", "Tell me the opposite of hot.", "Hi"]
-    got = E.chat_answers(model, tok, prompts, max_new_tokens=6, batch_size=2)
-    for prompt, answer in zip(prompts, got):
-        assert answer["prompt_ids"] == tok.encode_chat(prompt)[0]
-        want = greedy_reference(model, answer["prompt_ids"], 6, end)
-        assert answer["response_ids"] == want
+    records = prepare_data.read_jsonl(os.path.join(world["folder"], "prompts_eval.jsonl"))[:3]
+    _, got = E.evaluate_chat(model, tok, records, max_new_tokens=6, batch_size=2)
+    for record, answer in zip(records, got):
+        assert answer["prompt"] == record["prompt"] and answer["task"] == record["task"]
+        want = greedy_reference(model, tok.encode_chat(record["prompt"])[0], 6, end)
         assert answer["ended"] == (end in want)
         assert answer["text"] == tok.decode([t for t in want if t != end])
 
@@ -250,14 +250,6 @@ def ends_at_once(world):
         h.remove()
 
 
-def test_chat_answers_stop_at_end_of_turn(world, ends_at_once):
-    model, tok = world["models"]["sft"], world["tok"]
-    ends_at_once(model)
-    got = E.chat_answers(model, tok, ["What is 2 plus 3?"], max_new_tokens=6)
-    assert got[0]["response_ids"] == [tok.special_ids[bpe.END_OF_TURN]] and got[0]["ended"]
-    assert got[0]["text"] == ""
-
-
 def test_evaluate_chat_grades_empty_answers_by_hand(world, ends_at_once):
     model, tok = world["models"]["sft"], world["tok"]
     ends_at_once(model)
@@ -265,8 +257,9 @@ def test_evaluate_chat_grades_empty_answers_by_hand(world, ends_at_once):
     grades, answers = E.evaluate_chat(model, tok, records, max_new_tokens=5)
     # every answer is empty and ended: accuracy 0, gold GOLD_EMPTY, end rate 1, 0 words
     assert grades["n"] == 4 and grades["accuracy"] == 0.0 and grades["end_rate"] == 1.0 and grades["words"] == 0
-    assert grades["gold"] == pytest.approx(prepare_data.GOLD_EMPTY)
-    assert [a["gold"] for a in answers] == [prepare_data.GOLD_EMPTY] * 4
+    assert grades["gold"] == pytest.approx(tinyworld.GOLD_EMPTY)
+    assert [a["gold"] for a in answers] == [tinyworld.GOLD_EMPTY] * 4
+    assert all(a["text"] == "" and a["ended"] for a in answers), "stopped at end of turn, before any text"
     assert sum(g["n"] for g in grades["by_task"].values()) == 4
 
 
@@ -274,9 +267,9 @@ def test_evaluate_chat_matches_grade_answers(world):
     model, tok = world["models"]["pretrain"], world["tok"]
     records = prepare_data.read_jsonl(os.path.join(world["folder"], "prompts_eval.jsonl"))[:3]
     grades, answers = E.evaluate_chat(model, tok, records, max_new_tokens=8)
-    want = prepare_data.grade_answers(records, [(a["text"], a["ended"]) for a in answers])
+    want = tinyworld.grade_answers(records, [(a["text"], a["ended"]) for a in answers])
     assert grades == want
-    assert [a["gold"] for a in answers] == [prepare_data.gold_score(r, a["text"], a["ended"])
+    assert [a["gold"] for a in answers] == [tinyworld.gold_score(r, a["text"], a["ended"])
                                             for r, a in zip(records, answers)]
 
 
@@ -292,27 +285,15 @@ def test_reward_input_is_the_chat_template_then_the_reward_token(world):
     assert E.reward_input(tok, "Hi?", "Hello.", True, block_size=5) == want[-5:]
 
 
-def test_preference_pairs_from_pair_and_ranked_records():
-    pair = {"prompt": "p", "chosen": "a", "rejected": "b", "chosen_ended": True, "rejected_ended": False,
-            "gold_prefers_chosen": False}
-    ranked = {"prompt": "q", "responses": ["x", "y", "z"], "ended": [True, False, True], "gold": [1.0, 2.0, 0.5]}
-    no_gold = {"prompt": "r", "chosen": "c", "rejected": "d"}
-    assert E.preference_pairs([pair, ranked, no_gold]) == [
-        ("p", "a", True, "b", False, False),
-        ("q", "x", True, "y", False, False), ("q", "x", True, "z", True, True), ("q", "y", False, "z", True, True),
-        ("r", "c", True, "d", True, None)]
-
-
-def test_pairwise_accuracy_counts_ties_as_half():
-    assert E.pairwise_accuracy([3, 1, 2, 5], [1, 1, 4, 0], [True, True, True, False]) == pytest.approx(1.5 / 4)
-    assert E.pairwise_accuracy([], [], []) is None
-
-
 def test_reward_accuracy_matches_scoring_each_sequence_alone(world):
     rm, tok = world["models"]["rm"], world["tok"]
     records = prepare_data.read_jsonl(os.path.join(world["folder"], "prefs_val.jsonl"))
     norm = {"bias": 0.25, "scale": 2.0}
     got = E.reward_accuracy(rm, tok, records, norm, batch_size=3)
+    no_gold = [{k: v for k, v in r.items() if k != "gold_prefers_chosen"} for r in records]
+    assert E.reward_accuracy(rm, tok, no_gold, norm)["accuracy_gold"] is None, "no gold verdict, no gold accuracy"
+    assert E.reward_accuracy(rm, tok, no_gold, norm)["accuracy_noisy"] == pytest.approx(got["accuracy_noisy"])
+    assert E.reward_accuracy(rm, tok, [], norm)["accuracy_noisy"] is None
 
     def score(prompt, response, ended):
         ids = E.reward_input(tok, prompt, response, ended, 128)
@@ -389,23 +370,19 @@ def test_other_tokenizer_skips_val_loss(world, tmp_path):
     assert "another tokenizer" in row["skipped"]["val"] and "mc" in row["metrics"]
 
 
-def test_stage_paths_and_report_folder(world):
+def test_stage_paths(world):
     config = tiny_config(world)
-    assert E.stage_paths(config, None) == [(s, os.path.join(world["out_root"], "tiny", s, "ckpt.pt"))
-                                           for s in ("pretrain", "sft", "rm", "ppo")]
-    assert E.stage_paths(config, ["a", "b/ckpt.pt"]) == [(None, "a"), (None, "b/ckpt.pt")]
-    assert E.report_folder(config) == os.path.join(world["out_root"], "tiny", "eval")
-    assert E.report_folder(dict(config, config="")) == os.path.join(world["out_root"], "eval")
-    assert E.report_folder(dict(config, out="/x/y")) == "/x/y"
+    assert E.stage_paths(config) == [(s, os.path.join(world["out_root"], "tiny", s, "ckpt.pt"))
+                                     for s in ("pretrain", "sft", "rm", "ppo")]
+    assert E.stage_paths(dict(config, ckpts="a,b/ckpt.pt")) == [(None, "a"), (None, "b/ckpt.pt")]
 
 
 # --- PPO log, plots, report ------------------------------------------------------------
 
-def test_find_key_and_ppo_log_keys():
-    records = [{"iter": 1, "reward": 0.5, "kl_ref": None}, {"iter": 2, "reward": 0.7, "kl_ref": 0.1, "gold": True}]
-    assert E.find_key(records, ("rm_score", "reward")) == "reward"
-    assert E.find_key(records, ("gold",)) is None, "a boolean is not a score"
-    assert E.ppo_log_keys(records) == {"proxy": "reward", "gold": None, "kl": "kl_ref"}
+def test_ppo_log_keys():
+    records = [{"iter": 1, "rm_score": 0.5, "kl": None}, {"iter": 2, "rm_score": 0.7, "kl": 0.1, "gold": True}]
+    assert E.ppo_log_keys(records)["gold"] is None, "a boolean is not a score"
+    assert E.ppo_log_keys(records) == {"proxy": "rm_score", "gold": None, "kl": "kl"}
     assert E.ppo_log_keys([]) == {"proxy": None, "gold": None, "kl": None}
 
 
@@ -418,7 +395,7 @@ def test_plot_ppo_with_all_or_some_keys(tmp_path):
     records = [{"iter": i, "rm_score": 0.1 * i, "gold": 1 - 0.01 * i * i, "kl": 0.2 * i} for i in range(1, 8)]
     E.plot_ppo(records, E.ppo_log_keys(records), str(tmp_path / "a.png"))
     assert is_png(tmp_path / "a.png")
-    only_reward = [{"iter": i, "reward": 0.1 * i} for i in range(3)]
+    only_reward = [{"iter": i, "rm_score": 0.1 * i} for i in range(3)]
     E.plot_ppo(only_reward, E.ppo_log_keys(only_reward), str(tmp_path / "b.png"))
     assert is_png(tmp_path / "b.png")
 
@@ -475,7 +452,7 @@ def test_run_evaluates_every_stage_and_compares_ppo_with_sft(world):
     threads = torch.get_num_threads()
     try:
         lines = []
-        report = E.run(tiny_config(world, cpu_threads=1), log=lines.append)
+        report = E.run(tiny_config(world), log=lines.append)
         assert torch.get_num_threads() == threads, "run() leaves the thread count as it found it"
     finally:
         os.remove(os.path.join(hs, "mc.jsonl"))
@@ -512,14 +489,17 @@ def test_run_with_only_pretrain_reports_missing_rows(world, tmp_path):
     assert "| rm | missing:" in md and "python reward.py --config tiny" in md
 
 
-def test_parse_args_ckpt_and_errors():
-    config, ckpts = E.parse_args(["--ckpt", "a", "--ckpt=b", "--max-prompts=5", "--config", "tiny"])
-    assert ckpts == ["a", "b"] and config["max_prompts"] == 5 and config["config"] == "tiny"
+def test_parse_args_ckpts_and_errors():
+    config = E.parse_args(["--ckpts=a,b", "--max-prompts=5", "--config", "tiny"])
+    assert config["ckpts"] == "a,b" and config["max_prompts"] == 5 and config["config"] == "tiny"
+    assert [path for _, path in E.stage_paths(config)] == ["a", "b"]
     assert config["max_mc"] == E.PRESETS["tiny"]["max_mc"]
     with pytest.raises(ValueError, match="nothing to evaluate"):
         E.parse_args([])
-    with pytest.raises(ValueError, match="--ckpt needs"):
-        E.parse_args(["--ckpt"])
+    with pytest.raises(ValueError, match="unknown config key --ckpt .*ckpts"):
+        E.parse_args(["--ckpt", "a"])
+    with pytest.raises(ValueError, match="--max_mc=-1 must be at least 0"):
+        E.parse_args(["--config", "tiny", "--max_mc=-1"])
     with pytest.raises(ValueError, match="no --resume"):
         E.parse_args(["--config", "tiny", "--resume"])
     with pytest.raises(ValueError, match="unknown config key --max_prompt"):
@@ -529,12 +509,14 @@ def test_parse_args_ckpt_and_errors():
 def test_main_exit_codes_and_one_line_errors(world, tmp_path, capsys):
     out = str(tmp_path / "report")
     rm = os.path.join(world["out_root"], "tiny", "rm")
-    assert E.main(["--ckpt", rm, f"--out={out}", f"--data_dir={world['data_root']}", "--max_pairs=4"]) == 0
-    assert os.path.exists(os.path.join(out, "report.md"))
+    assert E.main([f"--ckpts={rm}", f"--out={out}", f"--data_dir={world['data_root']}", "--max_pairs=4"]) == 0
+    assert os.path.exists(os.path.join(out, "report.md")), "--out names the report folder"
+    assert E.main([f"--ckpts={rm}", f"--out_root={tmp_path}", f"--data_dir={world['data_root']}", "--max_pairs=4"]) == 0
+    assert os.path.exists(os.path.join(tmp_path, "eval", "report.md")), "out_root/eval without a config"
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"junk")
     capsys.readouterr()
-    assert E.main(["--ckpt", str(bad), f"--out={out}", f"--data_dir={world['data_root']}"]) == 1
+    assert E.main([f"--ckpts={bad}", f"--out={out}", f"--data_dir={world['data_root']}"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("eval.py: error: checkpoint") and "cannot be read" in err[0]
     assert E.main(["--config", "tiny", f"--out_root={tmp_path}/none", f"--data_dir={world['data_root']}"]) == 1

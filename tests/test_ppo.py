@@ -1,5 +1,6 @@
 """Tests for ppo.py: each piece against an independent slow reference."""
 
+import contextlib
 import json
 import math
 import os
@@ -14,8 +15,10 @@ import torch.nn.functional as F
 
 import bpe
 import ppo
+import tinyworld
 import prepare_data
-from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, parent_record, save_checkpoint
+from model import (CheckpointError, GPT, GPTConfig, load_checkpoint, model_from_checkpoint, parent_record,
+                   save_checkpoint)
 from train import read_jsonl_log
 from reward import ScalarHeadModel, score_sequences, with_reward_token
 
@@ -58,7 +61,7 @@ def tiny_config(world, out_dir, **overrides):
     config = dict(ppo.DEFAULTS)
     config.update(ppo.PRESETS["tiny"])
     config.update(config="tiny", data_dir=world["data_dir"], init_dir=world["sft"], reward_dir=world["rm"],
-                  out_dir=str(out_dir), log_interval=1000,
+                  out_dir=str(out_dir),
                   dtype="float32")  # as asked: runs compared bit for bit must not choose their precision by timing
     config.update(overrides)
     return config
@@ -137,8 +140,6 @@ def test_masked_whiten_equals_whitening_the_kept_entries():
     out = ppo.masked_whiten(x, mask)
     assert torch.allclose(out[mask.bool()], want, atol=1e-4)
     assert torch.all(out[~mask.bool()] == 0), "masked-out entries are 0"
-    kept_mean = ppo.masked_whiten(x, mask, shift_mean=False)[mask.bool()]
-    assert torch.allclose(kept_mean, want + kept.mean(), atol=1e-4), "shift_mean=False puts the mean back"
 
 
 def test_explained_variance_against_its_definition():
@@ -154,22 +155,14 @@ def test_explained_variance_against_its_definition():
 
 # --- rewards and KL ---------------------------------------------------------------------------
 
-def test_kl_estimators_are_zero_for_identical_policies_and_exact_in_expectation():
-    logp = torch.log_softmax(torch.randn(4, 5), -1)
-    for kind in ("k1", "k3"):
-        assert torch.all(ppo.kl_estimate(logp, logp, kind) == 0)
+def test_kl_penalty_is_the_kl_in_expectation():
     p = torch.tensor([0.5, 0.3, 0.15, 0.05])
     q = torch.tensor([0.25, 0.25, 0.25, 0.25])
     exact = torch.distributions.kl_divergence(torch.distributions.Categorical(p), torch.distributions.Categorical(q))
-    for kind in ("k1", "k3"):  # E_{x ~ p}[estimate(x)] summed exactly over the 4 outcomes
-        expectation = (p * ppo.kl_estimate(p.log(), q.log(), kind)).sum()
-        assert expectation.item() == pytest.approx(exact.item(), abs=1e-6), kind
-    x = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
-    sampled = ppo.kl_estimate(p.log()[x], q.log()[x], "k3").mean()
-    assert sampled.item() == pytest.approx(exact.item(), abs=0.01), "Monte Carlo over sampled tokens"
-    assert torch.all(ppo.kl_estimate(p.log(), q.log(), "k3") >= 0), "k3 is never negative"
-    with pytest.raises(ValueError, match="kl_estimator"):
-        ppo.kl_estimate(logp, logp, "k2")
+    # one one-token response per outcome x: its reward is -beta * (log p(x) - log q(x)); E_{x ~ p} summed exactly
+    rewards = ppo.kl_penalized_rewards(torch.zeros(4), p.log()[:, None], q.log()[:, None], torch.ones(4, 1), beta=2.0)
+    assert (p * rewards[:, 0]).sum().item() == pytest.approx(-2.0 * exact.item(), abs=1e-6)
+    assert rewards[0, 0] < 0 < rewards[3, 0], "a single token's estimate can be negative"
 
 
 def test_kl_penalized_rewards_by_hand():
@@ -178,11 +171,11 @@ def test_kl_penalized_rewards_by_hand():
     ref = torch.tensor([[0.0, -1.5, -1.0, -0.5, -9.0], [0.0, 0.0, -3.0, 0.0, 0.0]])
     score = torch.tensor([2.0, 10.0])
     ended = torch.tensor([True, False])
-    r = ppo.kl_penalized_rewards(score, logp, ref, mask, beta=0.1, ended=ended, no_end_penalty=1.0, score_clip=5.0)
+    r = ppo.kl_penalized_rewards(score, logp, ref, mask, beta=0.1, ended=ended, no_end_penalty=1.0)
     # row 0: -0.1 * (0.5, -1, 0) on the response, score 2 on its last token
     want0 = [0.0, -0.05, 0.1, 2.0, 0.0]
-    # row 1: one token: -0.1 * 2, then the score clipped to 5, minus 1 for no <|end|>
-    want1 = [0.0, 0.0, -0.2 + 4.0, 0.0, 0.0]
+    # row 1: one token: -0.1 * 2, then the score 10 minus 1 for no <|end|>
+    want1 = [0.0, 0.0, -0.2 + 9.0, 0.0, 0.0]
     assert torch.allclose(r, torch.tensor([want0, want1]), atol=1e-6), r
     same = ppo.kl_penalized_rewards(score, logp, logp, mask, beta=0.5)
     assert torch.equal(same, torch.tensor([[0, 0, 0, 2.0, 0], [0, 0, 10.0, 0, 0]])), \
@@ -276,18 +269,6 @@ def test_value_loss_against_a_loop():
     assert ppo.value_loss(values, old, returns, mask, 0.2).item() == pytest.approx(0.5 * want / 3, abs=1e-6)
     plain = 0.5 * sum((v - r) ** 2 for v, r in zip([0.0, 1.0, 2.0], [1.0, 3.0, 0.0])) / 3
     assert ppo.value_loss(values, old, returns, mask, 0.0).item() == pytest.approx(plain, abs=1e-6)
-
-
-def test_adaptive_kl_controller_moves_beta_toward_the_target():
-    fixed = ppo.AdaptiveKLController(0.1, target=0.0)
-    assert fixed.update(50.0, 64) == 0.1, "target 0: beta stays"
-    ctl = ppo.AdaptiveKLController(0.1, target=4.0, horizon=1000)
-    assert ctl.update(100.0, 100) == pytest.approx(0.1 * (1 + 0.2 * 0.1)), "error clipped at +20%"
-    assert ctl.update(3.6, 100) == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 0.1)), "KL below target: beta falls"
-    assert ctl.update(0.0, 100) == pytest.approx(0.1 * 1.02 * 0.99 * (1 - 0.2 * 0.1)), "error clipped at -20%"
-    other = ppo.AdaptiveKLController(9.0)
-    other.load_state_dict(ctl.state_dict())
-    assert other.value == ctl.value and other.target == 4.0 and other.horizon == 1000
 
 
 # --- rollouts ---------------------------------------------------------------------------------
@@ -450,9 +431,9 @@ def test_evaluate_grades_greedy_answers(world):
         with torch.no_grad():
             scores.append(rm(torch.tensor([ids + response + ([end] if ended else []) +
                                            [tokenizer.special_ids[bpe.REWARD]]]))[0, -1].item())
-    want = prepare_data.grade_answers(records, answers)
+    want = tinyworld.grade_answers(records, answers)
     assert out["gold"] == pytest.approx(want["gold"]) and out["accuracy"] == want["accuracy"]
-    assert out["golds"] == [prepare_data.gold_score(r, t, e) for r, (t, e) in zip(records, answers)]
+    assert out["golds"] == [tinyworld.gold_score(r, t, e) for r, (t, e) in zip(records, answers)]
     assert out["rm"] == pytest.approx(sum(scores) / len(scores), abs=1e-5)
 
 
@@ -497,7 +478,7 @@ def test_critic_starts_as_the_normalised_reward_model(world):
 def test_check_config_rejects_values_that_fail_later():
     ppo.check_config(dict(ppo.DEFAULTS))
     for key, value, message in [("temperature", 0.0, "must be > 0"), ("minibatch_size", 0, "at least 1"),
-                                ("kl_estimator", "k7", "not one of k1, k3"), ("clip_range", 1.5, "between 0 and 1"),
+                                ("clip_range", 1.5, "between 0 and 1"),
                                 ("reward_source", "human", "not one of rm, gold")]:
         with pytest.raises(ValueError, match=message):
             ppo.check_config(dict(ppo.DEFAULTS, **{key: value}))
@@ -514,7 +495,9 @@ def test_resolve_dirs_defaults_follow_the_config_name():
 def test_auto_dtype_is_measured_named_and_recorded(world, tmp_path, monkeypatch, capsys):
     import train
     calls = []
-    monkeypatch.setattr(train, "measure_bf16_speedup", lambda step, *a, **k: calls.append(step) or 0.1)
+    # the timed step runs once (it must work), then bf16 "measures" 0.1x
+    monkeypatch.setattr(train, "measure_bf16_speedup",
+                        lambda step, *a, **k: calls.append(step) or step(contextlib.nullcontext()) or 0.1)
     ppo.run(tiny_config(world, tmp_path / "ppo", max_iters=1, eval_prompts=2, dtype="auto"))
     assert len(calls) == 1, "ppo.py measures one sampling and training step once, before the first iteration"
     assert "float32 (auto: a bf16 autocast step measured 0.10x" in capsys.readouterr().out
@@ -536,7 +519,7 @@ def test_tiny_run_writes_its_checkpoints_logs_and_plots(world, tmp_path):
     evals = [r for r in log if "eval_gold" in r]
     assert [r["iter"] for r in steps] == [1, 2, 3, 4] and [r["iter"] for r in evals] == [0, 4]
     for key in ("rm_score", "gold", "kl", "entropy", "clip_frac", "approx_kl", "value_loss", "explained_var",
-                "resp_len", "end_rate"):
+                "resp_len", "end_rate", "loss", "grad_norm"):
         assert all(math.isfinite(r[key]) for r in steps), key
     assert all(r["rm_agreement"] is None or 0 <= r["rm_agreement"] <= 1 for r in steps)
     assert steps[0]["first_ratio_error"] == 0.0
@@ -560,13 +543,26 @@ def test_exact_resume_is_bit_for_bit(world, tmp_path):
     ppo.run(tiny_config(world, tmp_path / "resumed", **common), flags={"resume"})
 
     def steps(name):
-        return [{k: v for k, v in r.items() if k != "time"}
+        return [{k: v for k, v in r.items() if k not in ("time", "tok_per_s")}  # clock readings differ
                 for r in read_jsonl_log(str(tmp_path / name / "log.jsonl")) if "rm_score" in r]
     assert len(steps("straight")) == 4 and steps("straight") == steps("resumed"), "2 + resume + 2 == 4"
     for name in ("ckpt.pt", "critic.pt"):
         a = load_checkpoint(str(tmp_path / "straight" / name))["model"]
         b = load_checkpoint(str(tmp_path / "resumed" / name))["model"]
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resume_refuses_a_critic_or_parent_of_another_run(world, tmp_path):
+    out = tmp_path / "guarded"
+    ppo.run(tiny_config(world, out, max_iters=1))
+    critic = load_checkpoint(str(out / "critic.pt"))
+    save_checkpoint(dict(critic, resume=dict(critic["resume"], iter=7)), str(out / "critic.pt"))
+    with pytest.raises(CheckpointError, match="critic.pt is at iteration 7 .* not saved together"):
+        ppo.run(tiny_config(world, out, max_iters=2), flags={"resume"})
+    other_sft = tmp_path / "other_sft" / "ckpt.pt"
+    save_checkpoint(dict(load_checkpoint(world["sft"]), metrics={"changed": 1}), str(other_sft))
+    with pytest.raises(CheckpointError, match="changed since the run being resumed"):
+        ppo.run(tiny_config(world, out, max_iters=2, init_dir=str(other_sft.parent)), flags={"resume"})
 
 
 def test_tiny_ppo_raises_a_trivially_learnable_reward(world, tmp_path, monkeypatch):

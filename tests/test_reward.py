@@ -1,7 +1,7 @@
 """Tests for reward.py: the reward model's input, the pairwise loss, pair batches,
-the metrics, normalisation, scoring, and whole tiny runs."""
+packed rows, the metrics, normalisation, scoring, and whole tiny runs."""
 
-import itertools
+import contextlib
 import json
 import math
 import os
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import bpe
 import prepare_data
 import reward
-from model import CheckpointError, GPT, GPTConfig, load_checkpoint, parent_record, save_checkpoint
+from model import answer_prompts, CheckpointError, GPT, GPTConfig, load_checkpoint, parent_record, save_checkpoint
 from train import read_jsonl_log
 from reward import ScalarHeadModel
 
@@ -130,20 +130,19 @@ def test_reward_input_is_chat_template_then_reward_token(world):
     assert short == expected[-5:], "too long: the oldest tokens go, <|reward|> stays last"
 
 
-def test_ranking_pairs_are_all_k_choose_2_best_first():
-    assert reward.ranking_pairs(2) == [(0, 1)]
-    for k in range(2, 7):
-        pairs = reward.ranking_pairs(k)
-        assert sorted(pairs) == list(itertools.combinations(range(k), 2))
-        assert len(pairs) == k * (k - 1) // 2 and all(i < j for i, j in pairs), "better (earlier) first"
-
-
-# --- records, validation, groups ------------------------------------------------------------
+# --- records, validation, pairs ------------------------------------------------------------
 
 GOOD_PAIR = {"prompt": "what is red?", "chosen": "a colour.", "rejected": "a dog", "chosen_ended": True,
              "rejected_ended": False, "gold_prefers_chosen": True}
-GOOD_RANKED = {"prompt": "what is red?", "responses": ["a colour.", "a dog", "no"], "ended": [True, False, True],
-               "gold": [3.0, 1.0, 2.0]}
+
+
+def make_pair(tok, record, block_size=64):
+    """The pair load_preferences makes of one record."""
+    return {"chosen": reward.reward_input(tok, record["prompt"], record["chosen"], record.get("chosen_ended", True),
+                                          block_size),
+            "rejected": reward.reward_input(tok, record["prompt"], record["rejected"],
+                                            record.get("rejected_ended", True), block_size),
+            "gold": record.get("gold_prefers_chosen")}
 
 
 def test_validate_pair_record():
@@ -155,34 +154,24 @@ def test_validate_pair_record():
     assert reward.validate_pair_record({**GOOD_PAIR, "chosen": 3}).startswith("field 'chosen' must be a string")
     assert "chosen_ended" in reward.validate_pair_record({**GOOD_PAIR, "chosen_ended": "yes"})
     assert "prompt is empty" in reward.validate_pair_record({**GOOD_PAIR, "prompt": " "})
+    assert "gold_prefers_chosen" in reward.validate_pair_record({**GOOD_PAIR, "gold_prefers_chosen": 1})
     same_text_other_end = {"prompt": "p", "chosen": "a", "rejected": "a", "chosen_ended": True,
                            "rejected_ended": False}
     assert reward.validate_pair_record(same_text_other_end) is None, "a cut copy is a different input"
 
 
-def test_validate_ranked_record():
-    assert reward.validate_ranked_record(dict(GOOD_RANKED)) is None
-    assert "at least 2" in reward.validate_ranked_record({**GOOD_RANKED, "responses": ["one"]})
-    assert "'ended'" in reward.validate_ranked_record({**GOOD_RANKED, "ended": [True]})
-    assert "'gold'" in reward.validate_ranked_record({**GOOD_RANKED, "gold": [1, 2]})
-    assert "same" in reward.validate_ranked_record({**GOOD_RANKED, "responses": ["x", "x", "y"],
-                                                    "ended": [True, True, True]})
-    assert "prompt" in reward.validate_ranked_record({k: v for k, v in GOOD_RANKED.items() if k != "prompt"})
-
-
-def test_record_to_group_pairs_and_rankings(world):
+def test_load_preferences_makes_pairs_of_reward_inputs(world, tmp_path):
     _, tok = world
-    group = reward.record_to_group(GOOD_PAIR, tok, 64)
-    assert group["seqs"] == [reward.reward_input(tok, "what is red?", "a colour.", True, 64),
-                             reward.reward_input(tok, "what is red?", "a dog", False, 64)]
-    assert group["pairs"] == [(0, 1)] and group["gold"] == [True]
-    ranked = reward.record_to_group(GOOD_RANKED, tok, 64)
-    assert ranked["seqs"][1] == reward.reward_input(tok, "what is red?", "a dog", False, 64)
-    assert ranked["pairs"] == [(0, 1), (0, 2), (1, 2)]
-    # gold 3, 1, 2: pair (0,1) right, (0,2) right, (1,2) wrong
-    assert ranked["gold"] == [True, True, False]
-    no_gold = reward.record_to_group({**GOOD_PAIR, "gold_prefers_chosen": None}, tok, 64)
-    assert no_gold["gold"] == [None]
+    path = tmp_path / "prefs_train.jsonl"
+    write_jsonl(path, [GOOD_PAIR, {**GOOD_PAIR, "gold_prefers_chosen": None}, {"prompt": "p", "chosen": "a",
+                                                                               "rejected": "b"}])
+    pairs = reward.load_preferences(str(path), tok, 64)
+    assert pairs[0] == {"chosen": reward.reward_input(tok, "what is red?", "a colour.", True, 64),
+                        "rejected": reward.reward_input(tok, "what is red?", "a dog", False, 64), "gold": True}
+    assert pairs[1]["gold"] is None and pairs[2]["gold"] is None, "no gold label: None"
+    assert pairs[2]["rejected"] == reward.reward_input(tok, "p", "b", True, 64), "ended by default"
+    short = reward.load_preferences(str(path), tok, 6)
+    assert all(len(p["chosen"]) <= 6 and len(p["rejected"]) <= 6 for p in short), "block_size is applied"
 
 
 def test_load_preferences_names_file_and_line_of_a_bad_record(world, tmp_path):
@@ -194,99 +183,48 @@ def test_load_preferences_names_file_and_line_of_a_bad_record(world, tmp_path):
     write_jsonl(path, [GOOD_PAIR, {"prompt": "p", "chosen": "a"}])
     with pytest.raises(prepare_data.DataError, match=r"line 2: missing field 'rejected'"):
         reward.load_preferences(str(path), tok, 64)
-    write_jsonl(path, [GOOD_PAIR, GOOD_RANKED])
-    groups = reward.load_preferences(str(path), tok, 64)
-    assert [len(g["pairs"]) for g in groups] == [1, 3]
+    write_jsonl(path, [])
+    with pytest.raises(prepare_data.DataError, match="holds no preference records"):
+        reward.load_preferences(str(path), tok, 64)
     with pytest.raises(prepare_data.DataError, match="does not exist"):
         reward.load_preferences(str(tmp_path / "none.jsonl"), tok, 64)
 
 
-def test_load_split_adds_the_ranked_file(world, tmp_path):
-    _, tok = world
-    write_jsonl(tmp_path / "prefs_val.jsonl", [GOOD_PAIR] * 3)
-    assert len(reward.load_split(str(tmp_path), "val", tok, 64)) == 3
-    write_jsonl(tmp_path / "prefs_ranked_val.jsonl", [GOOD_RANKED] * 2)
-    groups = reward.load_split(str(tmp_path), "val", tok, 64)
-    assert [len(g["pairs"]) for g in groups] == [1, 1, 1, 3, 3]
-
 
 # --- batches ---------------------------------------------------------------------------------
 
-def fake_groups(sizes):
-    """Groups with the given numbers of pairs (sequence ids only name the group)."""
-    groups = []
-    for n, pairs in enumerate(sizes):
-        k = next(k for k in range(2, 20) if k * (k - 1) // 2 >= pairs)
-        groups.append({"seqs": [[n, i] for i in range(k)], "pairs": reward.ranking_pairs(k)[:pairs],
-                       "gold": [True] * pairs})
-    return groups
+def test_pair_batches_cover_each_pair_once_in_an_order_of_seed_and_epoch():
+    lengths = [random.Random(2).randint(3, 60) for _ in range(19)]
+    batches = reward.pair_batches(lengths, 8, seed=5, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(19)), "every pair exactly once per epoch"
+    assert sorted(len(b) for b in batches) == [3, 8, 8], "batches of batch_size pairs, the rest in one"
+    assert reward.pair_batches(lengths, 8, seed=5, epoch=0) == batches, "deterministic"
+    assert reward.pair_batches(lengths, 8, seed=5, epoch=1) != batches, "a new order each epoch"
+    assert reward.pair_batches(lengths, 8, seed=6, epoch=0) != batches, "the order follows the seed"
+    same = reward.pair_batches([7] * 19, 8, seed=5, epoch=0)
+    order = torch.randperm(19, generator=torch.Generator().manual_seed(5 * 1000)).tolist()
+    assert sorted(same) == sorted([order[:8], order[8:16], order[16:]]), "equal lengths: the drawn order, cut"
 
 
-def test_pair_batches_keep_groups_whole_and_cover_each_once():
-    sizes = [1] * 10 + [3] * 5 + [6] * 3 + [10]
-    groups = fake_groups(sizes)
-    batches = reward.pair_batches(groups, 8, seed=5, epoch=0)
-    flat = [g for b in batches for g in b]
-    assert sorted(flat) == list(range(len(groups))), "every group exactly once per epoch"
-    for b in batches:
-        n_pairs = sum(sizes[g] for g in b)
-        assert n_pairs <= 8 or len(b) == 1, f"batch {b} has {n_pairs} pairs"
-    assert [10 in [sizes[g] for g in b] for b in batches].count(True) == 1
-    big = next(b for b in batches if any(sizes[g] == 10 for g in b))
-    assert len(big) == 1, "a group larger than the batch is a batch alone"
-    # greedy packing: a batch is only closed when the next group would not fit
-    for b, nxt in zip(batches, batches[1:]):
-        assert sum(sizes[g] for g in b) + sizes[nxt[0]] > 8
-    assert reward.pair_batches(groups, 8, seed=5, epoch=0) == batches, "deterministic"
-    assert reward.pair_batches(groups, 8, seed=5, epoch=1) != batches, "a new order each epoch"
-    assert reward.pair_batches(groups, 8, seed=6, epoch=0) != batches, "the order follows the seed"
-
-
-def test_pack_groups_closes_a_batch_when_the_next_group_does_not_fit():
-    groups = fake_groups([3, 3, 1, 6, 2, 9, 1])
-    assert reward.pack_groups(groups, [0, 1, 2, 3, 4, 5, 6], 7) == [[0, 1, 2], [3], [4], [5], [6]]
-    assert reward.pack_groups(groups, [6, 4, 2, 0], 7) == [[6, 4, 2, 0]]
-
-
-def test_pair_batches_sort_window_batches_similar_lengths():
+def test_pair_batches_sort_by_length_within_windows():
     rng = random.Random(0)
-    groups = [{"seqs": [[0] * rng.randint(3, 60), [0] * rng.randint(3, 60)], "pairs": [(0, 1)], "gold": [True]}
-              for _ in range(400)]
+    lengths = [rng.randint(3, 60) for _ in range(400)]
 
     def padded_tokens(batches):
-        return sum(2 * len(b) * max(len(s) for g in b for s in groups[g]["seqs"]) for b in batches)
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
 
-    plain = reward.pair_batches(groups, 10, seed=1, epoch=0)
-    bucketed = reward.pair_batches(groups, 10, seed=1, epoch=0, sort_window=8)
-    assert sorted(g for b in bucketed for g in b) == list(range(400)) and all(len(b) <= 10 for b in bucketed)
-    assert padded_tokens(bucketed) < 0.8 * padded_tokens(plain), "less padding"
-    assert bucketed == reward.pair_batches(groups, 10, seed=1, epoch=0, sort_window=8), "deterministic"
-    assert bucketed != reward.pair_batches(groups, 10, seed=1, epoch=1, sort_window=8)
-    firsts = [max(len(s) for s in groups[b[0]]["seqs"]) for b in bucketed]
+    sorted_batches = reward.pair_batches(lengths, 10, seed=1, epoch=0)
+    order = torch.randperm(400, generator=torch.Generator().manual_seed(1000)).tolist()
+    unsorted = [order[i:i + 10] for i in range(0, 400, 10)]  # the same order, cut without sorting
+    assert sorted(i for b in sorted_batches for i in b) == list(range(400)) and all(len(b) == 10 for b in sorted_batches)
+    assert padded_tokens(sorted_batches) < 0.8 * padded_tokens(unsorted), "less padding"
+    window = reward.SORT_WINDOW * 10
+    for b in sorted_batches:  # each batch: neighbours in the sorted order of its window of the drawn order
+        w = order.index(b[0]) // window
+        ranked = sorted(order[w * window:(w + 1) * window], key=lambda i: lengths[i])
+        assert b == ranked[ranked.index(b[0]):ranked.index(b[0]) + 10], "a batch is a run of its sorted window"
+    firsts = [lengths[b[0]] for b in sorted_batches]
     assert firsts != sorted(firsts), "the batches themselves come in a random order"
-
-
-def test_pair_batches_sort_by_the_lengths_given():
-    # every group has the same longest sequence, so only `lengths` can tell them apart
-    rng = random.Random(0)
-    groups = [{"seqs": [[0] * 30, [0] * 30], "pairs": [(0, 1)], "gold": [True]} for _ in range(400)]
-    lengths = [rng.randint(3, 60) for _ in groups]
-
-    def padded_tokens(batches):
-        return sum(len(b) * max(lengths[g] for g in b) for b in batches)
-
-    by_sequence = reward.pair_batches(groups, 10, seed=1, epoch=0, sort_window=8)
-    by_row = reward.pair_batches(groups, 10, seed=1, epoch=0, sort_window=8, lengths=lengths)
-    assert sorted(g for b in by_row for g in b) == list(range(400)) and all(len(b) <= 10 for b in by_row)
-    assert padded_tokens(by_row) < 0.8 * padded_tokens(by_sequence), "batches of similar given lengths"
-
-
-def test_row_length_is_the_packed_row_or_the_longest_sequence():
-    group = {"seqs": [[1, 2, 3, 9], [1, 2, 4, 5, 9], [1, 2, 3, 7, 9]], "pairs": [(0, 1), (0, 2)], "gold": [None] * 2}
-    # shared prefix [1, 2]; rests [3, 9], [4, 5, 9], [3, 7, 9]
-    assert reward.row_length(group, share_prefix=True) == 2 + 2 + 3 + 3
-    assert reward.row_length(group, share_prefix=True) == len(reward.pack_group(group["seqs"])[0])
-    assert reward.row_length(group, share_prefix=False) == 5, "a row per sequence: the longest"
 
 
 def test_differs_only_in_answer_finds_right_wrong_pairs_in_the_same_words():
@@ -315,48 +253,35 @@ def test_parse_oversample():
             reward.parse_oversample(bad)
 
 
-def test_oversample_groups_repeats_the_answer_only_pairs_of_the_named_tasks():
+def test_oversample_pairs_repeats_the_answer_only_pairs_of_the_named_tasks():
     records = [{"task": "arithmetic", "chosen": "It is 7.", "rejected": "It is 8."},          # repeated
                {"task": "arithmetic", "chosen": "It is 7.", "rejected": "What is 3 plus 4?"},  # other words
                {"task": "story_qa", "chosen": "A red ball.", "rejected": "A blue ball."},      # repeated
-               {"task": "category", "chosen": "Cow is an animal.", "rejected": "Red is an animal."},
-               {"task": "arithmetic", "responses": ["It is 7.", "It is 8."]}]                 # a ranking: never
-    groups = [{"seqs": [[i]], "pairs": [(0, 1)], "gold": [True]} for i in range(len(records))]
-    out, n = reward.oversample_groups(groups, records, {"arithmetic": 3, "story_qa": 2})
-    assert n == 3 and len(out) == len(groups) + 3
-    assert out[:len(groups)] == groups, "the original groups come first, in their order"
-    assert [g["seqs"][0][0] for g in out[len(groups):]] == [0, 0, 2]
-    assert reward.oversample_groups(groups, records, {})[1] == 0
+               {"task": "category", "chosen": "Cow is an animal.", "rejected": "Red is an animal."}]
+    pairs = [{"chosen": [i], "rejected": [i, 1], "gold": True} for i in range(len(records))]
+    out, n = reward.oversample_pairs(pairs, records, {"arithmetic": 3, "story_qa": 2})
+    assert n == 3 and len(out) == len(pairs) + 3
+    assert out[:len(pairs)] == pairs, "the original pairs come first, in their order"
+    assert [p["chosen"][0] for p in out[len(pairs):]] == [0, 0, 2]
+    assert reward.oversample_pairs(pairs, records, {})[1] == 0
 
 
-def test_collate_indexes_each_pair_into_the_padded_batch(world):
-    _, tok = world
-    groups = [reward.record_to_group(GOOD_RANKED, tok, 64), reward.record_to_group(GOOD_PAIR, tok, 64),
-              reward.record_to_group({**GOOD_PAIR, "gold_prefers_chosen": None}, tok, 64)]
-    ids, lengths, better, worse, gold = reward.collate(groups)
-    seqs = [s for g in groups for s in g["seqs"]]
-    assert ids.shape == (7, max(len(s) for s in seqs)) and lengths.tolist() == [len(s) for s in seqs]
-    for row, s in enumerate(seqs):
-        assert ids[row, :len(s)].tolist() == s and (ids[row, len(s):] == 0).all()
-    assert better.tolist() == [0, 0, 1, 3, 5] and worse.tolist() == [1, 2, 2, 4, 6]
-    assert gold[:4].tolist() == [1.0, 1.0, 0.0, 1.0] and math.isnan(gold[4])
+# --- a pair in one row ------------------------------------------------------------------------
 
-
-def test_pack_group_keeps_the_shared_prefix_once_then_each_sequences_rest():
-    ids, positions, branches, ends = reward.pack_group([[1, 2, 3, 9], [1, 2, 4, 5, 9]])
+def test_pack_pair_keeps_the_shared_prefix_once_then_each_sequences_rest():
+    ids, positions, branches, ends = reward.pack_pair([1, 2, 3, 9], [1, 2, 4, 5, 9])
     assert ids == [1, 2, 3, 9, 4, 5, 9], "prefix [1, 2] once, then [3, 9], then [4, 5, 9]"
     assert positions == [0, 1, 2, 3, 2, 3, 4], "a branch continues the positions of the prefix"
     assert branches == [0, 0, 1, 1, 2, 2, 2] and ends == [3, 6]
-    ranked = reward.pack_group([[1, 2, 3, 9], [1, 5, 3, 9], [1, 2, 7, 9]])
-    assert ranked[0] == [1, 2, 3, 9, 5, 3, 9, 2, 7, 9] and ranked[3] == [3, 6, 9], "the prefix all three share"
-    same = reward.pack_group([[1, 2, 9], [1, 2, 9]])
+    same = reward.pack_pair([1, 2, 9], [1, 2, 9])
     assert same == ([1, 2, 9, 9], [0, 1, 2, 2], [0, 0, 1, 2], [2, 3]), "equal sequences: a branch of one token each"
-    assert reward.pack_group([[4, 9], [5, 9]])[0] == [4, 9, 5, 9], "nothing shared: the sequences in turn"
+    assert reward.pack_pair([4, 9], [5, 9])[0] == [4, 9, 5, 9], "nothing shared: the sequences in turn"
+    assert reward.pack_pair([1, 2], [1, 2, 3, 9])[0] == [1, 2, 2, 3, 9], "a prefix of the other: still a branch each"
 
 
 def test_tree_mask_lets_each_token_see_exactly_its_own_sequence_up_to_itself():
-    seqs = [[1, 2, 3, 9], [1, 2, 4, 5, 9], [1, 2, 3, 7, 9]]
-    ids, positions, branches, _ = reward.pack_group(seqs)
+    seqs = [[1, 2, 3, 7, 9], [1, 2, 4, 5, 9]]
+    ids, positions, branches, _ = reward.pack_pair(*seqs)
     T = len(ids) + 2  # two padding columns, as collate_shared pads
     mask = reward.tree_mask(torch.tensor([positions + [0, 0]]), torch.tensor([branches + [-1, -1]]))
     assert mask.shape == (1, 1, T, T) and mask.dtype == torch.bool
@@ -364,7 +289,7 @@ def test_tree_mask_lets_each_token_see_exactly_its_own_sequence_up_to_itself():
     shared = branches.count(0)
     members = [list(range(shared)) + [i for i, b in enumerate(branches) if b == s + 1] for s in range(len(seqs))]
     for s, rows in enumerate(members):
-        assert [ids[i] for i in rows] == seqs[s], "pack_group must lay each sequence out in order"
+        assert [ids[i] for i in rows] == seqs[s], "pack_pair must lay each sequence out in order"
     for q in range(len(ids)):
         for k in range(T):
             expected = any(q in rows and k in rows and rows.index(k) <= rows.index(q) for rows in members)
@@ -372,61 +297,68 @@ def test_tree_mask_lets_each_token_see_exactly_its_own_sequence_up_to_itself():
     assert mask[0, 0, len(ids):, len(ids):].all(), "padding sees padding (a query must see something)"
 
 
-def test_collate_shared_gives_the_rewards_lm_loss_and_gradients_of_collate(world):
+def one_row_per_sequence(model, pairs):
+    """The reference layout: every sequence its own right-padded row. Returns
+    (r_chosen, r_rejected, LM loss of the chosen sequences)."""
+    ids, lengths = reward.pad_right([s for p in pairs for s in (p["chosen"], p["rejected"])])
+    hidden = model.gpt.hidden_states(ids)
+    rewards = reward.read_last(model(ids, hidden), lengths)
+    return rewards[0::2], rewards[1::2], reward.chosen_lm_loss(model, hidden[0::2], ids[0::2], lengths[0::2])
+
+
+def test_collate_shared_gives_the_rewards_lm_loss_and_gradients_of_a_row_per_sequence(world):
     _, tok = world
-    groups = [reward.record_to_group(GOOD_RANKED, tok, 64), reward.record_to_group(GOOD_PAIR, tok, 64),
-              reward.record_to_group({**GOOD_PAIR, "prompt": "where is the cat sat on the mat?"}, tok, 64)]
+    pairs = [make_pair(tok, GOOD_PAIR), make_pair(tok, {**GOOD_PAIR, "rejected": "a colour. no"}),
+             make_pair(tok, {**GOOD_PAIR, "prompt": "where is the cat sat on the mat?"})]
     for attention in ("sdpa", "explicit"):
         model = tiny_reward_model(tok)
         for block in model.gpt.transformer.h:
             block.attn.attention = attention
-        ids, lengths, better, worse, _ = reward.collate(groups)  # the reference: a row per sequence
-        hidden = model.gpt.hidden_states(ids)
-        rewards = reward.sequence_rewards(model, ids, lengths, hidden)
-        loss = (reward.pairwise_loss(rewards[better], rewards[worse])
-                + reward.best_lm_loss(model, hidden, ids, lengths, reward.best_rows(groups)))
+        r_chosen, r_rejected, lm = one_row_per_sequence(model, pairs)
+        loss = reward.pairwise_loss(r_chosen, r_rejected) + lm
         expected_grads = torch.autograd.grad(loss, list(model.parameters()))
 
-        ids2, positions, mask, reward_at, better2, worse2, best_lengths = reward.collate_shared(groups)
-        assert ids2.size(0) == 3 and ids2.numel() < ids.numel(), "a row per group, fewer tokens"
-        assert better2.tolist() == better.tolist() and worse2.tolist() == worse.tolist()
-        hidden2 = model.gpt.hidden_states(ids2, positions=positions, attn_mask=mask)
-        rewards2 = model(ids2, hidden2)[reward_at[:, 0], reward_at[:, 1]]
-        assert torch.allclose(rewards2, rewards, atol=1e-5), f"{attention}: packed rewards differ from one row each"
-        assert (ids2[reward_at[:, 0], reward_at[:, 1]] == tok.special_ids[bpe.REWARD]).all()
-        loss2 = (reward.pairwise_loss(rewards2[better2], rewards2[worse2])
-                 + reward.best_lm_loss(model, hidden2, ids2, best_lengths, torch.arange(3)))
+        ids, positions, mask, ends, chosen_lengths = reward.collate_shared(pairs)
+        assert ids.size(0) == 3 and ids.numel() < 2 * 3 * max(len(p["rejected"]) for p in pairs), "fewer tokens"
+        assert chosen_lengths.tolist() == [len(p["chosen"]) for p in pairs]
+        hidden = model.gpt.hidden_states(ids, positions=positions, attn_mask=mask)
+        rewards = model(ids, hidden)
+        rows = torch.arange(3)
+        r_chosen2, r_rejected2 = rewards[rows, ends[:, 0]], rewards[rows, ends[:, 1]]
+        assert torch.allclose(r_chosen2, r_chosen, atol=1e-5) and torch.allclose(r_rejected2, r_rejected, atol=1e-5), \
+            f"{attention}: packed rewards differ from one row each"
+        assert (ids[rows, ends[:, 0]] == tok.special_ids[bpe.REWARD]).all()
+        assert (ids[rows, ends[:, 1]] == tok.special_ids[bpe.REWARD]).all()
+        loss2 = reward.pairwise_loss(r_chosen2, r_rejected2) + reward.chosen_lm_loss(model, hidden, ids, chosen_lengths)
         assert torch.allclose(loss2, loss, atol=1e-5), f"{attention}: loss {loss2.item()} vs {loss.item()}"
         for g2, g in zip(torch.autograd.grad(loss2, list(model.parameters())), expected_grads):
             assert torch.allclose(g2, g, atol=1e-5), f"{attention}: gradients differ"
 
 
-def test_training_losses_are_the_pairwise_plus_lm_loss_either_layout(world):
+def test_training_losses_are_the_pairwise_plus_lm_loss(world):
     _, tok = world
     model = tiny_reward_model(tok)
-    groups = [reward.record_to_group(GOOD_RANKED, tok, 64), reward.record_to_group(GOOD_PAIR, tok, 64)]
-    # the reference, written out: a row per sequence
-    ids, lengths, better, worse, _ = reward.collate(groups)
-    rewards = reward.sequence_rewards(model, ids, lengths)
-    pair = reward.pairwise_loss(rewards[better], rewards[worse], 0.5)
-    lm = reward.best_lm_loss(model, model.gpt.hidden_states(ids), ids, lengths, reward.best_rows(groups))
-    for share_prefix in (False, True):
-        loss, pair_loss, lm_loss, diff = reward.training_losses(model, groups, share_prefix, margin=0.5, lm_coef=2.0)
-        assert torch.allclose(diff, rewards[better] - rewards[worse], atol=1e-5), f"share_prefix={share_prefix}"
-        assert torch.allclose(pair_loss, pair, atol=1e-5) and torch.allclose(lm_loss, lm, atol=1e-5)
-        assert torch.allclose(loss, pair + 2.0 * lm, atol=1e-5), "loss = pair loss + lm_coef x LM loss"
-    loss, pair_loss, lm_loss, _ = reward.training_losses(model, groups, lm_coef=0.0)
+    pairs = [make_pair(tok, GOOD_PAIR), make_pair(tok, {**GOOD_PAIR, "chosen": "the cat sat."})]
+    r_chosen, r_rejected, lm = one_row_per_sequence(model, pairs)  # the reference, written out
+    pair = reward.pairwise_loss(r_chosen, r_rejected)
+    loss, pair_loss, lm_loss, diff = reward.training_losses(model, pairs, lm_coef=2.0)
+    assert torch.allclose(diff, r_chosen - r_rejected, atol=1e-5)
+    assert torch.allclose(pair_loss, pair, atol=1e-5) and torch.allclose(lm_loss, lm, atol=1e-5)
+    assert torch.allclose(loss, pair + 2.0 * lm, atol=1e-5), "loss = pair loss + lm_coef x LM loss"
+    loss, pair_loss, lm_loss, _ = reward.training_losses(model, pairs, lm_coef=0.0)
     assert lm_loss is None and torch.allclose(loss, pair_loss), "lm_coef 0: the pairwise loss alone"
 
 
-def test_share_prefix_off_and_on_train_the_same_model(world, tmp_path):
-    root, _ = world
-    # sort_window 1: the same batches either way (sorted, they would follow each layout's row_length)
-    common = dict(max_iters=6, eval_interval=6, norm_prompts=0, dropout=0.0, sort_window=1)
-    plain = reward.run(tiny_config(root, tmp_path / "plain", share_prefix=False, **common))
-    shared = reward.run(tiny_config(root, tmp_path / "shared", share_prefix=True, **common))
-    assert shared["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-4), "the same steps, so the same model"
-    assert shared["val_accuracy"] == pytest.approx(plain["val_accuracy"], abs=0.02)
+def test_training_batch_loss_does_not_depend_on_pair_order(world):
+    _, tok = world
+    model = tiny_reward_model(tok, seed=4)
+    rng = random.Random(3)
+    pairs = [make_pair(tok, separable_pair(rng, i)) for i in range(6)]
+    losses = []
+    for order in (pairs, pairs[::-1], pairs[2:] + pairs[:2]):
+        with torch.no_grad():
+            losses.append(reward.training_losses(model, order, lm_coef=1.0)[0].item())
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6) and losses[2] == pytest.approx(losses[0], abs=1e-6)
 
 
 # --- reading the reward, the loss -------------------------------------------------------------
@@ -436,60 +368,49 @@ def test_reward_is_read_at_the_reward_token_whatever_the_padding(world):
     model = tiny_reward_model(tok)
     seqs = [reward.reward_input(tok, "what is red?", r) for r in ["a colour.", "no", "the cat sat on the mat."]]
     alone = torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])  # each unpadded, last position
-    ids, lengths = reward.collate([{"seqs": seqs, "pairs": [], "gold": []}])[:2]
+    ids, lengths = reward.pad_right(seqs)
     with torch.no_grad():
-        together = reward.sequence_rewards(model, ids, lengths)
+        together = reward.read_last(model(ids), lengths)
         assert torch.allclose(together, alone, atol=1e-5)
         # more padding, and random tokens after <|reward|>: the same rewards
         noisy = torch.randint(0, tok.vocab_size, (3, ids.size(1) + 9))
         noisy[:, :ids.size(1)] = ids
         for row, n in enumerate(lengths.tolist()):
             noisy[row, n:] = torch.randint(0, tok.vocab_size, (noisy.size(1) - n,))
-        assert torch.allclose(reward.sequence_rewards(model, noisy, lengths), alone, atol=1e-5)
+        assert torch.allclose(reward.read_last(model(noisy), lengths), alone, atol=1e-5)
 
 
-def test_sequence_rewards_from_given_hidden_states_equal_the_forward(world):
+def test_rewards_from_given_hidden_states_equal_the_forward(world):
     _, tok = world
     model = tiny_reward_model(tok)
-    seqs = [reward.reward_input(tok, "what is red?", r) for r in ["a colour.", "no"]]
-    ids, lengths = reward.collate([{"seqs": seqs, "pairs": [], "gold": []}])[:2]
+    ids, _ = reward.pad_right([reward.reward_input(tok, "what is red?", r) for r in ["a colour.", "no"]])
     with torch.no_grad():
-        hidden = model.gpt.hidden_states(ids)
-        assert torch.allclose(reward.sequence_rewards(model, ids, lengths, hidden),
-                              reward.sequence_rewards(model, ids, lengths), atol=1e-6)
+        assert torch.allclose(model(ids, model.gpt.hidden_states(ids)), model(ids), atol=1e-6)
 
 
-def test_best_rows_are_each_groups_first_sequence():
-    groups = [{"seqs": [[1], [2]], "pairs": [(0, 1)], "gold": [True]},
-              {"seqs": [[1], [2], [3], [4]], "pairs": reward.ranking_pairs(4), "gold": [None] * 6},
-              {"seqs": [[5], [6]], "pairs": [(0, 1)], "gold": [None]}]
-    assert reward.best_rows(groups).tolist() == [0, 2, 6], "rows of the chosen (or top-ranked) sequences in collate"
-
-
-def test_best_lm_loss_is_the_cross_entropy_of_the_chosen_rows_before_the_reward_token(world):
+def test_chosen_lm_loss_is_the_cross_entropy_of_each_rows_first_sequence_before_the_reward_token(world):
     _, tok = world
     model = tiny_reward_model(tok)
-    prompts = ["what is red?", "where is the cat?", "a b"]
-    responses = ["a colour.", "on the mat, the good mat.", "no"]
+    prompts = ["what is red?", "where is the cat?"]
+    responses = ["a colour.", "on the mat, the good mat."]
     seqs = [reward.reward_input(tok, p, r) for p, r in zip(prompts, responses)]
-    ids, lengths = reward.collate([{"seqs": seqs, "pairs": [], "gold": []}])[:2]
-    rows = torch.tensor([0, 1])  # the third row is not a best sequence: it must not count
+    ids, lengths = reward.pad_right(seqs)
     # the reference: each sequence alone, unpadded, through GPT.forward's logits; every
     # token after the first up to the end of turn is a target, <|reward|> is not
     token_losses = []
-    for s in seqs[:2]:
+    for s in seqs:
         assert s[-1] == tok.special_ids[bpe.REWARD] and s[-2] == tok.special_ids[bpe.END_OF_TURN]
         logits = model.gpt(torch.tensor([s]))[0][0]  # GPT.forward: ((1, T, V) logits, None)
         for t in range(1, len(s) - 1):
             token_losses.append(F.cross_entropy(logits[t - 1:t], torch.tensor([s[t]])))
     expected = torch.stack(token_losses).mean()
-    got = reward.best_lm_loss(model, model.gpt.hidden_states(ids), ids, lengths, rows)
+    got = reward.chosen_lm_loss(model, model.gpt.hidden_states(ids), ids, lengths)
     assert torch.allclose(got, expected, atol=1e-5), f"LM loss {got.item():.5f}, expected {expected.item():.5f}"
-    padded = torch.cat([ids, torch.randint(0, tok.vocab_size, (3, 5))], 1)
-    again = reward.best_lm_loss(model, model.gpt.hidden_states(padded), padded, lengths, rows)
+    padded = torch.cat([ids, torch.randint(0, tok.vocab_size, (2, 5))], 1)
+    again = reward.chosen_lm_loss(model, model.gpt.hidden_states(padded), padded, lengths)
     assert torch.allclose(again, expected, atol=1e-5), "tokens after <|reward|> changed the LM loss"
     short = torch.tensor([[tok.special_ids[bpe.END_OF_TURN], tok.special_ids[bpe.REWARD]]])
-    none = reward.best_lm_loss(model, model.gpt.hidden_states(short), short, torch.tensor([2]), torch.tensor([0]))
+    none = reward.chosen_lm_loss(model, model.gpt.hidden_states(short), short, torch.tensor([2]))
     assert none.item() == 0.0 and none.requires_grad, "no target token: a zero loss that still backpropagates"
 
 
@@ -498,8 +419,6 @@ def test_pairwise_loss_hand_values_and_gradient():
     assert equal.item() == pytest.approx(math.log(2)), "equal rewards: ln 2"
     assert reward.pairwise_loss(torch.tensor([1.0]), torch.tensor([0.0])).item() == pytest.approx(
         math.log(1 + math.exp(-1)))
-    assert reward.pairwise_loss(torch.tensor([1.0]), torch.tensor([0.0]), margin=1.0).item() == pytest.approx(
-        math.log(2)), "a margin of 1 asks for a gap of 1"
     r_c = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
     r_r = torch.tensor([1.5, -1.0, -3.0], requires_grad=True)
     reward.pairwise_loss(r_c, r_r).backward()
@@ -529,47 +448,33 @@ def test_evaluate_matches_a_brute_force_loop_and_ignores_order(world):
     _, tok = world
     model = tiny_reward_model(tok, seed=3)
     rng = random.Random(7)
-    records = [separable_pair(rng, i, flip=i % 3 == 0) for i in range(9)] + [GOOD_RANKED]
-    groups = [reward.record_to_group(r, tok, 64) for r in records]
-    metrics = reward.evaluate(model, groups, batch_size=4)
-    right, gold_right, diffs, all_rewards = 0.0, 0.0, [], []
-    for group in groups:
+    pairs = [make_pair(tok, separable_pair(rng, i, flip=i % 3 == 0)) for i in range(9)]
+    pairs.append(make_pair(tok, {**GOOD_PAIR, "gold_prefers_chosen": None}))
+    metrics = reward.evaluate(model, pairs, batch_size=4)
+    right, gold_right, n_gold, diffs, all_rewards = 0.0, 0.0, 0, [], []
+    for p in pairs:
         with torch.no_grad():
-            r = [model(torch.tensor([s]))[0, -1].item() for s in group["seqs"]]
+            r = [model(torch.tensor([s]))[0, -1].item() for s in (p["chosen"], p["rejected"])]
         all_rewards += r
-        for (i, j), g in zip(group["pairs"], group["gold"]):
-            d = r[i] - r[j]
-            diffs.append(d)
-            right += d > 0
-            gold_right += (d > 0) == g
+        d = r[0] - r[1]
+        diffs.append(d)
+        right += d > 0
+        if p["gold"] is not None:
+            gold_right += (d > 0) == p["gold"]
+            n_gold += 1
     n = len(diffs)
-    assert metrics["pairs"] == n == 12
+    assert metrics["pairs"] == n == 10 and n_gold == 9
     assert metrics["accuracy"] == pytest.approx(right / n)
-    assert metrics["gold_accuracy"] == pytest.approx(gold_right / n)
+    assert metrics["gold_accuracy"] == pytest.approx(gold_right / n_gold), "gold accuracy over the pairs with gold"
     assert metrics["margin"] == pytest.approx(sum(diffs) / n, abs=1e-5)
     assert metrics["loss"] == pytest.approx(sum(math.log1p(math.exp(-d)) for d in diffs) / n, abs=1e-5)
     assert metrics["reward_mean"] == pytest.approx(sum(all_rewards) / len(all_rewards), abs=1e-5)
     assert metrics["reward_std"] == pytest.approx(torch.tensor(all_rewards).std().item(), abs=1e-5)
-    shuffled = reward.evaluate(model, groups[::-1], batch_size=3)
+    shuffled = reward.evaluate(model, pairs[::-1], batch_size=3)
     for key in metrics:
         assert shuffled[key] == pytest.approx(metrics[key], abs=1e-5), f"{key} depends on the batch order"
-    no_gold = [reward.record_to_group({**GOOD_PAIR, "gold_prefers_chosen": None}, tok, 64)]
+    no_gold = [make_pair(tok, {**GOOD_PAIR, "gold_prefers_chosen": None})]
     assert reward.evaluate(model, no_gold)["gold_accuracy"] is None
-
-
-def test_training_batch_loss_does_not_depend_on_group_order(world):
-    _, tok = world
-    model = tiny_reward_model(tok, seed=4)
-    rng = random.Random(3)
-    groups = [reward.record_to_group(separable_pair(rng, i), tok, 64) for i in range(5)] + \
-             [reward.record_to_group(GOOD_RANKED, tok, 64)]
-    losses = []
-    for order in (groups, groups[::-1], groups[2:] + groups[:2]):
-        ids, lengths, better, worse, _ = reward.collate(order)
-        with torch.no_grad():
-            r = reward.sequence_rewards(model, ids, lengths)
-        losses.append(reward.pairwise_loss(r[better], r[worse]).item())
-    assert losses[1] == pytest.approx(losses[0], abs=1e-6) and losses[2] == pytest.approx(losses[0], abs=1e-6)
 
 
 # --- normalisation and scoring ---------------------------------------------------------------------
@@ -584,20 +489,26 @@ def test_reward_normalizer_mean_zero_std_one():
     assert reward.reward_normalizer(torch.tensor([2.0, 2.0]))["scale"] == 1.0, "constant rewards: scale 1"
 
 
-def test_sample_sft_responses_are_the_greedy_answers(world):
-    _, tok = world
-    torch.manual_seed(0)
-    policy = GPT(tiny_gpt_config(tok)).eval()
-    prompts = ["where is the cat?", "what is red?", "no"]
-    answers = reward.sample_sft_responses(policy, tok, prompts, max_new_tokens=6, temperature=0.0, seed=1)
-    end = tok.special_ids[bpe.END_OF_TURN]
-    for prompt, (text, ended) in zip(prompts, answers):
-        ids = tok.encode_chat(prompt)[0]
-        out = policy.generate(torch.tensor([ids]), 6, temperature=0.0)[0, len(ids):].tolist()
-        expected = out[:out.index(end)] if end in out else out
-        assert text == tok.decode(expected) and ended == (end in out)
-    again = reward.sample_sft_responses(policy, tok, prompts, 6, temperature=1.0, seed=2)
-    assert again == reward.sample_sft_responses(policy, tok, prompts, 6, temperature=1.0, seed=2), "seeded"
+def test_sft_normalizer_centres_the_sft_answers_and_leaves_the_rng_alone(world):
+    root, tok = world
+    model = tiny_reward_model(tok, seed=6)
+    init = load_checkpoint(str(root / "sft"))
+    config = dict(reward.DEFAULTS, norm_prompts=5, norm_max_new_tokens=6, temperature=1.0, seed=3, eval_batch_size=4)
+    folder = str(root / "data" / "toy")
+    before = torch.get_rng_state()
+    norm = reward.sft_normalizer(model, init, tok, folder, config, contextlib.nullcontext(), "cpu")
+    assert torch.equal(torch.get_rng_state(), before), "the training RNG is what a resumed run continues from"
+    # the reference: the same prompts (drawn from the seed), the SFT model's sampled answers, their rewards
+    records = prepare_data.read_jsonl(os.path.join(folder, "prompts_ppo.jsonl"))
+    pick = torch.randperm(len(records), generator=torch.Generator().manual_seed(3))[:5].tolist()
+    prompts = [records[i]["prompt"] for i in pick]
+    policy = GPT(tiny_gpt_config(tok))
+    policy.load_state_dict(init["model"])
+    answers = answer_prompts(policy.eval(), tok, prompts, 6, 1.0, 3)
+    z = reward.score_responses(model, tok, prompts, [a for a, _ in answers], [e for _, e in answers], norm)
+    assert z.mean().item() == pytest.approx(0.0, abs=1e-5) and z.std().item() == pytest.approx(1.0, abs=1e-5)
+    assert reward.sft_normalizer(model, init, tok, folder, dict(config, norm_prompts=0), None, "cpu") == \
+        {"bias": 0.0, "scale": 1.0}, "norm_prompts 0: no normalisation"
 
 
 def test_score_responses_reads_reward_input_and_normalises(world):
@@ -661,8 +572,8 @@ def test_stored_normalisation_centres_sft_answers(world, trained):
     prompts = [prompts_all[i] for i in pick[:config["norm_prompts"]].tolist()]
     policy = GPT(tiny_gpt_config(tok))
     policy.load_state_dict(load_checkpoint(str(root / "sft"))["model"])
-    answers = reward.sample_sft_responses(policy, tok2, prompts, config["norm_max_new_tokens"],
-                                          config["temperature"], config["seed"], config["eval_batch_size"])
+    answers = answer_prompts(policy, tok2, prompts, config["norm_max_new_tokens"], config["temperature"],
+                             config["seed"], config["eval_batch_size"])
     z = reward.score_responses(model, tok2, prompts, [a for a, _ in answers], [e for _, e in answers], norm)
     assert len(z) == config["norm_prompts"] == 16
     assert z.mean().item() == pytest.approx(0.0, abs=1e-4) and z.std().item() == pytest.approx(1.0, abs=1e-4)
@@ -683,6 +594,8 @@ def test_exact_resume_is_bit_for_bit(world, tmp_path):
     common = dict(max_iters=10, eval_interval=100, warmup_iters=2, log_interval=1, batch_size=16)
     reward.run(tiny_config(root, tmp_path / "straight", **common))
     reward.run(tiny_config(root, tmp_path / "resumed", stop_at_iter=5, **common))
+    stopped = load_checkpoint(str(tmp_path / "resumed"))
+    assert stopped["resume"]["iter"] == 5 and stopped["reward_norm"]["scale"] > 0, "a stopped run is normalised too"
     reward.run(tiny_config(root, tmp_path / "resumed", **common), flags={"resume"})
     straight = [r["loss"] for r in read_jsonl_log(str(tmp_path / "straight" / "log.jsonl")) if "loss" in r]
     resumed = [r["loss"] for r in read_jsonl_log(str(tmp_path / "resumed" / "log.jsonl")) if "loss" in r]
@@ -714,14 +627,15 @@ def test_existing_checkpoint_is_kept_without_a_flag(world, tmp_path):
 def test_init_may_be_pretrain_but_not_rm_or_ppo(world, tmp_path):
     root, tok = world
     save_lm_checkpoint(tmp_path / "pre" / "ckpt.pt", tok, stage="pretrain")
-    ckpt, path = reward.load_init(str(tmp_path / "pre"), "tiny")
-    assert ckpt["stage"] == "pretrain" and path.endswith("ckpt.pt")
+    reward.run(tiny_config(root, tmp_path / "from_pre", init=str(tmp_path / "pre"), max_iters=1, norm_prompts=0))
+    parent = load_checkpoint(str(tmp_path / "from_pre"))["parent"]
+    assert parent == parent_record(str(tmp_path / "pre" / "ckpt.pt")), "a base model is a body too"
     for stage in ("rm", "ppo"):
         save_lm_checkpoint(tmp_path / stage / "ckpt.pt", tok, stage=stage)
-        with pytest.raises(CheckpointError, match=f"is a '{stage}' checkpoint; a reward model starts from an sft"):
-            reward.load_init(str(tmp_path / stage), "tiny")
-    with pytest.raises(CheckpointError, match=r"does not exist: run `python sft.py --config tiny`"):
-        reward.load_init(str(tmp_path / "none"), "tiny")
+        with pytest.raises(CheckpointError, match=f"is a '{stage}' checkpoint"):
+            reward.run(tiny_config(root, tmp_path / f"from_{stage}", init=str(tmp_path / stage)))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        reward.run(tiny_config(root, tmp_path / "from_none", init=str(tmp_path / "none")))
 
 
 def test_resolve_paths_defaults():
@@ -729,16 +643,6 @@ def test_resolve_paths_defaults():
     assert reward.resolve_paths(config) == (os.path.join("out", "small", "sft"), os.path.join("out", "small", "rm"))
     config.update(init="a/b", out_dir="c")
     assert reward.resolve_paths(config) == ("a/b", "c")
-
-
-def test_check_config_rejects_bad_values():
-    reward.check_config(dict(reward.DEFAULTS))
-    with pytest.raises(ValueError, match="--batch_size=0 must be at least 1"):
-        reward.check_config({**reward.DEFAULTS, "batch_size": 0})
-    with pytest.raises(ValueError, match="--temperature"):
-        reward.check_config({**reward.DEFAULTS, "temperature": -1.0})
-    with pytest.raises(ValueError, match="--lm_coef=-1.0 must be >= 0"):
-        reward.check_config({**reward.DEFAULTS, "lm_coef": -1.0})
 
 
 def test_stop_requested_sets_a_flag_on_ctrl_c():
@@ -756,17 +660,16 @@ def test_stop_requested_sets_a_flag_on_ctrl_c():
 def test_score_command_prints_normalised_and_raw_reward(world, trained, capsys):
     _, tok = world
     out, _ = trained
-    assert reward.main(["--score", "--ckpt", str(out), "--prompt", "what is red?", "--response", "the cat."]) == 0
+    assert reward.main(["--config", "tiny", f"--out_dir={out}", "--prompt=what is red?", "--response=the cat."]) == 0
     line = capsys.readouterr().out.strip()
     model, tok2, norm = reward.load_reward_model(str(out))
     raw = reward.score_responses(model, tok2, ["what is red?"], ["the cat."])[0].item()
     assert line == (f"reward {(raw - norm['bias']) / norm['scale']:+.4f} (raw {raw:+.4f}; "
                     f"bias {norm['bias']:+.4f}, scale {norm['scale']:.4f})")
-    assert reward.main(["--score", "--ckpt", str(out), "--prompt", "q", "--response", "a", "--response", "b",
-                        "--not-ended"]) == 0
+    assert reward.main(["--config", "tiny", f"--out_dir={out}", "--prompt=q", "--response=a | b"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    cut = reward.score_responses(model, tok2, ["q"], ["b"], [False], norm)[0].item()
-    assert len(lines) == 2 and lines[1].startswith(f"'b': reward {cut:+.4f}")
+    b = reward.score_responses(model, tok2, ["q"], ["b"], normalizer=norm)[0].item()
+    assert len(lines) == 2 and lines[1].startswith(f"'b': reward {b:+.4f}"), "several responses, one line each"
 
 
 def test_main_bad_inputs_give_one_line(world, tmp_path, capsys):
@@ -781,19 +684,19 @@ def test_main_bad_inputs_give_one_line(world, tmp_path, capsys):
         (base + [f"--data_dir={tmp_path / 'data'}", "--dataset=bad"],
          "prefs_train.jsonl line 2: chosen and rejected are the same"),
         (base + [f"--data_dir={tmp_path / 'data'}", "--dataset=none"], "prefs_train.jsonl does not exist"),
-        (["--config", "tiny", f"--init={tmp_path / 'nothing'}"], "does not exist: run `python sft.py"),
-        (["--config", "tiny", f"--init={tmp_path / 'rm'}"], "is a 'rm' checkpoint"),
-        (["--config", "tiny", "--margin=wide"], "not a valid float"),
-        (["--config", "tiny", "--oversample=arithmetic"], "give task:K pairs"),
+        (["--config", "tiny", f"--init={tmp_path / 'nothing'}", f"--out_dir={tmp_path / 'o1'}"],
+         "nothing does not exist"),
+        (["--config", "tiny", f"--init={tmp_path / 'rm'}", f"--out_dir={tmp_path / 'o1'}"], "is a 'rm' checkpoint"),
+        (["--config", "tiny", "--lm_coef=wide"], "not a valid float"),
+        (base + [f"--data_dir={root / 'data'}", "--dataset=toy", "--oversample=arithmetic"], "give task:K pairs"),
         (base + [f"--data_dir={root / 'data'}", "--dataset=toy", "--oversample=arithmetic:4"],
-         "no pair of prefs_train.jsonl has one"),
+         "no pair of task arithmetic in prefs_train.jsonl differs only in the answer; the tasks there: toy"),
         (base + [f"--data_dir={root / 'data'}", "--dataset=toy", "--oversample=toy:4,arithmetc:4"],
-         "no task arithmetc in prefs_train.jsonl; the tasks there: toy"),
-        (["--config", "small", f"--init={tmp_path / 'out' / 'small' / 'sft'}", f"--out_dir={tmp_path / 'o2'}"],
-         "run `python sft.py --config small` first"),
+         "no pair of task arithmetc in prefs_train.jsonl differs only in the answer; the tasks there: toy"),
         (["--config", "tiny", f"--out_dir={tmp_path / 'none'}", "--resume"], "does not exist"),
-        (["--score", "--ckpt", str(root / "sft"), "--prompt", "p", "--response", "r"], "'sft' checkpoint"),
-        (["--score", "--prompt", "p"], "--score: the following arguments are required: --ckpt"),
+        (["--config", "tiny", f"--out_dir={root / 'sft'}", "--prompt=p", "--response=r"], "'sft' checkpoint"),
+        (["--config", "tiny", f"--out_dir={tmp_path / 'rm'}", "--prompt=p", "--response=r"],
+         "checkpoint weights do not fit a reward model"),
     ]
     for argv, message in cases:
         assert reward.main(argv) == 1, argv

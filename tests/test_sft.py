@@ -261,7 +261,7 @@ def test_bad_inputs_give_one_clear_line(world, tmp_path, capsys):
     bad_data.mkdir(parents=True)
     (bad_data / "sft_train.jsonl").write_text('{"prompt": "a", "response": "b"}\n{not json\n')
     (bad_data / "sft_val.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
-    (bad_data / "meta.json").write_text('{"build": {}}\n')  # a prepared folder: it is read, not rebuilt
+    (bad_data / "meta.json").write_text(json.dumps({"format_version": prepare_data.FORMAT_VERSION}))  # prepared: read, not rebuilt
     msg = error_of("--config", "tiny", f"--data_dir={tmp_path / 'bad'}", f"--out_dir={tmp_path / 'o'}",
                    f"--init={world['init']}")
     assert "sft_train.jsonl line 2 is not valid JSON" in msg
