@@ -99,12 +99,15 @@ BOILERPLATE_DOC_PHRASES = ["lorem ipsum"]
 
 # Small helpers used everywhere
 
+
 class DataError(Exception):
     """A problem with the input that the user can fix: reported as one line."""
+
 
 def sha256_file(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
 
 def atomic_write_bytes(path, data):
     """Write a temporary file in the same folder, flush, rename: a crash never leaves half a file."""
@@ -120,12 +123,15 @@ def atomic_write_bytes(path, data):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+
 def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode("utf-8"))
+
 
 def write_jsonl(path, records):
     """One JSON object per line, UTF-8, keys in the order given."""
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
 
 def read_jsonl(path):
     """All records of a JSONL file (every stage reads its data through this). An
@@ -146,6 +152,7 @@ def read_jsonl(path):
             records.append(record)
     return records
 
+
 def log(msg, quiet=False):
     if not quiet:
         print(f"[prepare_data] {msg}", flush=True)
@@ -155,13 +162,16 @@ def log(msg, quiet=False):
 # The real corpora: one download function for all, then a parser for each, into
 # the same shapes as tinyworld's.
 
+
 class IncompleteDownload(Exception):
     """The server closed the connection before sending every byte it announced."""
+
 
 def source_url(name, mirror=None):
     """The URL of a source; with a mirror (flag or $STAGEGPT_MIRROR): the mirror + the cache file name."""
     mirror = mirror or os.environ.get(MIRROR_ENV)
     return mirror.rstrip("/") + "/" + SOURCES[name]["filename"] if mirror else SOURCES[name]["url"]
+
 
 def read_checksums(folder):
     try:
@@ -170,9 +180,11 @@ def read_checksums(folder):
     except FileNotFoundError:
         return {}
 
+
 def record_checksum(folder, filename, digest):
     sums = dict(read_checksums(folder), **{filename: digest})
     atomic_write_text(os.path.join(folder, CHECKSUMS_FILE), json.dumps(sums, indent=2, sort_keys=True) + "\n")
+
 
 def stream_to_file(url, tmp, timeout):
     """GET url into the file tmp; (sha256, bytes). The plain body, to check it against Content-Length."""
@@ -190,6 +202,7 @@ def stream_to_file(url, tmp, timeout):
     if announced and n != announced:
         raise IncompleteDownload(f"got {n} of {announced} bytes")
     return h.hexdigest(), n
+
 
 def download(url, path, sha256=None, timeout=DOWNLOAD_TIMEOUT_S, retries=DOWNLOAD_RETRIES,
              backoff=DOWNLOAD_BACKOFF_S, quiet=False):
@@ -241,6 +254,7 @@ def download(url, path, sha256=None, timeout=DOWNLOAD_TIMEOUT_S, retries=DOWNLOA
     log(f"saved {path} ({n_bytes:,} bytes, sha256 {digest[:12]}...)", quiet)
     return path
 
+
 def fetch_all(cfg):
     """Download (or find in the cache) the dataset's sources: (paths, meta with their URLs and sha256)."""
     sources = DATASETS[cfg.dataset]["sources"]
@@ -249,6 +263,7 @@ def fetch_all(cfg):
     urls, sums = [source_url(s, cfg.mirror) for s in sources], [sha256_file(p) for p in paths]
     return paths, {"source": urls if len(urls) > 1 else urls[0], "source_sha256": sums if len(sums) > 1 else sums[0]}
 
+
 def read_text(path):
     """A UTF-8 text file's content; missing, empty or binary files are a DataError."""
     try:
@@ -256,10 +271,12 @@ def read_text(path):
     except ValueError as e:
         raise DataError(str(e)) from None
 
+
 def read_maybe_gzip(path):
     with open(path, "rb") as f:
         data = f.read()
     return (gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).decode("utf-8")
+
 
 def chunk_text(text, target_chars=CHUNK_CHARS):
     """Cut one long text into documents of about target_chars characters, at
@@ -274,14 +291,17 @@ def chunk_text(text, target_chars=CHUNK_CHARS):
     docs.append("".join(current).strip("\n"))
     return [d for d in docs if d.strip()]
 
+
 def parse_tinystories(text):
     """TinyStories: stories separated by <|endoftext|>."""
     return [s.strip() for s in text.split(bpe.DOC_SEP) if s.strip()]
+
 
 def task_fields(task, prompt, reference):
     """The fields every prompt record shares with tinyworld's (open tasks: no answer kind)."""
     return {"task": task, "prompt": prompt, "context": "", "reference": reference, "answer_kind": "open",
             "given": [], "options": [], "reference_response": reference}
+
 
 def parse_alpaca(text, source="alpaca_data.json"):
     """Alpaca JSON (a list of {instruction, input, output}) -> SFT records."""
@@ -299,10 +319,12 @@ def parse_alpaca(text, source="alpaca_data.json"):
             records.append(dict(task_fields("alpaca", prompt, output), response=output, quality="human"))
     return records
 
+
 def split_hh_turns(dialogue):
     """'\\n\\nHuman: hi\\n\\nAssistant: hello' -> [("Human", "hi"), ("Assistant", "hello")]."""
     parts = re.split(r"\n\n(Human|Assistant): ", "\n\n" + dialogue.lstrip("\n"))
     return [(who, said.strip()) for who, said in zip(parts[1::2], parts[2::2])]
+
 
 def parse_hh(text):
     """Anthropic HH-RLHF JSONL ({"chosen": dialogue, "rejected": dialogue}) -> {prompt, chosen, rejected}
@@ -320,6 +342,7 @@ def parse_hh(text):
             pairs.append({"prompt": prompt, "chosen": good, "rejected": bad})
     return pairs
 
+
 def parse_hellaswag(text):
     """HellaSwag JSONL -> multiple-choice records (endings start with a space)."""
     items = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -330,6 +353,7 @@ def parse_hellaswag(text):
 # -----------------------------------------------------------------------------
 # Curation. Each step takes documents and returns (documents, a report of what it removed).
 
+
 def dedup_documents(docs):
     """Exact duplicates (ignoring surrounding whitespace): keep the first copy."""
     seen, out = set(), []
@@ -339,6 +363,7 @@ def dedup_documents(docs):
             seen.add(key)
             out.append(d)
     return out, {"step": "dedup_documents", "removed_docs": len(docs) - len(out)}
+
 
 def drop_lines(docs, drop, step):
     """The documents without the lines for which drop(line) is true; emptied documents go too."""
@@ -351,6 +376,7 @@ def drop_lines(docs, drop, step):
         if new.strip():
             out.append(new)
     return out, {"step": step, "removed_lines": removed_lines, "removed_docs": len(docs) - len(out)}
+
 
 def dedup_lines(docs, min_chars=MIN_DUP_LINE_CHARS):
     """Lines (min_chars or longer) seen earlier in the corpus go: repeated footers and headers."""
@@ -365,9 +391,11 @@ def dedup_lines(docs, min_chars=MIN_DUP_LINE_CHARS):
         return found
     return drop_lines(docs, repeated, "dedup_lines")
 
+
 def filter_boilerplate_lines(docs, phrases=BOILERPLATE_LINE_PHRASES):
     """C4's line rule: drop lines that mention javascript, policies, 'subscribe to'..."""
     return drop_lines(docs, lambda line: any(p in line.lower() for p in phrases), "filter_boilerplate_lines")
+
 
 def quality_problem(doc):
     """Why a document fails the C4-style quality rules, or None if it passes."""
@@ -382,6 +410,7 @@ def quality_problem(doc):
         return "too_few_sentences"
     return None
 
+
 def quality_filter(docs):
     """Drop documents with too few words or sentences, mostly non-letters, or
     page-level boilerplate ('lorem ipsum'); the report counts each reason."""
@@ -390,12 +419,14 @@ def quality_filter(docs):
     reasons = dict(collections.Counter(problem for problem in problems if problem))
     return out, {"step": "quality_filter", "removed_docs": len(docs) - len(out), "reasons": reasons}
 
+
 def shingles(text, n=SHINGLE_WORDS):
     """The set of word n-grams of a text (lowercase, split on whitespace)."""
     words = text.lower().split()
     if len(words) <= n:
         return {" ".join(words)} if words else set()
     return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+
 
 def minhash_signature(shingle_set, num_perm=MINHASH_PERMS, seed=0):
     """The MinHash signature of a set: for each of num_perm hash functions, the smallest hash over the
@@ -412,9 +443,11 @@ def minhash_signature(shingle_set, num_perm=MINHASH_PERMS, seed=0):
         h = (x[:, None] * a[None, :] + b[None, :]) >> np.uint64(32)  # (shingles, num_perm)
     return h.min(axis=0)
 
+
 def estimated_jaccard(sig_a, sig_b):
     """Share of positions where two MinHash signatures agree."""
     return float(np.mean(sig_a == sig_b))
+
 
 def near_dedup(docs, threshold=NEAR_DUP_THRESHOLD, num_perm=MINHASH_PERMS, bands=MINHASH_BANDS):
     """Drop documents whose estimated Jaccard similarity (word n-gram shingles, MinHash) to an earlier
@@ -439,6 +472,7 @@ IP_RE = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[
 PHONE_RE = re.compile(r"(?<![\w.])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?!\w|\.\d)")
 PLACEHOLDERS = {"email": "[EMAIL]", "ip": "[IP]", "phone": "[PHONE]"}
 
+
 def redact_pii(text):
     """(text, counts): e-mail addresses, IP addresses and phone numbers replaced
     by [EMAIL], [IP] and [PHONE] (e-mails first: they may hold digits)."""
@@ -446,6 +480,7 @@ def redact_pii(text):
     for kind, pattern in [("email", EMAIL_RE), ("ip", IP_RE), ("phone", PHONE_RE)]:
         text, counts[kind] = pattern.subn(PLACEHOLDERS[kind], text)
     return text, counts
+
 
 def redact_fields(records, fields):
     """Privacy redaction of some text fields of records (dicts), in place; returns the counts."""
@@ -458,10 +493,12 @@ def redact_fields(records, fields):
                     total[k] += v
     return total
 
+
 def redact_documents(docs):
     records = [{"text": d} for d in docs]
     total = redact_fields(records, ["text"])
     return [r["text"] for r in records], {"step": "redact_pii", "removed_docs": 0, "redacted": total}
+
 
 def curate(docs, quiet=False):
     """All curation steps in order; returns (documents, reports)."""
@@ -481,9 +518,11 @@ def curate(docs, quiet=False):
 # -----------------------------------------------------------------------------
 # Tokenize: BPE trained on the training split, token ids to .bin files.
 
+
 def token_dtype(vocab_size):
     """The smallest unsigned integer type that holds every id."""
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
 
 def split_train_val(docs, val_fraction):
     """The last val_fraction of the documents (at least one) are validation.
@@ -499,6 +538,7 @@ def split_train_val(docs, val_fraction):
     n_val = min(len(docs) - 1, max(1, int(round(len(docs) * val_fraction))))
     return docs[:-n_val], docs[-n_val:]
 
+
 def encode_documents(tokenizer, docs, dtype):
     """All documents as one array of ids, each document followed by the
     <|endoftext|> id (the separator a model learns to start over after)."""
@@ -506,6 +546,7 @@ def encode_documents(tokenizer, docs, dtype):
     return np.concatenate([np.array(ids + [eot], dtype=dtype) for ids in tokenizer.encode_batch(docs)])
 
 PRETRAIN_FILES = ["tokenizer.json", "train.bin", "val.bin", "train.txt", "val.txt"]
+
 
 def write_pretraining_files(cfg, docs):
     """Curated documents -> train/val split, tokenizer.json (trained on the training split, or
@@ -548,14 +589,17 @@ def write_pretraining_files(cfg, docs):
 
 SIZE_FIELDS = list(tinyworld.SPLIT_SIZES) + ["mc"]
 
+
 def dataset_spec(cfg):
     return INPUT_SPEC if cfg.input else DATASETS[cfg.dataset]
+
 
 def dataset_name(cfg):
     """The dataset's name: --dataset, or the input file's name without extension."""
     if cfg.input:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(os.path.basename(cfg.input))[0]) or "input"
     return cfg.dataset
+
 
 def resolve_config(cfg=None, **overrides):
     """A copy of cfg (default: the command line's defaults) with the overrides and the dataset's
@@ -589,6 +633,7 @@ def resolve_config(cfg=None, **overrides):
     cfg.out = cfg.out or os.path.join(cfg.data_root, dataset_name(cfg))
     return cfg
 
+
 def build_args(cfg):
     """The arguments that decide the output: a build with the same ones is reused."""
     args = {"format_version": FORMAT_VERSION, "dataset": dataset_name(cfg), "kind": dataset_spec(cfg)["kind"]}
@@ -599,6 +644,7 @@ def build_args(cfg):
             args[f"{name}_sha256"] = sha256_file(getattr(cfg, name))
     return args
 
+
 def load_meta(data_dir):
     """meta.json of a prepared dataset folder."""
     path = os.path.join(data_dir, "meta.json")
@@ -606,6 +652,7 @@ def load_meta(data_dir):
         raise DataError(f"{path} does not exist: run `python prepare_data.py` first")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
 
 def is_up_to_date(out_dir, build):
     """True when meta.json records the same build arguments and lists every file, unchanged."""
@@ -617,6 +664,7 @@ def is_up_to_date(out_dir, build):
     return meta.get("build") == build and all(
         os.path.isfile(p) and os.path.getsize(p) == info["bytes"] and sha256_file(p) == info["sha256"]
         for p, info in files)
+
 
 def ensure_prepared(dataset, data_root=DATA_ROOT):
     """What every stage calls before it reads data/<dataset>: builds the embedded tinyworld when its
@@ -633,6 +681,7 @@ def ensure_prepared(dataset, data_root=DATA_ROOT):
             prepare(dataset=dataset, data_root=data_root)
     return folder
 
+
 def write_records(cfg, files):
     """{name: [records]} -> NAME.jsonl files in cfg.out, each record given an id
     first ("sft_train-00042"); returns the meta.json "splits" entry."""
@@ -640,6 +689,7 @@ def write_records(cfg, files):
         write_jsonl(os.path.join(cfg.out, f"{name}.jsonl"),
                     [dict({"id": f"{name}-{i:05d}"}, **r) for i, r in enumerate(records)])
     return {name: {"records": len(records)} for name, records in files.items()}
+
 
 def build_tinyworld(cfg):
     """Stories, quizzes and planted junk -> curation -> tokenizer and bins; then the instruction files."""
@@ -654,6 +704,7 @@ def build_tinyworld(cfg):
     meta["splits"] = write_records(cfg, files)
     meta["label_agreement"] = round(tinyworld.label_agreement(files["prefs_train"] + files["prefs_val"]), 4)
     return meta, PRETRAIN_FILES + [f"{name}.jsonl" for name in files]
+
 
 def build_pretrain(cfg):
     """shakespeare, tinystories or --input: documents -> tokenizer and bins."""
@@ -672,6 +723,7 @@ def build_pretrain(cfg):
     meta.update(write_pretraining_files(cfg, docs))
     return meta, PRETRAIN_FILES
 
+
 def shuffled_unique(records, cfg, part):
     """Privacy-redacted (unless --no_curation), a prompt's first record only, in a seeded random order."""
     if cfg.curation:
@@ -683,6 +735,7 @@ def shuffled_unique(records, cfg, part):
     tinyworld.rng_for(cfg.seed, part).shuffle(out)
     return out
 
+
 def cut(records, sizes):
     """{name: records}: consecutive slices of `records`, sizes [(name, n)]; n None takes the rest."""
     out, start = {}, 0
@@ -690,6 +743,7 @@ def cut(records, sizes):
         end = len(records) if n is None else min(len(records), start + n)
         out[name], start = records[start:end], end
     return out
+
 
 def build_alpaca(cfg):
     """Alpaca -> sft_train/val and prompts_ppo/eval (references: Alpaca's outputs)."""
@@ -700,6 +754,7 @@ def build_alpaca(cfg):
         files[name] = [task_fields(r["task"], r["prompt"], r["reference"]) for r in files[name]]
     meta["splits"] = write_records(cfg, files)
     return meta, [f"{name}.jsonl" for name in files]
+
 
 def build_hh(cfg):
     """HH-RLHF (helpful-base, single-turn) -> prefs_train/val, prompts_ppo/eval.
@@ -717,6 +772,7 @@ def build_hh(cfg):
     meta["splits"] = write_records(cfg, files)
     return meta, [f"{name}.jsonl" for name in files]
 
+
 def build_hellaswag(cfg):
     paths, meta = fetch_all(cfg)
     meta["splits"] = write_records(cfg, cut(parse_hellaswag(read_maybe_gzip(paths[0])), [("mc", cfg.mc)]))
@@ -724,6 +780,7 @@ def build_hellaswag(cfg):
 
 BUILDERS = {"generated": build_tinyworld, "pretrain": build_pretrain, "sft": build_alpaca,
             "prefs": build_hh, "mc": build_hellaswag}
+
 
 def prepare(cfg=None, **overrides):
     """Build a dataset folder (or find it up to date) and return its path. cfg: the
@@ -755,6 +812,7 @@ def prepare(cfg=None, **overrides):
 # Command line: `python prepare_data.py --dataset=NAME --key=value ...`, in the
 # training stages' style (underscore keys; --data-root is read as --data_root).
 
+
 def make_parser():
     p = argparse.ArgumentParser(
         prog="prepare_data.py", allow_abbrev=False,
@@ -779,6 +837,7 @@ def make_parser():
         raise DataError(f"{message} (see --help)")
     p.error = error
     return p
+
 
 def main(argv=None):
     argv = [re.sub(r"^--[^=]*", lambda m: "--" + m.group(0)[2:].replace("-", "_"), a)

@@ -74,6 +74,7 @@ PRESETS = {
 # The reward model: the GPT body and a scalar head, read at <|reward|>
 # (PPO's critic is the same network, read at every response position)
 
+
 class ScalarHeadModel(nn.Module):
     """GPT body + scalar head: ids (B, T) -> one scalar per position (B, T)."""
 
@@ -92,11 +93,13 @@ class ScalarHeadModel(nn.Module):
         hidden = self.gpt.hidden_states(idx) if hidden is None else hidden
         return self.head(hidden).squeeze(-1).float()
 
+
 def with_reward_token(prompt_ids, response_ids, reward_id, block_size=None):
     """The reward model's input, the same in training, evaluation and PPO: prompt, response, then
     <|reward|>; a sequence longer than block_size loses its oldest tokens."""
     ids = list(prompt_ids) + list(response_ids) + [reward_id]
     return ids[-block_size:] if block_size is not None and len(ids) > block_size else ids
+
 
 def reward_input(tokenizer, prompt, response, ended=True, block_size=None):
     """prompt and response text -> the ids the reward model reads:
@@ -105,15 +108,18 @@ def reward_input(tokenizer, prompt, response, ended=True, block_size=None):
     prompt_ids, response_ids = tokenizer.encode_chat(prompt, response, ended)
     return with_reward_token(prompt_ids, response_ids, tokenizer.special_ids[bpe.REWARD], block_size)
 
+
 def pad_right(sequences, pad_value=0):
     """Lists of ids -> (ids (B, T), lengths (B,)), padded after the tokens: under the causal mask it changes nothing."""
     out = nn.utils.rnn.pad_sequence([torch.tensor(s, dtype=torch.long) for s in sequences], batch_first=True,
                                     padding_value=pad_value)
     return out, torch.tensor([len(s) for s in sequences], dtype=torch.long)
 
+
 def read_last(values, lengths):
     """values (B, T), lengths (B,) -> (B,): each sequence's value at its last real token."""
     return values.gather(1, (lengths - 1).to(values.device)[:, None]).squeeze(1)
+
 
 @torch.no_grad()
 def score_sequences(model, sequences, batch_size=64, normalizer=None):
@@ -130,6 +136,7 @@ def score_sequences(model, sequences, batch_size=64, normalizer=None):
     model.train(was_training)
     return rewards if normalizer is None else (rewards - normalizer["bias"]) / normalizer["scale"]
 
+
 def scalar_model_from_checkpoint(ckpt, device="cpu"):
     """The ScalarHeadModel of a reward (or critic) checkpoint, with its weights."""
     try:
@@ -145,14 +152,17 @@ def scalar_model_from_checkpoint(ckpt, device="cpu"):
 # The loss and the metrics. A pair (load_preferences) is {"chosen": ids, "rejected": ids,
 # "gold": whether the noiseless gold labeller agrees that chosen is better, None: unknown}.
 
+
 def pairwise_loss(r_chosen, r_rejected):
     """Mean of -log sigmoid(r_chosen - r_rejected) as softplus(-(...)): log(sigmoid(x)) underflows to -inf
     below about -100 in float32, softplus does not. Gradient wrt r_chosen: -sigmoid(r_rejected - r_chosen) / N."""
     return F.softplus(-(r_chosen - r_rejected)).mean()
 
+
 def pair_accuracy(diff):
     """Share of pairs ranked the labelled way (diff = r_chosen - r_rejected > 0); a tie counts half."""
     return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
+
 
 def chosen_lm_loss(model, hidden, ids, lengths):
     """Next-token loss of the sequence (lengths (B,)) that starts each row, <|reward|> excluded,
@@ -167,6 +177,7 @@ def chosen_lm_loss(model, hidden, ids, lengths):
         return hidden.sum() * 0.0
     logits = model.gpt.lm_head(hidden[:, :-1][keep]).float()        # (N, V): only the kept positions
     return F.cross_entropy(logits, ids[:, 1:][keep])
+
 
 @torch.no_grad()
 def evaluate(model, pairs, batch_size=64):
@@ -186,6 +197,7 @@ def evaluate(model, pairs, batch_size=64):
 # -----------------------------------------------------------------------------
 # Data: preference records -> pairs -> batches
 
+
 def validate_pair_record(record):
     """The problem with a chosen/rejected record as one phrase, or None."""
     for key in ("prompt", "chosen", "rejected"):
@@ -201,6 +213,7 @@ def validate_pair_record(record):
         return f"chosen and rejected are the same response ({record['chosen'][:40]!r}): a preference needs two"
     return None
 
+
 def load_preferences(path, tokenizer, block_size):
     """A prefs_*.jsonl file -> pairs; the first bad record is a DataError naming the file and line."""
     pairs = []
@@ -215,6 +228,7 @@ def load_preferences(path, tokenizer, block_size):
         raise prepare_data.DataError(f"{path} holds no preference records")
     return pairs
 
+
 def differs_only_in_answer(a, b, max_words=3):
     """Are two responses the same words around one short stretch (1 to max_words words each)?
     A right and a wrong answer in one wording: "Anna has 6 bells now." / "Anna has 7 bells now."."""
@@ -222,6 +236,7 @@ def differs_only_in_answer(a, b, max_words=3):
     start = len(os.path.commonprefix([wa, wb]))  # commonprefix compares any lists item by item
     end = len(os.path.commonprefix([wa[start:][::-1], wb[start:][::-1]]))
     return 0 < len(wa) - start - end <= max_words and 0 < len(wb) - start - end <= max_words
+
 
 def parse_oversample(text):
     """"arithmetic:4,story_qa:4" -> {"arithmetic": 4, "story_qa": 4}; "" -> {}."""
@@ -231,12 +246,14 @@ def parse_oversample(text):
                          f"e.g. arithmetic:4,story_qa:4")
     return {task.strip(): int(k) for task, _, k in parts}
 
+
 def oversample_pairs(pairs, records, factors):
     """(pairs + K - 1 more copies of each pair of a task in factors {task: K} whose responses differ
     only in the answer, the pairs that teach whether an answer is right; the number of copies)."""
     extra = [pair for pair, r in zip(pairs, records) if differs_only_in_answer(r["chosen"], r["rejected"])
              for _ in range(factors.get(r.get("task"), 1) - 1)]
     return pairs + extra, len(extra)
+
 
 def load_data(config, tokenizer, block_size):
     """The run's pairs: train (oversampled), val, a fixed train probe the size of
@@ -262,6 +279,7 @@ def load_data(config, tokenizer, block_size):
 
 SORT_WINDOW = 16  # batches sorted by length within windows of this many: less padding, an order still random
 
+
 def pair_batches(lengths, batch_size, seed, epoch):
     """One epoch's batches of pair indices (pair i's row: lengths[i] tokens): an order drawn from
     (seed, epoch), sorted by length within each window of SORT_WINDOW batches, the batches shuffled."""
@@ -280,6 +298,7 @@ def pair_batches(lengths, batch_size, seed, epoch):
 # mask that lets each token see only its own sequence: the rewards, losses and gradients of a row per
 # sequence, from fewer tokens. Evaluation and scoring keep a row per sequence (PPO's layout).
 
+
 def pack_pair(chosen, rejected):
     """A pair -> (ids, positions, branches, ends) of one row: the shared prefix, chosen's rest (branch 1),
     rejected's (branch 2); positions in each token's own sequence; ends: where each <|reward|> is."""
@@ -289,12 +308,14 @@ def pack_pair(chosen, rejected):
     branches = [0] * n + [1] * (len(chosen) - n) + [2] * (len(rejected) - n)
     return ids, positions, branches, [len(chosen) - 1, len(ids) - 1]
 
+
 def tree_mask(positions, branches):
     """positions, branches (B, T) of packed rows (padding: branch -1) -> (B, 1, T, T), True where query q
     sees key k: k in the prefix or q's branch, at or before q's position (padding sees padding)."""
     pos_q, pos_k = positions[:, :, None], positions[:, None, :]        # (B, T, 1), (B, 1, T)
     br_q, br_k = branches[:, :, None], branches[:, None, :]
     return (((br_k == 0) | (br_k == br_q)) & (pos_k <= pos_q))[:, None]  # (B, 1, T, T)
+
 
 def collate_shared(pairs, device="cpu"):
     """Pairs -> packed rows on device: ids, positions (B, T) right-padded with 0, mask (B, 1, T, T),
@@ -305,6 +326,7 @@ def collate_shared(pairs, device="cpu"):
                                 for k, pad in ((0, 0), (1, 0), (2, -1)))  # padding: position 0, branch -1
     ends = torch.tensor([r[3] for r in rows], device=device)
     return ids, positions, tree_mask(positions, branches), ends, ends[:, 0] + 1
+
 
 def training_losses(model, pairs, lm_coef=0.0, device="cpu"):
     """A batch, a row per pair -> (pair_loss + lm_coef x lm_loss, pair_loss, lm_loss or None, diff (P,))."""
@@ -321,11 +343,13 @@ def training_losses(model, pairs, lm_coef=0.0, device="cpu"):
 # -----------------------------------------------------------------------------
 # The normaliser, and scoring text
 
+
 def reward_normalizer(rewards):
     """Raw rewards (N,) -> {"bias": mean, "scale": sample std} (a constant reward keeps scale 1)."""
     rewards = torch.as_tensor(rewards, dtype=torch.float64)
     scale = rewards.std().item() if len(rewards) > 1 else 1.0
     return {"bias": rewards.mean().item(), "scale": scale if math.isfinite(scale) and scale >= 1e-8 else 1.0}
+
 
 def sft_normalizer(model, init, tokenizer, folder, config, ctx, device):
     """The normaliser PPO reads: reward_normalizer of model's rewards for the init (SFT) model's answers
@@ -345,6 +369,7 @@ def sft_normalizer(model, init, tokenizer, folder, config, ctx, device):
                               batch_size=config["eval_batch_size"])
     return reward_normalizer(raw)
 
+
 def score_responses(model, tokenizer, prompts, responses, ended=None, normalizer=None, batch_size=64):
     """Rewards (N,) of responses (text; ended: a bool each, default True) to prompts, normalised with a normalizer."""
     if len(prompts) != len(responses):
@@ -353,11 +378,13 @@ def score_responses(model, tokenizer, prompts, responses, ended=None, normalizer
     seqs = [reward_input(tokenizer, p, r, e, model.config.block_size) for p, r, e in zip(prompts, responses, ended)]
     return score_sequences(model, seqs, batch_size, normalizer)
 
+
 def load_reward_model(path, device="cpu"):
     """(ScalarHeadModel in eval mode, tokenizer, reward_norm) of a reward checkpoint (file or folder)."""
     ckpt = load_checkpoint(path, stages={STAGE})
     model = scalar_model_from_checkpoint(ckpt, device).eval()
     return model, tokenizer_from_checkpoint(ckpt), ckpt.get("reward_norm") or {"bias": 0.0, "scale": 1.0}
+
 
 def score_text(config):
     """Print the normalised (and raw) reward of each --response to --prompt by the model in out_dir."""
@@ -372,10 +399,12 @@ def score_text(config):
 # -----------------------------------------------------------------------------
 # The run
 
+
 def resolve_paths(config):
     """(init checkpoint path, output folder) with the "" defaults filled in."""
     return (config["init"] or os.path.join("out", config["config"], "sft"),
             config["out_dir"] or os.path.join("out", config["config"], STAGE))
+
 
 def run(config, flags=()):
     """Train a reward model; returns the final held-out metrics (and reward_norm)."""
@@ -481,6 +510,7 @@ def run(config, flags=()):
     progress.done(it)
     return {**metrics, "reward_norm": norm}
 
+
 def report(model, data, ctx, config, run, it):
     """Held-out metrics (val, and the train probe): printed, logged, and plotted once there are steps."""
     with ctx:
@@ -502,6 +532,7 @@ def report(model, data, ctx, config, run, it):
                           ("val vs gold labels", "val_gold_accuracy"), ("labeller agreement", "label_agreement")],
                 os.path.join(run.out_dir, "accuracy.png"), f"reward model accuracy ({name})")
     return metrics
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)

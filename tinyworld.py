@@ -58,10 +58,12 @@ DEMO_MIX = (0.35, 0.55, 0.10)
 # noisy labeler agrees with the gold one; T = 1 leaves a human-like share of disagreements.
 LABEL_TEMPERATURE = 1.0
 
+
 def rng_for(seed, part):
     """A private random stream for one part of the build: seeded by a string (through sha512), the same
     on every run and machine, and no part disturbs another's randomness."""
     return random.Random(f"stagegpt:{seed}:{part}")
+
 
 def tokens_of(text):
     """Lowercase words and numbers of a text: the unit of every rule below."""
@@ -119,12 +121,15 @@ CATEGORY_KINDS = {"animal": ANIMALS, "colour": COLOURS, "food": FOODS, "place": 
 KIND_WORDS = {"name": NAMES, "animal": ANIMALS, "object": OBJECTS, "colour": COLOURS, "place": PLACES, "food": FOODS,
               "feeling": FEELINGS}
 
+
 def article(word):
     return "an" if word[0].lower() in "aeiou" else "a"
+
 
 def with_article(word):
     """'a dog', 'an owl', 'some bread'."""
     return f"some {word}" if word in UNCOUNTABLE else f"{article(word)} {word}"
+
 
 def plural(word, count=2):
     """'1 apple', '3 apples', '2 boxes', '4 sandwiches'."""
@@ -132,8 +137,10 @@ def plural(word, count=2):
         return word
     return word + ("es" if word.endswith(("x", "ch", "sh")) else "s")
 
+
 def capitalize(sentence):
     return sentence[:1].upper() + sentence[1:]
+
 
 def fill(template, facts):
     return capitalize(template.format(**facts))
@@ -142,6 +149,7 @@ def fill(template, facts):
 # -----------------------------------------------------------------------------
 # Stories. A story has a hero, a friend and their things. `story_facts` turns these base facts into
 # every form a template needs (pronouns, articles, plurals), so a template cannot get them wrong.
+
 
 def pick_base_facts(rng):
     """The facts of one story: distinct hero and friend, and their things."""
@@ -153,6 +161,7 @@ def pick_base_facts(rng):
             "animal": animal, "animal2": animal2, "place": rng.choice(PLACES), "food": rng.choice(FOODS),
             "feeling": rng.choice(GOOD_FEELINGS), "bad_feeling": rng.choice(BAD_FEELINGS),
             "weather": rng.choice(WEATHER), "time": rng.choice(TIMES), "spot": rng.choice(SPOTS)}
+
 
 def story_facts(base):
     """Base facts + pronouns, articles and plurals derived from them."""
@@ -243,11 +252,13 @@ FACT_PLOTS = ["counting", "school"]
 CLOZE_SLOTS = {"name": NAMES, "fname": NAMES, "colour": COLOURS, "object": OBJECTS,
                "place": PLACES, "animal": ANIMALS, "food": FOODS}
 
+
 def tell_plot(plot, facts, rng):
     """(body sentences, ending template) of a templated plot."""
     steps = PLOTS[plot]
     body = [fill(t, facts) for t in (rng.choice(options) for options in steps[:-1]) if t]
     return body, rng.choice(steps[-1])
+
 
 def tell_counting(facts, rng):
     """A story whose numbers add up: 'Mia had 3 apples ... 3 plus 4 is 7.'"""
@@ -273,6 +284,7 @@ def tell_counting(facts, rng):
                          "Counting with {fname} was fun."])
     return [capitalize(x) for x in lines], ending
 
+
 def school_fact(rng, f):
     """One question-and-answer of a school lesson: a sum, an opposite or a kind."""
     kid = rng.choice([f["name"], f["fname"]])
@@ -293,6 +305,7 @@ def school_fact(rng, f):
         q, ans = f"What is {kind_subject(word, kind).lower()}?", kind_sentence(word, kind)[:-1]
     return f"\"{q}\" asked the teacher. \"{ans},\" said {kid}."
 
+
 def tell_school(f, rng):
     """A lesson: the teacher asks 2-4 questions of the tasks' kinds, the children answer right."""
     body = [rng.choice([f"At school, the teacher asked {f['name']} and {f['fname']} some questions.",
@@ -304,15 +317,18 @@ def tell_school(f, rng):
                          "{name} liked school very much."])
     return body, ending
 
+
 def kind_subject(word, kind):
     """How a word is named as the subject of a sentence: 'A dog', 'The park', 'Red'."""
     if kind in ("colour", "place"):
         return capitalize(word) if kind == "colour" else f"The {word}"
     return capitalize(word if word in UNCOUNTABLE else with_article(word))
 
+
 def kind_sentence(word, kind):
     """'A dog is an animal.', 'Red is a colour.', 'The park is a place.'"""
     return f"{kind_subject(word, kind)} is {article(kind)} {kind}."
+
 
 def plot_facts(plot, rng):
     """The facts of a new story of this plot, in every form its templates need."""
@@ -320,6 +336,7 @@ def plot_facts(plot, rng):
     if plot == "weather_walk":
         base["object"] = rng.choice(["hat", "coat"])  # something to put on
     return story_facts(base)
+
 
 def make_story_parts(rng):
     """(body sentences, ending template, facts) of one random story."""
@@ -329,10 +346,12 @@ def make_story_parts(rng):
     body, ending = teller(facts, rng) if teller else tell_plot(plot, facts, rng)
     return body, ending, facts
 
+
 def make_story(rng):
     """One story as a single paragraph of plain text."""
     body, ending, facts = make_story_parts(rng)
     return " ".join(body + [fill(ending, facts)])
+
 
 def generate_stories(seed, megabytes):
     """Stories (and QUIZ_SHARE quizzes) until their UTF-8 size reaches `megabytes` (1e6 bytes each)."""
@@ -355,6 +374,7 @@ JUNK_PAGE = ("Home | About | Contact | Privacy policy | Terms of use\n"
 JUNK_SYMBOLS = "### $$$ %%% 1010 0101 *** +++ === >>> <<< ||| ### 2024 @@@ ~~~ ^^^ ### 777"
 JUNK_SHORT = ["Read about {}.", "The end, {}.", "More from {}!", "Bye, {}."]
 JUNK_KINDS = ["exact_copy", "near_copy", "footer", "web_page", "symbols", "too_short", "personal_data"]
+
 
 def add_web_junk(stories, rng, fraction):
     """(documents, counts): the stories with fraction * len(stories) junk documents inserted at random."""
@@ -412,10 +432,12 @@ VERBOSE_OPENERS = ["Let me think about this.", "Sure, I can help with that.", "T
 VERBOSE_CLOSERS = ["I hope this helps!", "Let me know if you have more questions.", "That is my answer.",
                    "I am glad I could help.", "I hope that is clear."]
 
+
 def task_record(task, prompt, reference, answer_kind, concise, wrong, reasoning, context="", given=(), options=()):
     return {"task": task, "prompt": prompt, "context": context, "reference": reference, "answer_kind": answer_kind,
             "given": list(given), "options": list(options), "reference_response": concise[0],
             "_concise": concise, "_wrong": wrong, "_reasoning": reasoning}
+
 
 def qa_sentence(fact, c):
     """The sentence that states one fact about character c."""
@@ -425,12 +447,14 @@ def qa_sentence(fact, c):
             "animal": f"{n} {c['animal_verb']} {with_article(c['animal'])}.",
             "feeling": f"{n} {c['feeling_verb']} {c['feeling']}."}[fact]
 
+
 def qa_question(kind, c):
     n = c["name"]
     return {"place": f"Where did {n} go?", "food": f"What did {n} eat?", "feeling": f"How did {n} feel?",
             "object": f"What did {n} {'have' if c['thing_verb'] == 'had' else 'find'}?",
             "colour": f"What colour was {n}'s {c['object']}?", "name": f"Who went to the {c['place']}?",
             "animal": f"What animal did {n} {'see' if c['animal_verb'] == 'saw' else 'play with'}?"}[kind]
+
 
 def qa_answers(kind, c):
     """Concise answers to a question of `kind` about c; the first ends on the answer (to cut before it)."""
@@ -444,6 +468,7 @@ def qa_answers(kind, c):
         "food": [f"{n} ate {with_article(c['food'])}.", f"{capitalize(with_article(c['food']))}."],
         "feeling": [f"{n} felt {c['feeling']}.", f"{n} was {c['feeling']}.", f"{capitalize(c['feeling'])}."],
         "name": [f"It was {n}.", f"{n} went to the {c['place']}.", f"{n} did."]}[kind]
+
 
 def make_story_qa(rng):
     """A story of 2-4 sentences about one or two children and a question about one fact of it. A second
@@ -479,6 +504,7 @@ def make_story_qa(rng):
     reference = asked["name"] if kind == "name" else asked[kind]
     return task_record("story_qa", f"{story}\n{qa_question(kind, asked)}", reference, kind, qa_answers(kind, asked),
                        qa_answers(kind, wrong_char), QA_REASONING, context=story)
+
 
 def make_arithmetic(rng):
     """A sum or a difference of single digits, bare or as a word problem."""
@@ -522,6 +548,7 @@ def make_arithmetic(rng):
     wrong = [t.format(value=wrong_c, things=plural(thing, wrong_c)) for t in answers]
     return task_record("arithmetic", prompt, str(c), "number", concise, wrong, reasoning)
 
+
 def make_opposite(rng):
     """The opposite of a word from a fixed list (knowledge from pretraining)."""
     w = rng.choice(OPPOSITE_WORDS)
@@ -536,6 +563,7 @@ def make_opposite(rng):
     wrong = [f"The opposite of {w} is {x}.", f"It is {x}.", f"{capitalize(x)}."]
     reasoning = ["Opposites are words that mean very different things.", "I thought about what the word means."]
     return task_record("opposite", prompt, o, "opposite", concise, wrong, reasoning, given=[w])
+
 
 def make_category(rng):
     """Which of three words is an animal (a colour, a food, a place)?"""
@@ -564,17 +592,21 @@ def make_category(rng):
 TASK_MAKERS = {"story_qa": make_story_qa, "arithmetic": make_arithmetic,
                "opposite": make_opposite, "category": make_category}
 
+
 def public_record(record):
     """The record without its build-time helpers (keys starting with '_')."""
     return {k: v for k, v in record.items() if not k.startswith("_")}
+
 
 def record_key(record):
     """What must never be shared by two splits: the story, or else the prompt."""
     return record.get("context") or record["prompt"]
 
+
 def is_quiz_key(key, seed):
     """True for the QUIZ_KEY_SHARE of keys reserved for pretraining quizzes."""
     return split_of(key, f"{seed}:quiz", ["quiz", "tasks"], [QUIZ_KEY_SHARE, 1 - QUIZ_KEY_SHARE]) == "quiz"
+
 
 def make_quiz(rng, seed):
     """A pretraining document of 2-4 questions in the tasks' own words, each with a concise answer, from
@@ -592,12 +624,14 @@ def make_quiz(rng, seed):
 # -----------------------------------------------------------------------------
 # Responses of varied quality: demonstrations for SFT, candidates for preferences.
 
+
 def verbose_frame(record, rng):
     """The filler of a rambling answer, (before, after): opener(s) and a reasoning sentence before
     it, maybe a closing line after. No filler word is an answer word."""
     before = rng.sample(VERBOSE_OPENERS, rng.randint(1, 2)) + [rng.choice(record["_reasoning"])]
     after = [rng.choice(VERBOSE_CLOSERS)] if rng.random() < 0.7 else []
     return before, after
+
 
 def make_demonstration(record, rng, mix=DEMO_MIX):
     """(response, quality) for an SFT record, the quality drawn from mix = (concise, verbose, wrong)."""
@@ -609,6 +643,7 @@ def make_demonstration(record, rng, mix=DEMO_MIX):
         before, after = verbose_frame(record, rng)
         return " ".join(before + [rng.choice(record["_concise"])] + after), "verbose"
     return rng.choice(record["_wrong"]), "wrong"
+
 
 def truncate_before_answer(response, reference):
     """The response cut before the answer's first mention, as if the model hit its length limit;
@@ -624,6 +659,7 @@ CANDIDATE_KINDS = ["concise", "wrong", "verbose", "verbose_wrong", "copy", "trun
 # share one style, no better than chance.
 MATCHED_PAIRS = [("concise", "wrong"), ("verbose", "verbose_wrong")]
 MATCHED_PAIR_SHARE = 0.5   # share of preference pairs that are matched right/wrong pairs
+
 
 def make_candidates(record, rng):
     """Realistic responses to one prompt, [(kind, text, ended)]: right and concise, wrong in the same
@@ -669,6 +705,7 @@ NOT_ENDED_PENALTY, REPETITION_PENALTY_MAX = 0.5, 1.0
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                 "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
 
+
 def numbers_in(text):
     """The numbers of a text in order, from digits or number words."""
     out = []
@@ -679,6 +716,7 @@ def numbers_in(text):
             out.append(NUMBER_WORDS.index(tok))
     return out
 
+
 def answer_words(record, text):
     """The answer words a response mentions (sorted): words of the record's answer kind (its options, for
     a category question), the question's given words excluded."""
@@ -686,6 +724,7 @@ def answer_words(record, text):
     words = {"opposite": OPPOSITE_WORDS, "option": record.get("options", [])}.get(kind, KIND_WORDS.get(kind, []))
     space = {w.lower() for w in words} - {w.lower() for w in record.get("given", [])}
     return sorted(set(tokens_of(text)) & space)
+
 
 def overlap_f1(text, reference):
     """Word-overlap F1 between a response and a reference (bags of words)."""
@@ -695,6 +734,7 @@ def overlap_f1(text, reference):
         return 0.0
     precision, recall = common / len(a), common / len(b)
     return 2 * precision * recall / (precision + recall)
+
 
 def is_correct(record, text):
     """Rule 2: does the response give the reference answer (and no other)?"""
@@ -709,11 +749,13 @@ def is_correct(record, text):
         return overlap_f1(text, reference) >= 0.5
     return answer_words(record, text) == [str(reference).lower()]
 
+
 def repetition_fraction(text):
     """Share of word bigrams that repeat an earlier one: 0 for normal text, near 1 for 'park park park'."""
     toks = tokens_of(text)
     bigrams = list(zip(toks, toks[1:]))
     return 1.0 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
 
 def gold_score(record, text, ended=True):
     """The simulated labeler's score of `text` as a response to `record` (of sft_*, prompts_* or prefs_*
@@ -734,6 +776,7 @@ def gold_score(record, text, ended=True):
     not_ended = 0.0 if ended else NOT_ENDED_PENALTY
     repetition = REPETITION_PENALTY_MAX * repetition_fraction(text)
     return round(correctness - length - not_ended - repetition, 6)
+
 
 def grade_answers(records, answers):
     """Grade a model's answers [(text, ended), ...] to prompt records, as the simulated labeler would:
@@ -759,10 +802,12 @@ def grade_answers(records, answers):
 # -----------------------------------------------------------------------------
 # Preference labels with human-like noise (Bradley-Terry).
 
+
 def bradley_terry_prob(gold_a, gold_b, temperature):
     """P(a is preferred over b) = sigmoid((gold_a - gold_b) / temperature)."""
     z = (gold_a - gold_b) / temperature
     return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
 
 def make_preference_pair(record, rng, temperature=LABEL_TEMPERATURE):
     """Two candidates with different gold scores, the noisy labeler's choice as chosen/rejected, and
@@ -784,6 +829,7 @@ def make_preference_pair(record, rng, temperature=LABEL_TEMPERATURE):
                 rejected_ended=rejected[2], chosen_kind=chosen[0], rejected_kind=rejected[0], gold_chosen=chosen[3],
                 gold_rejected=rejected[3], gold_prefers_chosen=chosen[3] > rejected[3])
 
+
 def label_agreement(pairs):
     """Share of preference pairs whose noisy label agrees with the gold one."""
     return sum(p["gold_prefers_chosen"] for p in pairs) / max(1, len(pairs))
@@ -792,6 +838,7 @@ def label_agreement(pairs):
 # -----------------------------------------------------------------------------
 # Multiple choice, HellaSwag-style: a story without its last sentence and four
 # endings; only one keeps the story's facts (the others change one fact).
+
 
 def make_cloze(rng):
     """{"task", "context", "endings" (4, each starting with a space), "label"}."""
@@ -827,6 +874,7 @@ def make_cloze(rng):
 # a hash of the key decides the split, so a story or a question can never land
 # in two splits, whatever the sizes.
 
+
 def split_of(key, seed, names, weights):
     """The split of a key: a sha256 of (seed, key) read as a number in [0, 1), placed among the weights."""
     u = int.from_bytes(hashlib.sha256(f"{seed}|{key}".encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
@@ -836,6 +884,7 @@ def split_of(key, seed, names, weights):
         if u < acc:
             return name
     return names[-1]
+
 
 def build_task_splits(seed, sizes):
     """{split: [task records]}, sizes[split] each, the four task types in equal numbers, every prompt
@@ -876,6 +925,7 @@ def build_task_splits(seed, sizes):
     more = sizes.get("prefs_train", 0) - first.get("prefs_train", 0)
     draw({("prefs_train", task): n for task, n in per_task(more).items()})
     return out
+
 
 def build_instruction_sets(seed, sizes, mc=MC_SIZE):
     """The records of every instruction file, {name: [records]}: demonstrations (sft_*: + response,
