@@ -1,7 +1,6 @@
 """
 model.py: the GPT and its parts, the KV cache, sampling, and the checkpoint format every stage reads and writes.
-
-The model is a decoder-only transformer in the nanoGPT / GPT-2 lineage:
+A decoder-only transformer in the nanoGPT / GPT-2 lineage:
 
     ids (B, T) -> token embedding (+ learned position embedding)
                -> n_layer x Block:  x = x + attn(norm(x));  x = x + mlp(norm(x))
@@ -15,9 +14,7 @@ choices being the defaults:
     attention  "sdpa"      | "explicit"  (F.scaled_dot_product_attention, or the
                                           scores / causal mask / softmax / sum by hand)
 
-A checkpoint is a plain dict saved with torch.save and loaded with
-torch.load(weights_only=True): no pickled classes, so a checkpoint from a
-stranger cannot run code. See "Checkpoints" at the bottom of this file.
+A checkpoint is a plain dict loaded with torch.load(weights_only=True): see "Checkpoints" at the bottom.
 """
 
 import hashlib
@@ -30,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bpe
+import prepare_data
 
 
 # -----------------------------------------------------------------------------
@@ -66,9 +64,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
+        if unknown := sorted(set(d) - {f.name for f in fields(cls)}):
             raise ValueError(f"unknown model options {unknown}")
         return cls(**d)
 
@@ -107,17 +103,14 @@ def apply_rope(x, cos, sin):
     """Rotate channel pairs (x1, x2) of x (B, H, T, D) by the angles in cos/sin
     (T, D/2), or (B, 1, T, D/2) when each row has its own positions."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    out1 = x1 * cos - x2 * sin
-    out2 = x1 * sin + x2 * cos
-    return torch.stack((out1, out2), dim=-1).flatten(-2).type_as(x)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
 
 
 def causal_mask(q_len, k_len, device):
     """Boolean (q_len, k_len), True where attention is allowed. Query i sits at
     position k_len - q_len + i (earlier keys come from a KV cache) and may see
     every key at or before its own position."""
-    offset = k_len - q_len
-    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=offset)
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
 
 
 def explicit_attention(q, k, v, mask, dropout_p=0.0, training=False):
@@ -139,14 +132,12 @@ class KVCache:
         shape = (batch_size, config.n_head, max_len, head_size)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = 0          # positions filled so far
-        self.max_len = max_len
+        self.pos = 0  # positions filled so far
 
 
 class CausalSelfAttention(nn.Module):
-    # torch's CPU bf16 attention kernels are slower than its float32 ones, with native bf16 or without,
-    # so under CPU autocast the projections stay in bf16 and attention alone runs in float32
-    # (README, "Performance"). tests/bench/bench_dtype.py and bench_reward.py set it False to compare.
+    # torch's CPU bf16 attention kernels are slower than its float32 ones, so under CPU autocast attention alone
+    # runs in float32 (README, "Performance"); tests/bench/bench_dtype.py and bench_reward.py turn it off to compare.
     float32_on_cpu = True
 
     def __init__(self, config, layer_index):
@@ -172,11 +163,9 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            start = cache.pos
-            cache.k[self.layer_index][:, :, start:start + T] = k
-            cache.v[self.layer_index][:, :, start:start + T] = v
-            k = cache.k[self.layer_index][:, :, :start + T]
-            v = cache.v[self.layer_index][:, :, :start + T]
+            end, i = cache.pos + T, self.layer_index
+            cache.k[i][:, :, cache.pos:end], cache.v[i][:, :, cache.pos:end] = k, v
+            k, v = cache.k[i][:, :, :end], cache.v[i][:, :, :end]
         if self.float32_on_cpu and x.device.type == "cpu" and q.dtype != torch.float32:
             with torch.autocast("cpu", enabled=False):  # else autocast casts q, k, v back to bf16
                 y = self.attend(q.float(), k.float(), v.float(), attn_mask).to(q.dtype)
@@ -190,18 +179,13 @@ class CausalSelfAttention(nn.Module):
         else causal (the last Tq of Tk positions, when a cache holds the first)."""
         q_len, k_len = q.size(2), k.size(2)
         dropout_p = self.dropout if self.training else 0.0
-        if attn_mask is not None:
-            if self.attention == "explicit":
-                return explicit_attention(q, k, v, attn_mask, dropout_p, self.training)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        # sdpa needs no mask when is_causal does it (q_len == k_len) or one new token sees all (q_len == 1)
+        if attn_mask is None and (self.attention == "explicit" or q_len not in (1, k_len)):
+            attn_mask = causal_mask(q_len, k_len, q.device)
         if self.attention == "explicit":
-            return explicit_attention(q, k, v, causal_mask(q_len, k_len, q.device), dropout_p, self.training)
-        if q_len == k_len:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        if q_len == 1:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # one new token sees all
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q_len, k_len, q.device),
-                                              dropout_p=dropout_p)
+            return explicit_attention(q, k, v, attn_mask, dropout_p, self.training)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=attn_mask is None and q_len == k_len)
 
 
 class MLP(nn.Module):
@@ -221,10 +205,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        if self.kind == "swiglu":
-            h = F.silu(self.c_gate(x)) * self.c_fc(x)
-        else:
-            h = F.gelu(self.c_fc(x))
+        h = F.silu(self.c_gate(x)) * self.c_fc(x) if self.kind == "swiglu" else F.gelu(self.c_fc(x))
         return self.dropout(self.c_proj(h))
 
 
@@ -240,8 +221,7 @@ class Block(nn.Module):
 
     def forward(self, x, rope=None, cache=None, attn_mask=None):
         x = x + self.attn(self.ln_1(x), rope, cache, attn_mask)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 # -----------------------------------------------------------------------------
@@ -275,33 +255,28 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def num_params(self):
         """Parameters counted once (the tied head shares the embedding)."""
         return sum(p.numel() for p in self.parameters())
 
     def hidden_states(self, idx, cache=None, positions=None, attn_mask=None):
-        """ids (B, T) -> final-norm hidden states (B, T, n_embd). The reward and
-        value heads of later stages read these; forward() turns them into logits.
-        positions (B, T) and attn_mask (B, 1, T, T), given together: each token's
-        position in its own sequence and who may see whom, for rows that pack
-        several sequences sharing a prefix (reward.py's collate_shared); a row may
-        then be longer than block_size, its sequences may not."""
-        B, T = idx.size()
+        """ids (B, T) -> final-norm hidden states (B, T, n_embd), which forward() and later stages' heads read.
+        positions (B, T) and attn_mask (B, 1, T, T), given together: each token's position in its own sequence
+        and who may see whom, for rows packing sequences that share a prefix (reward.py's collate_shared);
+        such a row may be longer than block_size, its sequences may not."""
+        T = idx.size(1)
         if (positions is None) != (attn_mask is None) or (positions is not None and cache is not None):
             raise ValueError("hidden_states: give positions and attn_mask together, and without a cache")
         start = 0 if cache is None else cache.pos
         longest = start + T if positions is None else int(positions.max()) + 1
         if longest > self.config.block_size:
             raise ValueError(f"sequence of {longest} tokens is longer than block_size {self.config.block_size}")
-        x = self.transformer.wte(idx)
-        rope = None
+        x, rope = self.transformer.wte(idx), None
         if self.config.pos == "learned":
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device) if positions is None
                                          else positions)
@@ -321,41 +296,31 @@ class GPT(nn.Module):
         targets (B, T) when given. Target -1 marks a position without a target
         (padding, or a prompt token in SFT)."""
         logits = self.lm_head(self.hidden_states(idx))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
     # --- generation ----------------------------------------------------------------
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  stop_token=None, seed=None, use_cache=True):
-        """Continue each row of idx (B, T) by up to max_new_tokens tokens.
-        temperature 0 is greedy. A row that has produced stop_token is finished:
-        its later positions are filled with stop_token, and generation ends when
-        every row is finished. Returns (B, T + number of new tokens)."""
+        """Continue each row of idx (B, T) by up to max_new_tokens tokens; temperature 0 is greedy. A row that
+        has produced stop_token is finished: its later positions are filled with stop_token, and generation
+        ends when every row is finished. Returns (B, T + number of new tokens)."""
         if idx.size(1) + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt of {idx.size(1)} tokens + {max_new_tokens} new tokens exceeds "
                              f"block_size {self.config.block_size}")
         was_training = self.training
         self.eval()
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=idx.device).manual_seed(seed)
+        generator = None if seed is None else torch.Generator(device=idx.device).manual_seed(seed)
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        cache = None
-        if use_cache:
-            dtype = self.transformer.wte.weight.dtype
-            cache = KVCache(self.config, idx.size(0), idx.size(1) + max_new_tokens, idx.device, dtype)
-        out = idx
-        next_input = idx  # the cache has seen nothing yet: feed the whole prompt first
+        cache = KVCache(self.config, idx.size(0), idx.size(1) + max_new_tokens, idx.device,
+                        self.transformer.wte.weight.dtype) if use_cache else None
+        out = next_input = idx  # the cache has seen nothing yet: feed the whole prompt first
         for _ in range(max_new_tokens):
-            if use_cache:
-                h = self.hidden_states(next_input, cache)[:, -1, :]
-            else:
-                h = self.hidden_states(out)[:, -1, :]  # recompute the whole context every step
-            logits = self.lm_head(h)
-            next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
+            # without a cache, recompute the whole context every step
+            h = self.hidden_states(next_input, cache) if use_cache else self.hidden_states(out)
+            next_id = sample_next_token(self.lm_head(h[:, -1, :]), temperature, top_k, top_p, generator)
             if stop_token is not None:
                 next_id = torch.where(finished, torch.full_like(next_id, stop_token), next_id)
                 finished |= next_id == stop_token
@@ -368,10 +333,8 @@ class GPT(nn.Module):
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one id per row from logits (B, V).
-    temperature: divides the logits (0 means greedy argmax);
-    top_k: keep only the k most likely ids;
-    top_p: keep the smallest set of most likely ids whose probability reaches p."""
+    """Pick one id per row from logits (B, V). temperature divides the logits (0: greedy argmax); top_k keeps
+    the k most likely ids; top_p the smallest set of most likely ids whose probability reaches p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -391,12 +354,10 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
 
 @torch.no_grad()
 def generate_responses(model, prompts, max_new_tokens, stop_token, temperature=0.0, seed=None, batch_size=64):
-    """Answer many prompts (lists of ids): -> [(response_ids, ended), ...] in the
-    prompts' order. response_ids stop before the first stop_token; ended says
-    whether it came. The KV cache needs a rectangular batch, so prompts of the
-    same length are generated together (no padding inside a prompt, so the
-    positions are exactly those of a single prompt). A prompt that leaves no
-    room for max_new_tokens keeps its most recent tokens."""
+    """Answer many prompts (lists of ids): -> [(response_ids, ended), ...] in the prompts' order,
+    response_ids stopping before the first stop_token, ended saying whether it came. The KV cache needs
+    a rectangular batch, so prompts of the same length are generated together (no padding: positions
+    as for a single prompt). A prompt that leaves no room for max_new_tokens keeps its latest tokens."""
     block = model.config.block_size
     max_new_tokens = max(1, min(max_new_tokens, block - 1))
     prompts = [list(p)[-(block - max_new_tokens):] for p in prompts]
@@ -404,8 +365,7 @@ def generate_responses(model, prompts, max_new_tokens, stop_token, temperature=0
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
     device = next(model.parameters()).device
-    results = [None] * len(prompts)
-    group = 0
+    results, group = [None] * len(prompts), 0
     for length in sorted(by_length):
         indices = by_length[length]
         for start in range(0, len(indices), batch_size):
@@ -421,9 +381,8 @@ def generate_responses(model, prompts, max_new_tokens, stop_token, temperature=0
 
 
 def answer_prompts(model, tokenizer, prompts, max_new_tokens, temperature=0.0, seed=None, batch_size=64):
-    """Prompt texts -> [(answer text, ended), ...]: each prompt laid out in the
-    chat template (tokenizer.encode_chat), answered by generate_responses up
-    to the end-of-turn token (greedy at temperature 0)."""
+    """Prompt texts -> [(answer text, ended), ...]: each prompt in the chat template (tokenizer.encode_chat),
+    answered by generate_responses up to the end-of-turn token (greedy at temperature 0)."""
     prompt_ids = [tokenizer.encode_chat(p)[0] for p in prompts]
     end = tokenizer.special_ids[bpe.END_OF_TURN]
     answers = generate_responses(model, prompt_ids, max_new_tokens, end, temperature, seed, batch_size)
@@ -463,8 +422,7 @@ def clean_state_dict(model):
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
             model = model._orig_mod
         else:
-            break
-    return model.state_dict()
+            return model.state_dict()
 
 
 def file_sha256(path):
@@ -481,25 +439,11 @@ def parent_record(path):
 
 
 def save_checkpoint(checkpoint, path):
-    """Atomic save: write a temporary file in the same folder, flush it to disk,
-    then rename it over `path`. A crash leaves the old file or the new one, never
-    half of one."""
-    missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
-    if missing:
+    """Saved atomically (prepare_data.atomic_write): a crash leaves the old file or the new one."""
+    if missing := [k for k in REQUIRED_KEYS if k not in checkpoint]:
         raise CheckpointError(f"cannot save {path}: checkpoint lacks {missing}")
     checkpoint = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **checkpoint}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    prepare_data.atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path, stages=None, map_location="cpu"):
@@ -521,8 +465,7 @@ def load_checkpoint(path, stages=None, map_location="cpu"):
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {ckpt.get('version')!r}; "
                               f"this code reads version {CHECKPOINT_VERSION}")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
+    if missing := [k for k in REQUIRED_KEYS if k not in ckpt]:
         raise CheckpointError(f"checkpoint {path} is incomplete: it lacks {missing}")
     if stages is not None and ckpt["stage"] not in stages:
         raise CheckpointError(f"checkpoint {path} is a '{ckpt['stage']}' checkpoint; "
@@ -533,8 +476,7 @@ def load_checkpoint(path, stages=None, map_location="cpu"):
 def model_from_checkpoint(ckpt, device="cpu"):
     """The GPT stored in a loaded checkpoint, with its weights, on `device`."""
     try:
-        config = GPTConfig.from_dict(ckpt["model_args"])
-        model = GPT(config)
+        model = GPT(GPTConfig.from_dict(ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
     except (ValueError, RuntimeError, TypeError) as e:
         first = str(e).strip().splitlines()[0][:200]

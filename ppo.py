@@ -7,35 +7,28 @@ penalty keeps it close to the SFT model it started from.
     python ppo.py --config small --reward_source=gold --out_dir=out/small/ppo-gold   # the oracle reward
     python ppo.py --config small --resume         # continue out/small/ppo/ckpt.pt
 
-Reads out/<config>/sft/ckpt.pt (the policy's start and the frozen reference),
-out/<config>/rm/ckpt.pt (the reward model, and the critic's start) and
-data/<dataset>/prompts_{ppo,eval}.jsonl; writes out/<config>/ppo/ ckpt.pt (a GPT
-checkpoint like sft's, stage "ppo"), critic.pt, log.jsonl, reward.png, kl.png.
+Reads out/<config>/sft/ckpt.pt (the policy's start and the frozen reference), out/<config>/rm/ckpt.pt
+(the reward model, and the critic's start) and data/<dataset>/prompts_{ppo,eval}.jsonl; writes
+out/<config>/ppo/ ckpt.pt (a GPT checkpoint, stage "ppo"), critic.pt, log.jsonl, reward.png, kl.png.
 
 One iteration (Ziegler et al. 2019, InstructGPT 2022; steps 3-6 of run()):
-  1. rollout: sample responses to a batch of prompts (KV cache, temperature, no
-     top-k/top-p so the log-probs are the policy's own), stop at <|end|> or at
-     max_new_tokens; log-probs of the policy and the reference, and the critic's
-     values, recomputed by one padded forward pass each;
-  2. reward: the reward model's normalised score of the whole response on its
-     last token, minus beta * (log pi - log pi_ref) on every response token;
+  1. rollout: sample responses to a batch of prompts (temperature, no top-k/top-p, so the log-probs are
+     the policy's own) up to <|end|> or max_new_tokens; the policy's and the reference's log-probs and the
+     critic's values, recomputed by one padded forward pass each;
+  2. reward: the RM's normalised score of the whole response on its last token, minus
+     beta * (log pi - log pi_ref) on every response token;
   3. advantages: GAE backwards over the response tokens, whitened over the batch;
-  4. learn: a few epochs of shuffled minibatches, clipped policy surrogate and
-     clipped value loss, one optimizer each, gradient clipping.
+  4. learn: epochs of shuffled minibatches, clipped policy surrogate and clipped value loss.
 
-What to watch (log.jsonl, reward.png, kl.png): the RM score should rise and the
-simulated labeler's gold score (tinyworld.gold_score, never seen by the
-policy) with it; rm_agreement is the share of pairs of answers to one prompt
-that the RM orders as the labeler does (0.5 = chance). RM rising while gold
-falls is over-optimisation of the reward model: more KL (kl_coef) or fewer
-iterations. reward_source=gold, the labeler's own score as the reward, shows
-what PPO reaches when the reward is right.
+What to watch (log.jsonl, reward.png, kl.png): the RM score should rise and the simulated labeler's gold
+score (tinyworld.gold_score, never seen by the policy) with it; rm_agreement is the share of pairs of
+answers to one prompt that the RM orders as the labeler does (0.5 = chance). RM rising while gold falls
+is over-optimisation of the reward model: more KL (kl_coef) or fewer iterations. reward_source=gold
+shows what PPO reaches when the reward is right.
 
-Indexing convention: the padded sequences are ids (B, T) = prompt, response,
-padding. Every per-token tensor is (B, T-1) and column t belongs to token t+1,
-which the model predicts from tokens <= t: its log-prob, the critic's value of
-the state before it, its reward, its advantage and its mask (1 on response
-tokens, including the <|end|> token, 0 on the prompt and after the stop).
+Indexing: the padded sequences are ids (B, T) = prompt, response, padding. Every per-token tensor is
+(B, T-1) and column t belongs to token t+1, predicted from tokens <= t: its log-prob, the critic's value
+of the state before it, its reward, advantage and mask (1 on response tokens, <|end|> included).
 """
 
 import os
@@ -72,7 +65,6 @@ DEFAULTS = dict(
     max_new_tokens=48,           # a response is cut here (and counts as not ended)
     temperature=0.7,             # sampling temperature; log-probs use the same scaling
     gen_batch_size=64,           # rows generated together (equal-length prompts only)
-    # reward
     kl_coef=0.05,                # beta: every response token pays beta * (log pi - log pi_ref)
     no_end_penalty=1.0,          # subtracted from the score of a response cut before <|end|>
     reward_source="rm",          # rm | gold: the simulated labeler's own score (an oracle)
@@ -85,16 +77,12 @@ DEFAULTS = dict(
     weight_decay=0.0, beta1=0.9, beta2=0.95,  # AdamW, both
     grad_clip=1.0,               # clip each model's global gradient norm; 0 disables
     max_iters=100,               # rollout batches
-    # evaluation, logging, saving
     eval_interval=0,             # greedy held-out evaluation every this many iterations (0: start and end only)
     eval_prompts=200,            # held-out prompts used (0 = all)
     save_interval=10,            # a checkpoint every this many iterations
     log_interval=1,              # a progress line and a log.jsonl record every this many
     stop_at_iter=0,              # stop (and save) after this many iterations; 0 = run to max_iters
-    # system
-    device="auto",               # auto | cpu | cuda | mps
-    dtype="auto",                # auto | float32 | bfloat16 | float16 (autocast for the forward passes)
-    seed=1337,
+    device="auto", dtype="auto", seed=1337,   # dtype: auto | float32 | bfloat16 | float16 (autocast)
 )
 
 PRESETS = {
@@ -102,9 +90,7 @@ PRESETS = {
     "tiny": dict(batch_size=8, samples_per_prompt=2, max_new_tokens=12, temperature=1.0, ppo_epochs=2,
                  minibatch_size=8, learning_rate=1e-3, critic_lr=1e-3, max_iters=4, eval_prompts=8, save_interval=2),
     # a 2-core laptop CPU, after reward.py --config small
-    "small": dict(batch_size=16, samples_per_prompt=4, max_new_tokens=40, temperature=0.7, ppo_epochs=4,
-                  minibatch_size=16, learning_rate=3e-5, critic_lr=1e-4, kl_coef=0.1, max_iters=60,
-                  eval_interval=30, eval_prompts=200, save_interval=15),
+    "small": dict(max_new_tokens=40, kl_coef=0.1, max_iters=60, eval_interval=30, save_interval=15),
     # GPT-2 124M class on one GPU
     "gpt2": dict(batch_size=128, samples_per_prompt=4, max_new_tokens=128, ppo_epochs=4, minibatch_size=64,
                  gen_batch_size=512, learning_rate=1e-5, critic_lr=3e-5, kl_coef=0.05, max_iters=300,
@@ -124,18 +110,15 @@ def token_logprobs(logits, ids, temperature):
 
 
 def entropy_from_logits(logits):
-    """logits (..., V) -> entropy (...) of softmax(logits), in nats:
-    H = logsumexp(z) - sum_i p_i z_i."""
+    """logits (..., V) -> entropy (...) of softmax(logits), in nats: H = logsumexp(z) - sum_i p_i z_i."""
     logits = logits.float()
-    p = F.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
+    return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 def sequence_logprobs(model, ids, temperature, with_entropy=False):
-    """One forward pass over ids (B, T) -> log-probs (B, T-1) of the next tokens
-    (and their entropies (B, T-1) with with_entropy). The same convention for
-    rollout, reference and training, so that the first PPO ratio is exactly 1.
-    The model should be in eval mode: dropout off."""
+    """One forward pass over ids (B, T) -> log-probs (B, T-1) of the next tokens (and their entropies with
+    with_entropy). One convention for rollout, reference and training (in eval mode: dropout off), so the
+    first PPO ratio is exactly 1."""
     logits, _ = model(ids)
     logp = token_logprobs(logits, ids, temperature)
     if with_entropy:
@@ -164,17 +147,15 @@ def masked_whiten(x, mask, eps=1e-8):
 def explained_variance(values, returns, mask):
     """1 - Var(returns - values) / Var(returns) over the masked-in entries: 1 for
     a perfect critic, 0 for one that predicts the mean, negative for worse."""
-    var_returns = masked_var(returns, mask)
-    return float(1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8))
+    return float(1.0 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8))
+
 
 def kl_penalized_rewards(score, logp, ref_logp, mask, beta, ended=None, no_end_penalty=0.0):
-    """Per-token rewards (B, T-1): -beta * (log pi - log pi_ref) on every response
-    token (the sampled tokens' estimate of KL(pi || pi_ref): its mean over pi is
-    the KL exactly, though a single token's can be negative), plus the sequence's
-    score (B,) on its last response token, less no_end_penalty for a response
-    that never produced <|end|> (ended False)."""
-    mask = mask.float()
-    score = score.float()
+    """Per-token rewards (B, T-1): -beta * (log pi - log pi_ref) on every response token (the sampled
+    tokens' estimate of KL(pi || pi_ref): exact in the mean over pi, though one token's can be negative),
+    plus the sequence's score (B,) on its last response token, less no_end_penalty for a response that
+    never produced <|end|> (ended False)."""
+    mask, score = mask.float(), score.float()
     if ended is not None:
         score = score - no_end_penalty * (~ended.bool()).float()
     rewards = -beta * (logp - ref_logp) * mask
@@ -186,37 +167,31 @@ def kl_penalized_rewards(score, logp, ref_logp, mask, beta, ended=None, no_end_p
 
 
 def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
-    """Generalised advantage estimation backwards over each row's response.
+    """Generalised advantage estimation backwards over each row's response (contiguous masked-in tokens).
     rewards, values, mask (B, T) -> advantages, returns (B, T), 0 outside the mask.
-        delta_t = r_t + gamma * V_{t+1} - V_t
-        A_t     = delta_t + gamma * lam * A_{t+1}
-    with V and A = 0 after the last response token (the episode has ended). The
-    masked-in tokens of a row must be contiguous. returns = A + V: the critic's
-    targets, computed from the advantages before any whitening."""
+        delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1}
+    with V and A = 0 after the last response token (the episode has ended). returns = A + V: the
+    critic's targets, taken before any whitening of the advantages."""
     mask = mask.float()
-    values = values.float() * mask
-    rewards = rewards.float() * mask
+    values, rewards = values.float() * mask, rewards.float() * mask
     advantages = torch.zeros_like(rewards)
-    next_advantage = torch.zeros(rewards.size(0), device=rewards.device)
-    next_value = torch.zeros(rewards.size(0), device=rewards.device)
+    next_advantage = next_value = torch.zeros(rewards.size(0), device=rewards.device)
     for t in reversed(range(rewards.size(1))):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
         advantages[:, t] = next_advantage
         next_value = values[:, t]
-    returns = (advantages + values) * mask
-    return advantages, returns
+    return advantages, (advantages + values) * mask
 
 
 def policy_loss(logp, old_logp, advantages, mask, clip):
-    """PPO's clipped surrogate. ratio = pi / pi_old per token;
+    """PPO's clipped surrogate, ratio = pi / pi_old per token:
         loss = mean over response tokens of max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip))
-    Returns (loss, clip_fraction, approx_kl): the share of tokens where the
-    clipped term won (no gradient there), and the k3 estimate of KL(pi_old || pi)."""
+    -> (loss, clip_fraction: the share of tokens where the clipped term won (no gradient there),
+    approx_kl: the k3 estimate of KL(pi_old || pi))."""
     log_ratio = (logp - old_logp) * mask
     ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     loss = masked_mean(torch.max(unclipped, clipped), mask)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).float(), mask)
@@ -238,9 +213,8 @@ def value_loss(values, old_values, returns, mask, clip):
 # Rollouts
 
 def prompt_indices(n_prompts, batch_size, it, seed):
-    """The prompt indices of iteration `it`: the prompts are walked through in a
-    fresh random order each epoch (order of epoch e drawn from seed + e), so the
-    position in the data follows from the iteration alone (exact resume)."""
+    """The prompt indices of iteration `it`: each epoch e walks the prompts in a fresh order drawn from
+    seed + e, so the position in the data follows from the iteration alone (exact resume)."""
     out = []
     for k in range(it * batch_size, (it + 1) * batch_size):
         epoch, position = divmod(k, n_prompts)
@@ -250,9 +224,8 @@ def prompt_indices(n_prompts, batch_size, it, seed):
 
 
 def build_sequences(prompts, responses, pad_value=0):
-    """prompts, responses: lists of ids (a response includes its <|end|> when it
-    ended). -> ids (B, T) right-padded prompt + response, and the response mask
-    (B, T-1): column t is 1 when token t+1 belongs to the response."""
+    """prompts, responses: lists of ids (a response with its <|end|> when it ended). -> ids (B, T)
+    right-padded prompt + response, and the response mask (B, T-1): 1 where token t+1 is the response's."""
     ids, _ = pad_right([list(p) + list(r) for p, r in zip(prompts, responses)], pad_value)
     mask = torch.zeros(ids.size(0), ids.size(1) - 1)
     for b, (p, r) in enumerate(zip(prompts, responses)):
@@ -261,8 +234,7 @@ def build_sequences(prompts, responses, pad_value=0):
 
 
 def score_responses(reward_model, prompts, responses, reward_id, normalizer=None, batch_size=64):
-    """The reward model's (normalised) score of each response (B,), read at the
-    <|reward|> token appended after it, as in reward training."""
+    """The reward model's (normalised) score (B,) of each response, read at the <|reward|> token after it."""
     block = reward_model.config.block_size
     seqs = [with_reward_token(p, r, reward_id, block) for p, r in zip(prompts, responses)]
     return score_sequences(reward_model, seqs, batch_size, normalizer)
@@ -271,41 +243,32 @@ def score_responses(reward_model, prompts, responses, reward_id, normalizer=None
 def forward_in_chunks(fn, ids, chunk):
     """fn over row chunks of ids (B, T) -> results concatenated along rows."""
     outs = [fn(ids[i:i + chunk]) for i in range(0, ids.size(0), chunk)]
-    if isinstance(outs[0], tuple):
-        return tuple(torch.cat(parts) for parts in zip(*outs))
-    return torch.cat(outs)
+    return tuple(torch.cat(parts) for parts in zip(*outs)) if isinstance(outs[0], tuple) else torch.cat(outs)
 
 
 @torch.no_grad()
 def rollout(policy, reference, critic, reward_model, prompts, config, special, normalizer=None, seed=None,
             ctx=nullcontext()):
-    """Sample a response to each prompt (lists of ids) and compute what PPO needs.
-    special: {"end": <|end|> id, "reward": <|reward|> id}. Returns a dict:
-        ids (B, T), mask (B, T-1), logp / ref_logp / entropy / values (B, T-1)
-        (0 outside the mask), score (B,) normalised RM score, ended (B,) bool,
-        responses [ids without <|end|>].
-    The models must be in eval mode (dropout off): every forward pass sees the same padded batch."""
-    device = next(policy.parameters()).device
-    block = policy.config.block_size
+    """Sample a response to each prompt (lists of ids) and compute what PPO needs; special: {"end": id,
+    "reward": id}; models in eval mode. -> a dict: ids (B, T), mask (B, T-1), logp / ref_logp / entropy /
+    values (B, T-1) (0 outside the mask), score (B,) normalised, ended (B,) bool, responses (no <|end|>)."""
+    device, block = next(policy.parameters()).device, policy.config.block_size
     max_new = max(1, min(config["max_new_tokens"], block - 1))
     prompts = [list(p)[-(block - max_new):] for p in prompts]  # as generate_responses keeps them
     with ctx:
         sampled = generate_responses(policy, prompts, max_new, special["end"], config["temperature"], seed,
                                      config["gen_batch_size"])
-    responses = [r for r, _ in sampled]
-    ended = torch.tensor([e for _, e in sampled], dtype=torch.bool)
+    ended = torch.tensor([e for _, e in sampled], dtype=torch.bool, device=device)
     with_end = [r + [special["end"]] if e else r for r, e in sampled]
-    ids, mask = build_sequences(prompts, with_end, pad_value=special["end"])
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = (t.to(device) for t in build_sequences(prompts, with_end, pad_value=special["end"]))
     temperature, chunk = config["temperature"], config["minibatch_size"]
     with ctx:
         logp, entropy = forward_in_chunks(lambda x: sequence_logprobs(policy, x, temperature, True), ids, chunk)
         ref_logp = forward_in_chunks(lambda x: sequence_logprobs(reference, x, temperature), ids, chunk)
         values = forward_in_chunks(lambda x: critic(x)[:, :-1].float(), ids, chunk)
         score = score_responses(reward_model, prompts, with_end, special["reward"], normalizer, chunk)
-    return {"ids": ids, "mask": mask, "logp": logp * mask, "ref_logp": ref_logp * mask,
-            "entropy": entropy * mask, "values": values * mask, "score": score.to(device),
-            "ended": ended.to(device), "prompts": prompts, "responses": responses}
+    return {"ids": ids, "mask": mask, "logp": logp * mask, "ref_logp": ref_logp * mask, "entropy": entropy * mask,
+            "values": values * mask, "score": score.to(device), "ended": ended, "responses": [r for r, _ in sampled]}
 
 
 # -----------------------------------------------------------------------------
@@ -313,12 +276,10 @@ def rollout(policy, reference, critic, reward_model, prompts, config, special, n
 
 def ppo_update(policy, critic, policy_optimizer, critic_optimizer, batch, advantages, returns, config, generator,
                ctx=nullcontext()):
-    """ppo_epochs passes of shuffled minibatches over the rollout batch: a
-    clipped-surrogate step of the policy and a clipped-value step of the critic
-    per minibatch. Returns the means of loss (the policy's), value_loss,
-    clip_frac, approx_kl and grad_norm (the policy's, before clipping), and
-    first_ratio_error: the largest |ratio - 1| on the first minibatch (0:
-    rollout and training agree)."""
+    """ppo_epochs passes of shuffled minibatches over the rollout batch, each a clipped-surrogate step of the
+    policy and a clipped-value step of the critic. -> the means of loss (the policy's), value_loss,
+    clip_frac, approx_kl and grad_norm (the policy's, before clipping), and first_ratio_error: the largest
+    |ratio - 1| on the first minibatch (0: rollout and training agree)."""
     n, size = batch["ids"].size(0), config["minibatch_size"]
     steps, first_ratio_error = [], None
     for _ in range(config["ppo_epochs"]):
@@ -355,11 +316,9 @@ def ppo_update(policy, critic, policy_optimizer, critic_optimizer, batch, advant
 
 @torch.no_grad()
 def evaluate(policy, reward_model, tokenizer, records, config, normalizer=None, ctx=nullcontext()):
-    """Greedy answers to held-out prompt records, graded by the simulated labeler
-    (tinyworld.grade_answers) and scored by the reward model. Returns the
-    grade dict plus "rm" (mean normalised score), and per-prompt "golds" and "rms"."""
-    end_id = tokenizer.special_ids[bpe.END_OF_TURN]
-    block = policy.config.block_size
+    """Greedy answers to held-out prompt records, graded by the simulated labeler (tinyworld.grade_answers)
+    and scored by the reward model: the grade dict plus "rm" (mean score), per-prompt "golds" and "rms"."""
+    end_id, block = tokenizer.special_ids[bpe.END_OF_TURN], policy.config.block_size
     max_new = max(1, min(config["max_new_tokens"], block - 1))
     prompts = [tokenizer.encode_chat(r["prompt"])[0][-(block - max_new):] for r in records]
     with ctx:
@@ -369,18 +328,14 @@ def evaluate(policy, reward_model, tokenizer, records, config, normalizer=None, 
         rms = score_responses(reward_model, prompts, with_end, tokenizer.special_ids[bpe.REWARD], normalizer,
                               config["minibatch_size"])
     texts = [(tokenizer.decode(r), e) for r, e in answers]
-    out = tinyworld.grade_answers(records, texts)
-    out["rm"] = float(rms.mean()) if len(records) else 0.0
-    out["golds"] = [tinyworld.gold_score(rec, t, e) for rec, (t, e) in zip(records, texts)]
-    out["rms"] = rms.tolist()
-    return out
+    return dict(tinyworld.grade_answers(records, texts), rm=float(rms.mean()) if len(records) else 0.0,
+                golds=[tinyworld.gold_score(rec, t, e) for rec, (t, e) in zip(records, texts)], rms=rms.tolist())
 
 
 def pairwise_agreement(scores, golds, group_size, min_gap=0.5):
-    """How well the reward model ranks the policy's own samples: among pairs of
-    responses to the same prompt (consecutive groups of group_size) whose gold
-    scores differ by more than min_gap, the share the reward model orders as the
-    gold labeler does. 0.5 is chance; None when no pair qualifies."""
+    """How well the RM ranks the policy's own samples: among pairs of responses to one prompt (consecutive
+    groups of group_size) whose gold scores differ by more than min_gap, the share the RM orders as the
+    labeler does. 0.5 is chance; None when no pair qualifies."""
     agree = total = 0
     for start in range(0, len(scores), group_size):
         for i in range(start, start + group_size):
@@ -393,15 +348,12 @@ def pairwise_agreement(scores, golds, group_size, min_gap=0.5):
 
 def win_rate(golds, base_golds):
     """Share of prompts where golds beats base_golds (a tie counts half)."""
-    if not golds:
-        return 0.0
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(golds, base_golds))
-    return wins / len(golds)
+    return wins / len(golds) if golds else 0.0
 
 
 def load_prompts(config):
-    """(prompts_ppo records, prompts_eval records: the first eval_prompts, 0 = all)
-    of the dataset, each checked for a prompt."""
+    """(prompts_ppo records, prompts_eval records: the first eval_prompts, 0 = all), checked for a prompt."""
     folder = prepare_data.ensure_prepared(config["dataset"], config["data_dir"])  # builds tinyworld if missing
     splits = []
     for name in ("prompts_ppo.jsonl", "prompts_eval.jsonl"):
@@ -418,9 +370,8 @@ def load_prompts(config):
 
 
 def critic_from_reward_model(rm_ckpt, device="cpu"):
-    """The critic's start: the reward model, with its normaliser folded into the
-    head, so that its output at the <|reward|> position is the normalised score
-    and every output is on the scale of the rewards it will predict."""
+    """The critic's start: the reward model with its normaliser folded into the head, so that it reads the
+    normalised score at <|reward|> and every output is on the scale of the rewards it will predict."""
     critic = scalar_model_from_checkpoint(rm_ckpt, device)
     norm = rm_ckpt["reward_norm"]
     with torch.no_grad():
@@ -432,8 +383,7 @@ def critic_from_reward_model(rm_ckpt, device="cpu"):
 def check_config(config):
     """Values that would only fail later, checked before any work."""
     if config["temperature"] <= 0:
-        raise ValueError(f"temperature={config['temperature']} must be > 0: PPO needs the sampling "
-                         f"distribution's log-probs (greedy decoding has none)")
+        raise ValueError(f"temperature={config['temperature']} must be > 0: PPO needs sampling log-probs")
     for key in ("batch_size", "samples_per_prompt", "max_new_tokens", "ppo_epochs", "minibatch_size",
                 "gen_batch_size", "save_interval", "log_interval"):
         if config[key] < 1:
@@ -454,11 +404,9 @@ def resolve_dirs(config):
 
 
 def load_parents(init_dir, reward_dir, resume=None):
-    """(SFT checkpoint, reward checkpoint, parents): parents holds the {"path",
-    "sha256"} record of each ("parent", "reward_parent"), as ckpt.pt stores them.
-    A resumed run must find both files unchanged."""
-    sft = load_checkpoint(init_dir, stages={"sft"})
-    rm = load_checkpoint(reward_dir, stages={"rm"})
+    """(SFT checkpoint, reward checkpoint, {"parent", "reward_parent"}: each one's {"path", "sha256"}, as
+    ckpt.pt stores them). A resumed run must find both files unchanged."""
+    sft, rm = load_checkpoint(init_dir, stages={"sft"}), load_checkpoint(reward_dir, stages={"rm"})
     sft_path, rm_path = (os.path.join(d, "ckpt.pt") if os.path.isdir(d) else d for d in (init_dir, reward_dir))
     parents = {"parent": parent_record(sft_path), "reward_parent": parent_record(rm_path)}
     if resume is not None and any(resume[k]["sha256"] != parents[k]["sha256"] for k in parents):
@@ -473,9 +421,8 @@ def load_parents(init_dir, reward_dir, resume=None):
 
 
 def restore(run, policy, critic, policy_optimizer, critic_optimizer):
-    """Continue the run being resumed (run.resume, its ckpt.pt) and the critic.pt
-    saved with it: weights, optimizer states, RNG. -> (iteration, the SFT
-    model's held-out evaluation)."""
+    """Continue the run being resumed (run.resume, its ckpt.pt) and the critic.pt saved with it: weights,
+    optimizer states, RNG. -> (iteration, the SFT model's held-out evaluation)."""
     critic_path = os.path.join(run.out_dir, "critic.pt")
     critic_ckpt = load_checkpoint(critic_path, stages={"critic"})
     state = run.resume["resume"]
@@ -491,8 +438,7 @@ def restore(run, policy, critic, policy_optimizer, critic_optimizer):
 
 
 def sample_and_backward(policy, prompts, config, end_id, autocast):
-    """A little of both halves of an iteration, to time a precision: sampling,
-    then a forward and backward pass over the samples."""
+    """A little of both halves of an iteration, to time a precision: sampling, a forward and a backward."""
     with autocast:
         sampled = generate_responses(policy, prompts, 8, end_id, config["temperature"], config["seed"])
         ids, _ = build_sequences(prompts, [r for r, _ in sampled], pad_value=end_id)
@@ -501,8 +447,8 @@ def sample_and_backward(policy, prompts, config, end_id, autocast):
 
 
 def iteration_record(batch, golds, rewards, returns, stats, config):
-    """One iteration's log record: the rollout's figures (KL and reward summed
-    per response), the critic's explained variance, the update's statistics."""
+    """One iteration's log record: the rollout's figures (KL and reward summed per response), the critic's
+    explained variance, the update's statistics."""
     mask = batch["mask"]
     return {"lr": config["learning_rate"], **stats, "rm_score": float(batch["score"].mean()),
             "gold": float(golds.mean()), "kl": float(((batch["logp"] - batch["ref_logp"]) * mask).sum(1).mean()),
@@ -537,7 +483,6 @@ def run(config, flags=()):
     sft_ckpt, rm_ckpt, parents = load_parents(init_dir, reward_dir, run.resume)
     tokenizer = tokenizer_from_checkpoint(sft_ckpt)
     special = {"end": tokenizer.special_ids[bpe.END_OF_TURN], "reward": tokenizer.special_ids[bpe.REWARD]}
-    normalizer = rm_ckpt["reward_norm"]
     train_records, eval_records = load_prompts(config)
 
     # 2. the policy and the frozen reference start as the SFT model, the critic as the reward model;
@@ -565,7 +510,7 @@ def run(config, flags=()):
 
     def run_eval(it):  # greedy answers to held-out prompts; the first evaluation is the SFT model's own
         nonlocal sft_eval
-        result = evaluate(policy, reward_model, tokenizer, eval_records, config, normalizer, ctx)
+        result = evaluate(policy, reward_model, tokenizer, eval_records, config, rm_ckpt["reward_norm"], ctx)
         sft_eval = sft_eval or {k: result[k] for k in ("golds", "rms", "gold", "rm", "accuracy")}
         record = {"iter": it, **{f"eval_{k}": result[k] for k in ("gold", "rm", "accuracy", "end_rate", "words")},
                   "win_rate": win_rate(result["golds"], sft_eval["golds"]),
@@ -576,20 +521,18 @@ def run(config, flags=()):
               f"{sft_eval['accuracy']:.3f}, RM {sft_eval['rm']:.3f}), end rate {result['end_rate']:.2f}")
         return record
 
-    end_iter = run.end_iter
     metrics = run_eval(0) if run.resume is None else {}
-    progress = Progress(run, start_iter, end_iter, config["log_interval"], "tok")
+    progress = Progress(run, start_iter, run.end_iter, config["log_interval"], "tok")
     stopper = StopRequested()
     it = start_iter
     try:
-        while it < end_iter:
+        while it < run.end_iter:
             # 3. rollout: samples_per_prompt responses to each prompt of this iteration's batch, and the
             #    simulated labeler's gold score of each (the policy never sees it, unless reward_source=gold)
-            chosen = [train_records[i] for i in prompt_indices(len(train_records), config["batch_size"], it,
-                                                               config["seed"])]
-            chosen = [r for r in chosen for _ in range(config["samples_per_prompt"])]
+            indices = prompt_indices(len(train_records), config["batch_size"], it, config["seed"])
+            chosen = [train_records[i] for i in indices for _ in range(config["samples_per_prompt"])]
             prompts = [tokenizer.encode_chat(r["prompt"])[0] for r in chosen]
-            batch = rollout(policy, reference, critic, reward_model, prompts, config, special, normalizer,
+            batch = rollout(policy, reference, critic, reward_model, prompts, config, special, rm_ckpt["reward_norm"],
                             seed=config["seed"] * 1_000_003 + it * 10_007, ctx=ctx)
             mask = batch["mask"]
             golds = torch.tensor([tinyworld.gold_score(rec, tokenizer.decode(r), bool(e))
@@ -614,7 +557,7 @@ def run(config, flags=()):
 
             # 7. now and then: a held-out evaluation, both checkpoints (the critic's first: ckpt.pt names
             #    the iteration a resume starts from), the plots
-            at_eval = (config["eval_interval"] > 0 and it % config["eval_interval"] == 0) or it == end_iter
+            at_eval = (config["eval_interval"] > 0 and it % config["eval_interval"] == 0) or it == run.end_iter
             if at_eval:
                 metrics = run_eval(it)
             if at_eval or stopper.requested or it % config["save_interval"] == 0:
@@ -632,13 +575,12 @@ def run(config, flags=()):
                 plot_progress(run, config)
                 progress.pause(it)
             if stopper.requested:
-                print(f"saved {run.ckpt_path} at iteration {it}; continue with --resume")
                 break
     finally:
         end_run(stopper)
-    if start_iter == end_iter:
+    if start_iter == run.end_iter:
         print(f"{run.ckpt_path} is already at iteration {it}: raise --max_iters to continue")
-    progress.done(it)
+    progress.done(it, stopper.requested)
     return metrics
 
 

@@ -12,16 +12,14 @@ Every later stage learns from the files this script writes into data/NAME/:
     prompts_ppo/eval.jsonl  prompts with references                (ppo.py, eval.py)
     mc.jsonl                4-way multiple choice, HellaSwag-style (eval.py)
 
-The default, `python prepare_data.py`, is tinyworld (tinyworld.py: generated
-offline from a seed, answers a program can check). The others are real corpora,
-downloaded once and parsed into the same files: tinyshakespeare and TinyStories
-(pretraining), Alpaca (SFT), Anthropic HH-RLHF (preferences), HellaSwag (multiple
-choice); or any text file with --input. Raw pretraining text is curated as the
-lectures teach it: exact de-duplication of documents and of repeated lines,
-boilerplate lines, C4-style quality filters, MinHash near-duplicates, privacy.
+The default, `python prepare_data.py`, is tinyworld (tinyworld.py: generated offline from a seed,
+answers a program can check). The others are real corpora, downloaded once and parsed into the same
+files: tinyshakespeare and TinyStories (pretraining), Alpaca (SFT), Anthropic HH-RLHF (preferences),
+HellaSwag (multiple choice); or any text file with --input. Raw pretraining text is curated as the
+lectures teach it: exact de-duplication of documents and of repeated lines, boilerplate lines, C4-style
+quality filters, MinHash near-duplicates, privacy.
 
-Read top to bottom: configuration, the real corpora, curation, tokenization, the
-build, the command line.
+Read top to bottom: configuration, the real corpora, curation, tokenization, the build, the command line.
 """
 
 import argparse
@@ -51,9 +49,8 @@ DOWNLOAD_DIR = "downloads"        # raw downloads are cached in DATA_ROOT/downlo
 CHECKSUMS_FILE = "checksums.json" # sha256 recorded on first download (unpinned files)
 MIRROR_ENV = "STAGEGPT_MIRROR"    # base URL that replaces every source's host (tests, offline mirrors)
 
-# The datasets this script knows. "vocab_size", the default BPE vocabulary, is for tinyworld a
-# ceiling (its closed vocabulary runs out of merges first, nearly every word one token); for
-# shakespeare and --input small: a megabyte of text cannot teach a small model many rare tokens.
+# The datasets this script knows. "vocab_size", the default BPE vocabulary, is a ceiling for tinyworld (its closed
+# vocabulary runs out of merges first); small for shakespeare and --input: a megabyte cannot teach rare tokens.
 DATASETS = {
     "tinyworld":   {"kind": "generated", "vocab_size": 2048, "val_fraction": 0.05},
     "shakespeare": {"kind": "pretrain", "sources": ["shakespeare"], "vocab_size": 1024, "val_fraction": 0.10},
@@ -67,6 +64,7 @@ REAL_SIZES = {"prompts_eval": 200, "prompts_ppo": 1000, "sft_val": 500, "prefs_v
 
 # Where the real corpora come from: sha256 pinned where known, else recorded at the first download.
 GITHUB, HUGGINGFACE = "https://raw.githubusercontent.com/", "https://huggingface.co/datasets/"
+HH = HUGGINGFACE + "Anthropic/hh-rlhf/resolve/main/helpful-base/"
 SOURCES = {  # name: {url, the cache's file name, sha256 where pinned}
     "shakespeare": {"url": GITHUB + "karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
                     "filename": "tinyshakespeare.txt",
@@ -74,10 +72,8 @@ SOURCES = {  # name: {url, the cache's file name, sha256 where pinned}
     "tinystories": {"url": HUGGINGFACE + "roneneldan/TinyStories/resolve/main/TinyStories-valid.txt",
                     "filename": "TinyStories-valid.txt"},
     "alpaca": {"url": GITHUB + "tatsu-lab/stanford_alpaca/main/alpaca_data.json", "filename": "alpaca_data.json"},
-    "hh_train": {"url": HUGGINGFACE + "Anthropic/hh-rlhf/resolve/main/helpful-base/train.jsonl.gz",
-                 "filename": "hh-helpful-base-train.jsonl.gz"},
-    "hh_test": {"url": HUGGINGFACE + "Anthropic/hh-rlhf/resolve/main/helpful-base/test.jsonl.gz",
-                "filename": "hh-helpful-base-test.jsonl.gz"},
+    "hh_train": {"url": HH + "train.jsonl.gz", "filename": "hh-helpful-base-train.jsonl.gz"},
+    "hh_test": {"url": HH + "test.jsonl.gz", "filename": "hh-helpful-base-test.jsonl.gz"},
     "hellaswag": {"url": GITHUB + "rowanz/hellaswag/master/data/hellaswag_val.jsonl", "filename": "hellaswag_val.jsonl"},
 }
 DOWNLOAD_TIMEOUT_S, DOWNLOAD_RETRIES, DOWNLOAD_BACKOFF_S = 30.0, 3, 1.0  # backoff: 1 s, 2 s, 4 s ... between tries
@@ -109,13 +105,15 @@ def sha256_file(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def atomic_write_bytes(path, data):
-    """Write a temporary file in the same folder, flush, rename: a crash never leaves half a file."""
+def atomic_write(path, data):
+    """Bytes (or str, as UTF-8, or write(file) for a writer) to a temporary file in the same folder,
+    flushed, renamed over path: a crash leaves the old file or the new one, never half of one."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -124,18 +122,13 @@ def atomic_write_bytes(path, data):
             os.remove(tmp)
 
 
-def atomic_write_text(path, text):
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def write_jsonl(path, records):
     """One JSON object per line, UTF-8, keys in the order given."""
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def read_jsonl(path):
-    """All records of a JSONL file (every stage reads its data through this). An
-    empty or malformed line is an error that names the file and the line."""
+    """All records of a JSONL file (every stage reads its data through this); a bad line is an error naming it."""
     if not os.path.isfile(path):
         raise DataError(f"{path} does not exist: run `python prepare_data.py` (or with --dataset) first")
     records = []
@@ -159,12 +152,7 @@ def log(msg, quiet=False):
 
 
 # -----------------------------------------------------------------------------
-# The real corpora: one download function for all, then a parser for each, into
-# the same shapes as tinyworld's.
-
-
-class IncompleteDownload(Exception):
-    """The server closed the connection before sending every byte it announced."""
+# The real corpora: one download function for all, then a parser for each, into tinyworld's shapes.
 
 
 def source_url(name, mirror=None):
@@ -181,39 +169,16 @@ def read_checksums(folder):
         return {}
 
 
-def record_checksum(folder, filename, digest):
-    sums = dict(read_checksums(folder), **{filename: digest})
-    atomic_write_text(os.path.join(folder, CHECKSUMS_FILE), json.dumps(sums, indent=2, sort_keys=True) + "\n")
-
-
-def stream_to_file(url, tmp, timeout):
-    """GET url into the file tmp; (sha256, bytes). The plain body, to check it against Content-Length."""
-    h, n = hashlib.sha256(), 0
-    with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
-        r.raise_for_status()
-        announced = int(r.headers.get("Content-Length") or 0)
-        with open(tmp, "wb") as f:
-            for chunk in r.iter_content(chunk_size=1 << 16):
-                f.write(chunk)
-                h.update(chunk)
-                n += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-    if announced and n != announced:
-        raise IncompleteDownload(f"got {n} of {announced} bytes")
-    return h.hexdigest(), n
-
-
 def download(url, path, sha256=None, timeout=DOWNLOAD_TIMEOUT_S, retries=DOWNLOAD_RETRIES,
              backoff=DOWNLOAD_BACKOFF_S, quiet=False):
-    """Fetch `url` into `path` once and return `path`. Cached: when `path` matches its sha256 (pinned,
-    or recorded in checksums.json at the first download), no network is used. Streamed to a temporary
-    file, renamed only when complete. Network errors, timeouts, 5xx answers and cut transfers are
-    retried after backoff, 2 x backoff, ... seconds; 4xx answers (404) are not. A checksum mismatch
-    deletes the download. Every failure is a DataError naming the URL and how to place the file by hand."""
+    """Fetch `url` into `path` once and return `path`; no network when `path` matches its sha256 (pinned, or
+    recorded in checksums.json at the first download). Streamed to a temporary file, renamed when complete.
+    Network errors, timeouts, 5xx answers and cut transfers are retried after backoff, 2 x backoff, ...
+    seconds; 4xx (404) are not. Every failure is a DataError naming the URL and how to place the file by hand."""
     folder, filename = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    expected = sha256 or read_checksums(folder).get(filename)
+    sums = read_checksums(folder)
+    expected = sha256 or sums.get(filename)
     if os.path.exists(path):
         if expected is None or sha256_file(path) == expected:
             return path
@@ -221,12 +186,25 @@ def download(url, path, sha256=None, timeout=DOWNLOAD_TIMEOUT_S, retries=DOWNLOA
         os.remove(path)
     by_hand = f"if you are offline, download {url} by hand and save it as {path}"
     tmp = f"{path}.part{os.getpid()}"
-    error, result = None, None
+    error, digest = None, None
     for attempt in range(1, retries + 1):
         log(f"downloading {url} (try {attempt}/{retries})", quiet)
-        try:
-            result = stream_to_file(url, tmp, timeout)
-            break
+        try:  # the plain body (no gzip), to check its length against Content-Length
+            h, n_bytes = hashlib.sha256(), 0
+            with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
+                r.raise_for_status()
+                announced = int(r.headers.get("Content-Length") or 0)
+                with open(tmp, "wb") as f:
+                    for chunk in r.iter_content(chunk_size=1 << 16):
+                        f.write(chunk)
+                        h.update(chunk)
+                        n_bytes += len(chunk)
+                    f.flush()
+                    os.fsync(f.fileno())
+            if not announced or n_bytes == announced:
+                digest = h.hexdigest()
+                break
+            error = f"got {n_bytes} of {announced} bytes"  # the server closed the connection early
         except requests.HTTPError as e:
             status = e.response.status_code if e.response is not None else 0
             error = f"HTTP {status}"
@@ -234,23 +212,23 @@ def download(url, path, sha256=None, timeout=DOWNLOAD_TIMEOUT_S, retries=DOWNLOA
                 break  # the file is not there: asking again will not help
         except requests.Timeout:
             error = f"no answer within {timeout:g} s"
-        except (requests.RequestException, IncompleteDownload) as e:
-            error = str(e) if isinstance(e, IncompleteDownload) else type(e).__name__
+        except requests.RequestException as e:
+            error = type(e).__name__
         finally:
-            if result is None and os.path.exists(tmp):
+            if digest is None and os.path.exists(tmp):
                 os.remove(tmp)
         if attempt < retries:
             time.sleep(backoff * 2 ** (attempt - 1))
-    if result is None:
+    if digest is None:
         raise DataError(f"could not download {url} ({error}); {by_hand}")
-    digest, n_bytes = result
     if expected and digest != expected:
         os.remove(tmp)
         raise DataError(f"checksum mismatch for {url}: sha256 {digest}, expected {expected}; "
                         f"the download was deleted. Check the URL, or {by_hand}")
     os.replace(tmp, path)
     if not sha256:
-        record_checksum(folder, filename, digest)
+        sums[filename] = digest
+        atomic_write(os.path.join(folder, CHECKSUMS_FILE), json.dumps(sums, indent=2, sort_keys=True) + "\n")
     log(f"saved {path} ({n_bytes:,} bytes, sha256 {digest[:12]}...)", quiet)
     return path
 
@@ -279,8 +257,7 @@ def read_maybe_gzip(path):
 
 
 def chunk_text(text, target_chars=CHUNK_CHARS):
-    """Cut one long text into documents of about target_chars characters, at
-    blank lines (at any line break if a paragraph runs past 4 x target)."""
+    """One long text cut into documents of about target_chars, at blank lines (any line break past 4 x)."""
     docs, current, size = [], [], 0
     for line in text.splitlines(keepends=True):
         current.append(line)
@@ -330,10 +307,7 @@ def parse_hh(text):
     """Anthropic HH-RLHF JSONL ({"chosen": dialogue, "rejected": dialogue}) -> {prompt, chosen, rejected}
     of the single-turn dialogues (one Human, one Assistant turn): stagegpt's chat template has one turn."""
     pairs = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        item = json.loads(line)
+    for item in map(json.loads, filter(str.strip, text.splitlines())):
         chosen, rejected = split_hh_turns(item["chosen"]), split_hh_turns(item["rejected"])
         if len(rejected) != 2 or [w for w, _ in chosen] != ["Human", "Assistant"] or chosen[0][1] != rejected[0][1]:
             continue
@@ -345,9 +319,8 @@ def parse_hh(text):
 
 def parse_hellaswag(text):
     """HellaSwag JSONL -> multiple-choice records (endings start with a space)."""
-    items = [json.loads(line) for line in text.splitlines() if line.strip()]
     return [{"task": "hellaswag", "context": item["ctx"], "endings": [" " + e.strip() for e in item["endings"]],
-             "label": int(item["label"])} for item in items]
+             "label": int(item["label"])} for item in map(json.loads, filter(str.strip, text.splitlines()))]
 
 
 # -----------------------------------------------------------------------------
@@ -384,9 +357,7 @@ def dedup_lines(docs, min_chars=MIN_DUP_LINE_CHARS):
 
     def repeated(line):
         key = line.strip()
-        if len(key) < min_chars:
-            return False
-        found = key in seen
+        found = len(key) >= min_chars and key in seen
         seen.add(key)
         return found
     return drop_lines(docs, repeated, "dedup_lines")
@@ -412,8 +383,7 @@ def quality_problem(doc):
 
 
 def quality_filter(docs):
-    """Drop documents with too few words or sentences, mostly non-letters, or
-    page-level boilerplate ('lorem ipsum'); the report counts each reason."""
+    """Drop the documents quality_problem rejects; the report counts each reason."""
     problems = [quality_problem(d) for d in docs]
     out = [d for d, problem in zip(docs, problems) if problem is None]
     reasons = dict(collections.Counter(problem for problem in problems if problem))
@@ -421,18 +391,15 @@ def quality_filter(docs):
 
 
 def shingles(text, n=SHINGLE_WORDS):
-    """The set of word n-grams of a text (lowercase, split on whitespace)."""
+    """The set of word n-grams of a text (lowercase, split on whitespace); a shorter text is one shingle."""
     words = text.lower().split()
-    if len(words) <= n:
-        return {" ".join(words)} if words else set()
-    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+    return {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))} if words else set()
 
 
 def minhash_signature(shingle_set, num_perm=MINHASH_PERMS, seed=0):
-    """The MinHash signature of a set: for each of num_perm hash functions, the smallest hash over the
-    set's elements. Two sets agree at one position with probability equal to their Jaccard similarity.
-    Shape (num_perm,), uint64. The hash functions are h(x) = ((a*x + b) mod 2^64) >> 32 (multiply-
-    add-shift of 32-bit keys; uint64 arithmetic wraps around by itself)."""
+    """The MinHash signature of a set, shape (num_perm,) uint64: for each of num_perm hash functions, the
+    smallest hash over the set's elements. Two sets agree at one position with probability equal to their
+    Jaccard similarity. h(x) = ((a*x + b) mod 2^64) >> 32: multiply-add-shift of 32-bit keys."""
     g = np.random.default_rng(seed)
     a = g.integers(1, 1 << 63, size=num_perm, dtype=np.uint64) | np.uint64(1)  # odd multipliers
     b = g.integers(0, 1 << 63, size=num_perm, dtype=np.uint64)
@@ -450,9 +417,8 @@ def estimated_jaccard(sig_a, sig_b):
 
 
 def near_dedup(docs, threshold=NEAR_DUP_THRESHOLD, num_perm=MINHASH_PERMS, bands=MINHASH_BANDS):
-    """Drop documents whose estimated Jaccard similarity (word n-gram shingles, MinHash) to an earlier
-    kept document is at least `threshold`. Locality-sensitive hashing: only documents sharing one
-    band (num_perm/bands consecutive signature values) with this one are compared."""
+    """Drop documents whose estimated Jaccard similarity (MinHash of shingles) to an earlier kept one is at
+    least `threshold`. LSH: only documents sharing a band (num_perm/bands signature values) are compared."""
     rows = num_perm // bands
     buckets, kept, signatures = {}, [], []
     for d in docs:
@@ -470,28 +436,25 @@ def near_dedup(docs, threshold=NEAR_DUP_THRESHOLD, num_perm=MINHASH_PERMS, bands
 EMAIL_RE = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
 IP_RE = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\b")
 PHONE_RE = re.compile(r"(?<![\w.])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?!\w|\.\d)")
-PLACEHOLDERS = {"email": "[EMAIL]", "ip": "[IP]", "phone": "[PHONE]"}
 
 
 def redact_pii(text):
-    """(text, counts): e-mail addresses, IP addresses and phone numbers replaced
-    by [EMAIL], [IP] and [PHONE] (e-mails first: they may hold digits)."""
+    """(text, counts): e-mails, IP addresses, phone numbers -> [EMAIL], [IP], [PHONE] (e-mails first: digits)."""
     counts = {}
     for kind, pattern in [("email", EMAIL_RE), ("ip", IP_RE), ("phone", PHONE_RE)]:
-        text, counts[kind] = pattern.subn(PLACEHOLDERS[kind], text)
+        text, counts[kind] = pattern.subn(f"[{kind.upper()}]", text)
     return text, counts
 
 
 def redact_fields(records, fields):
     """Privacy redaction of some text fields of records (dicts), in place; returns the counts."""
-    total = {"email": 0, "ip": 0, "phone": 0}
+    total = collections.Counter(email=0, ip=0, phone=0)
     for r in records:
         for f in fields:
             if isinstance(r.get(f), str):
                 r[f], counts = redact_pii(r[f])
-                for k, v in counts.items():
-                    total[k] += v
-    return total
+                total.update(counts)
+    return dict(total)
 
 
 def redact_documents(docs):
@@ -504,8 +467,7 @@ def curate(docs, quiet=False):
     """All curation steps in order; returns (documents, reports)."""
     log(f"curating {len(docs):,} documents", quiet)
     reports = []
-    for step in [dedup_documents, dedup_lines, filter_boilerplate_lines, quality_filter, near_dedup,
-                 redact_documents]:
+    for step in [dedup_documents, dedup_lines, filter_boilerplate_lines, quality_filter, near_dedup, redact_documents]:
         t0, before = time.time(), len(docs)
         docs, report = step(docs)
         reports.append(report)
@@ -525,13 +487,11 @@ def token_dtype(vocab_size):
 
 
 def split_train_val(docs, val_fraction):
-    """The last val_fraction of the documents (at least one) are validation.
-    A corpus of one document is cut in two at a line break."""
+    """The last val_fraction of the documents (at least one) are validation; a single one is cut at a line break."""
     if len(docs) == 1:
         text = docs[0]
         cut = int(len(text) * (1 - val_fraction))
-        newline = text.rfind("\n", 0, cut)
-        cut = newline if newline > 0 else cut
+        cut = max(text.rfind("\n", 0, cut), 0) or cut  # at the last line break before it, if any
         docs = [d for d in (text[:cut].strip("\n"), text[cut:].strip("\n")) if d]
     if len(docs) < 2:
         raise DataError("the corpus is too small to split into train and validation: give more text")
@@ -540,8 +500,7 @@ def split_train_val(docs, val_fraction):
 
 
 def encode_documents(tokenizer, docs, dtype):
-    """All documents as one array of ids, each document followed by the
-    <|endoftext|> id (the separator a model learns to start over after)."""
+    """All documents as one array of ids, each followed by <|endoftext|> (a model learns to start over after it)."""
     eot = tokenizer.special_ids[bpe.DOC_SEP]
     return np.concatenate([np.array(ids + [eot], dtype=dtype) for ids in tokenizer.encode_batch(docs)])
 
@@ -572,13 +531,12 @@ def write_pretraining_files(cfg, docs):
             "tokenizer_sha256": sha256_file(os.path.join(cfg.out, "tokenizer.json"))}
     for split, docs in [("train", train_docs), ("val", val_docs)]:
         ids = encode_documents(tok, docs, dtype)
-        atomic_write_bytes(os.path.join(cfg.out, f"{split}.bin"), ids.tobytes())
-        atomic_write_text(os.path.join(cfg.out, f"{split}.txt"), "".join(d + bpe.DOC_SEP for d in docs))
+        atomic_write(os.path.join(cfg.out, f"{split}.bin"), ids.tobytes())
+        atomic_write(os.path.join(cfg.out, f"{split}.txt"), "".join(d + bpe.DOC_SEP for d in docs))
         n_bytes = sum(len(d.encode("utf-8")) for d in docs)  # document bytes, separators not counted
         meta.update({f"{split}_docs": len(docs), f"{split}_tokens": int(len(ids)), f"{split}_bytes": n_bytes})
         log(f"  {split}.bin: {len(ids):,} tokens from {len(docs):,} documents, {n_bytes:,} bytes", cfg.quiet)
-    # bytes per token of the documents themselves (separators not counted): the
-    # factor that turns a loss in nats/token into bits per byte.
+    # bytes per token of the documents themselves: the factor that turns nats/token into bits per byte
     meta["bytes_per_token"] = round(meta["train_bytes"] / (meta["train_tokens"] - meta["train_docs"]), 4)
     return meta
 
@@ -605,10 +563,9 @@ def resolve_config(cfg=None, **overrides):
     """A copy of cfg (default: the command line's defaults) with the overrides and the dataset's
     defaults filled in, every value checked. Raises DataError (one line: the value and the fix)."""
     cfg = argparse.Namespace(**vars(cfg or make_parser().parse_args([])))
-    for key, value in overrides.items():
-        if key not in vars(cfg):
-            raise TypeError(f"unknown build argument {key!r}")
-        setattr(cfg, key, value)
+    if unknown := [key for key in overrides if key not in vars(cfg)]:
+        raise TypeError(f"unknown build argument {unknown[0]!r}")
+    vars(cfg).update(overrides)
     if not cfg.input and cfg.dataset not in DATASETS:
         raise DataError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}, "
                         f"or give a text file with --input PATH")
@@ -634,17 +591,6 @@ def resolve_config(cfg=None, **overrides):
     return cfg
 
 
-def build_args(cfg):
-    """The arguments that decide the output: a build with the same ones is reused."""
-    args = {"format_version": FORMAT_VERSION, "dataset": dataset_name(cfg), "kind": dataset_spec(cfg)["kind"]}
-    args.update((k, v) for k, v in vars(cfg).items()
-                if k not in ("dataset", "out", "data_root", "mirror", "force", "quiet"))
-    for name in ("input", "tokenizer"):
-        if getattr(cfg, name):
-            args[f"{name}_sha256"] = sha256_file(getattr(cfg, name))
-    return args
-
-
 def load_meta(data_dir):
     """meta.json of a prepared dataset folder."""
     path = os.path.join(data_dir, "meta.json")
@@ -660,16 +606,14 @@ def is_up_to_date(out_dir, build):
         meta = load_meta(out_dir)
     except (OSError, ValueError, DataError):
         return False
-    files = [(os.path.join(out_dir, name), info) for name, info in meta.get("files", {}).items()]
-    return meta.get("build") == build and all(
-        os.path.isfile(p) and os.path.getsize(p) == info["bytes"] and sha256_file(p) == info["sha256"]
-        for p, info in files)
+    files = {os.path.join(out_dir, name): info for name, info in meta.get("files", {}).items()}
+    return meta.get("build") == build and all(os.path.isfile(p) and os.path.getsize(p) == info["bytes"]
+                                              and sha256_file(p) == info["sha256"] for p, info in files.items())
 
 
 def ensure_prepared(dataset, data_root=DATA_ROOT):
-    """What every stage calls before it reads data/<dataset>: builds the embedded tinyworld when its
-    folder is missing or from an older format of this code (offline, seconds). A folder of the
-    current format is used as it is, whatever its arguments: what you built on purpose stays."""
+    """What every stage calls before it reads data/<dataset>: builds tinyworld when its folder is missing or
+    of an older format. A folder of the current format is used whatever its arguments: what you built stays."""
     folder = os.path.join(data_root, dataset)
     if DATASETS.get(dataset, {}).get("kind") == "generated":
         try:
@@ -682,13 +626,13 @@ def ensure_prepared(dataset, data_root=DATA_ROOT):
     return folder
 
 
-def write_records(cfg, files):
-    """{name: [records]} -> NAME.jsonl files in cfg.out, each record given an id
-    first ("sft_train-00042"); returns the meta.json "splits" entry."""
+def write_records(cfg, files, meta):
+    """{name: [records]} -> cfg.out/NAME.jsonl, ids first ("sft_train-00042"), meta["splits"]; the file names."""
     for name, records in files.items():
         write_jsonl(os.path.join(cfg.out, f"{name}.jsonl"),
                     [dict({"id": f"{name}-{i:05d}"}, **r) for i, r in enumerate(records)])
-    return {name: {"records": len(records)} for name, records in files.items()}
+    meta["splits"] = {name: {"records": len(records)} for name, records in files.items()}
+    return [f"{name}.jsonl" for name in files]
 
 
 def build_tinyworld(cfg):
@@ -701,19 +645,18 @@ def build_tinyworld(cfg):
     docs, meta["curation"] = curate(docs, cfg.quiet) if cfg.curation else (docs, [])
     meta.update(write_pretraining_files(cfg, docs))
     files = tinyworld.build_instruction_sets(cfg.seed, {s: getattr(cfg, s) for s in tinyworld.SPLIT_SIZES}, cfg.mc)
-    meta["splits"] = write_records(cfg, files)
+    names = write_records(cfg, files, meta)
     meta["label_agreement"] = round(tinyworld.label_agreement(files["prefs_train"] + files["prefs_val"]), 4)
-    return meta, PRETRAIN_FILES + [f"{name}.jsonl" for name in files]
+    return meta, PRETRAIN_FILES + names
 
 
 def build_pretrain(cfg):
     """shakespeare, tinystories or --input: documents -> tokenizer and bins."""
     if cfg.input:
-        text = read_text(cfg.input)
-        meta = {"source": os.path.abspath(cfg.input), "source_sha256": sha256_file(cfg.input)}
+        paths, meta = [cfg.input], {"source": os.path.abspath(cfg.input), "source_sha256": sha256_file(cfg.input)}
     else:
         paths, meta = fetch_all(cfg)
-        text = read_text(paths[0])
+    text = read_text(paths[0])
     docs = parse_tinystories(text) if cfg.dataset == "tinystories" and not cfg.input else chunk_text(text)
     meta["raw_docs"] = len(docs)
     log(f"{len(docs):,} documents, {len(text.encode('utf-8')):,} bytes", cfg.quiet)
@@ -752,13 +695,11 @@ def build_alpaca(cfg):
     files = cut(records, [(s, getattr(cfg, s)) for s in ["prompts_eval", "prompts_ppo", "sft_val", "sft_train"]])
     for name in ["prompts_eval", "prompts_ppo"]:
         files[name] = [task_fields(r["task"], r["prompt"], r["reference"]) for r in files[name]]
-    meta["splits"] = write_records(cfg, files)
-    return meta, [f"{name}.jsonl" for name in files]
+    return meta, write_records(cfg, files, meta)
 
 
 def build_hh(cfg):
-    """HH-RLHF (helpful-base, single-turn) -> prefs_train/val, prompts_ppo/eval.
-    Human labels: no gold score is known, so the gold fields are null."""
+    """HH-RLHF (helpful-base, single-turn) -> prefs_train/val, prompts_ppo/eval; human labels: gold fields null."""
     paths, meta = fetch_all(cfg)
     train, test = [shuffled_unique(parse_hh(read_maybe_gzip(p)), cfg, part)
                    for p, part in zip(paths, ["hh-train", "hh-test"])]
@@ -769,14 +710,12 @@ def build_hh(cfg):
     for name, pairs in files.items():
         files[name] = [task_fields("hh", p["prompt"], p["chosen"]) if name.startswith("prompts")
                        else dict({"task": "hh"}, **p, **labels) for p in pairs]
-    meta["splits"] = write_records(cfg, files)
-    return meta, [f"{name}.jsonl" for name in files]
+    return meta, write_records(cfg, files, meta)
 
 
 def build_hellaswag(cfg):
     paths, meta = fetch_all(cfg)
-    meta["splits"] = write_records(cfg, cut(parse_hellaswag(read_maybe_gzip(paths[0])), [("mc", cfg.mc)]))
-    return meta, ["mc.jsonl"]
+    return meta, write_records(cfg, cut(parse_hellaswag(read_maybe_gzip(paths[0])), [("mc", cfg.mc)]), meta)
 
 BUILDERS = {"generated": build_tinyworld, "pretrain": build_pretrain, "sft": build_alpaca,
             "prefs": build_hh, "mc": build_hellaswag}
@@ -789,35 +728,39 @@ def prepare(cfg=None, **overrides):
     cfg = resolve_config(cfg, **overrides)
     if cfg.input:
         read_text(cfg.input)  # a bad input fails here, before anything is touched
-    build = build_args(cfg)
+    # the arguments that decide the output: a build with the same ones is reused
+    build = {"format_version": FORMAT_VERSION, "dataset": dataset_name(cfg), "kind": dataset_spec(cfg)["kind"]}
+    build.update((k, v) for k, v in vars(cfg).items()
+                 if k not in ("dataset", "out", "data_root", "mirror", "force", "quiet"))
+    for name in ("input", "tokenizer"):
+        if getattr(cfg, name):
+            build[f"{name}_sha256"] = sha256_file(getattr(cfg, name))
     if not cfg.force and is_up_to_date(cfg.out, build):
         log(f"{cfg.out} is up to date (same arguments, files unchanged); --force rebuilds it", cfg.quiet)
         return cfg.out
     t0 = time.time()
     log(f"building {dataset_name(cfg)} into {cfg.out}", cfg.quiet)
     os.makedirs(cfg.out, exist_ok=True)
-    meta_path = os.path.join(cfg.out, "meta.json")
-    if os.path.exists(meta_path):
+    if os.path.exists(meta_path := os.path.join(cfg.out, "meta.json")):
         os.remove(meta_path)  # the folder is "complete" again only when the new meta.json is written
     meta, files = BUILDERS[build["kind"]](cfg)
     paths = {name: os.path.join(cfg.out, name) for name in files}
     meta = dict({"format_version": FORMAT_VERSION, "dataset": build["dataset"], "kind": build["kind"], "build": build},
                 **meta, files={n: {"bytes": os.path.getsize(p), "sha256": sha256_file(p)} for n, p in paths.items()})
-    atomic_write_text(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     log(f"done in {time.time() - t0:.1f}s: {cfg.out} ({', '.join(files)}, meta.json)", cfg.quiet)
     return cfg.out
 
 
 # -----------------------------------------------------------------------------
-# Command line: `python prepare_data.py --dataset=NAME --key=value ...`, in the
-# training stages' style (underscore keys; --data-root is read as --data_root).
+# Command line: `python prepare_data.py --dataset=NAME --key=value ...`, in the training stages' style
+# (underscore keys; --data-root is read as --data_root).
 
 
 def make_parser():
-    p = argparse.ArgumentParser(
-        prog="prepare_data.py", allow_abbrev=False,
-        description="Build a dataset folder (tokenizer, token bins, SFT, preference, prompt and multiple-choice "
-                    "files). With no arguments: the embedded tinyworld, offline.")
+    p = argparse.ArgumentParser(prog="prepare_data.py", allow_abbrev=False, description="Build a dataset folder "
+                                "(tokenizer, token bins, SFT, preference, prompt and multiple-choice files). "
+                                "With no arguments: the embedded tinyworld, offline.")
     p.add_argument("--dataset", default="tinyworld", help=f"one of: {', '.join(DATASETS)} (default tinyworld)")
     p.add_argument("--input", metavar="PATH", help="a local UTF-8 text file to pretrain on instead")
     p.add_argument("--out", help="output folder (default DATA_ROOT/NAME)")

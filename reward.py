@@ -4,11 +4,9 @@ reward.py: a reward model trained on preference pairs.
     python reward.py --config small                  # after sft.py --config small
     python reward.py --config small --max_iters=500  # any key can be overridden
     python reward.py --config small --resume         # continue out/small/rm/ckpt.pt
-    python reward.py --config small --prompt="What is 3 plus 4?" --response="3 plus 4 is 7.|3 plus 4 is 8."
 
-Reads out/<config>/sft/ckpt.pt (--init: any sft or pretrain checkpoint) and
-data/<dataset>/prefs_{train,val}.jsonl, writes out/<config>/rm/{ckpt.pt, log.jsonl,
-loss.png, accuracy.png}; with --prompt it prints the rewards instead ("|" between responses).
+Reads out/<config>/sft/ckpt.pt (--init: any sft or pretrain checkpoint) and data/<dataset>/
+prefs_{train,val}.jsonl, writes out/<config>/rm/{ckpt.pt, log.jsonl, loss.png, accuracy.png}.
 
 The response is followed by the special <|reward|> token; the transformer's output
 there goes through a scalar head, every other output is ignored. The labeller said
@@ -30,11 +28,12 @@ import tinyworld
 import prepare_data
 from model import (answer_prompts, CheckpointError, clean_state_dict, GPT, GPTConfig, load_checkpoint,
                    model_from_checkpoint, parent_record, save_checkpoint, tokenizer_from_checkpoint)
-from train import (append_jsonl, configure_optimizer, end_run, open_log, optimizer_step, parse_config, pick_device,
-                   plot_curves, Progress, read_jsonl_log, rng_state, scheduled_lr, set_rng_state, start_run,
-                   StopRequested, training_precision)
+from train import (append_jsonl, configure_optimizer, end_run, open_log, optimizer_step, parse_config, plot_curves,
+                   Progress, read_jsonl_log, rng_state, scheduled_lr, set_rng_state, start_run, StopRequested,
+                   training_precision)
 
 STAGE = "rm"
+SORT_WINDOW = 16  # pair_batches sorts by length within windows of this many batches: less padding, still random
 
 # -----------------------------------------------------------------------------
 # Configuration: defaults, then a preset (--config NAME), then --key=value overrides.
@@ -42,18 +41,14 @@ STAGE = "rm"
 DEFAULTS = dict(
     config="default", dataset="tinyworld", data_dir="data",  # data/<dataset>/prefs_*.jsonl from prepare_data.py
     init="", out_dir="",        # "": out/<config>/sft (a pretrain checkpoint works too), out/<config>/rm
-    batch_size=32,              # preference pairs per step
     max_iters=375, learning_rate=3e-4, min_lr_ratio=0.1, warmup_iters=30,  # lr: the body is already trained
-    weight_decay=0.0, beta1=0.9, beta2=0.95, grad_clip=1.0,
+    weight_decay=0.0, beta1=0.9, beta2=0.95, grad_clip=1.0, seed=1337, device="auto", dtype="auto",
     lm_coef=0.0,                # + lm_coef x next-token loss of each chosen conversation (0: the plain design)
     dropout=0.1,                # dropout in the body while training (a few thousand noisy pairs overfit)
     oversample="",              # "task:K,...": pairs of these tasks that differ only in the answer, K times per epoch
     eval_interval=125, log_interval=25, eval_batch_size=64,  # eval_batch_size: sequences per forward pass
-    stop_at_iter=0,             # stop (and save) after this many iterations; 0 = run to max_iters
-    # the normaliser: the SFT model's answers to norm_prompts PPO prompts (0: none), sampled as PPO samples
-    norm_prompts=256, norm_max_new_tokens=64, temperature=1.0,
-    prompt="", response="",     # score these instead of training (several responses: "|" between them)
-    device="auto", dtype="auto", seed=1337,
+    batch_size=32, stop_at_iter=0,  # pairs per step; stop (and save) after stop_at_iter iterations (0: max_iters)
+    norm_prompts=256, norm_max_new_tokens=64, temperature=1.0,  # normaliser: SFT answers to PPO prompts (0: none)
 )
 
 PRESETS = {
@@ -71,9 +66,7 @@ PRESETS = {
 
 
 # -----------------------------------------------------------------------------
-# The reward model: the GPT body and a scalar head, read at <|reward|>
-# (PPO's critic is the same network, read at every response position)
-
+# The reward model: the GPT body and a scalar head, read at <|reward|> (PPO's critic: at every position)
 
 class ScalarHeadModel(nn.Module):
     """GPT body + scalar head: ids (B, T) -> one scalar per position (B, T)."""
@@ -83,8 +76,7 @@ class ScalarHeadModel(nn.Module):
         self.config = config
         self.gpt = GPT(config)
         self.head = nn.Linear(config.n_embd, 1)
-        # small outputs at the start, so the first losses are about ln 2 (reward)
-        # or about the squared returns (critic), not dominated by a random head
+        # small outputs at first: the first losses are about ln 2 (reward) or the squared returns (critic)
         nn.init.normal_(self.head.weight, mean=0.0, std=0.1 / math.sqrt(config.n_embd + 1))
         nn.init.zeros_(self.head.bias)
 
@@ -102,9 +94,8 @@ def with_reward_token(prompt_ids, response_ids, reward_id, block_size=None):
 
 
 def reward_input(tokenizer, prompt, response, ended=True, block_size=None):
-    """prompt and response text -> the ids the reward model reads:
-        <|user|> prompt <|end|> <|assistant|> response [<|end|>] <|reward|>
-    ended=False: the response was cut at a length limit (no end-of-turn token)."""
+    """Text -> the ids the reward model reads (ended=False: the response was cut at a length limit, no <|end|>):
+        <|user|> prompt <|end|> <|assistant|> response [<|end|>] <|reward|>"""
     prompt_ids, response_ids = tokenizer.encode_chat(prompt, response, ended)
     return with_reward_token(prompt_ids, response_ids, tokenizer.special_ids[bpe.REWARD], block_size)
 
@@ -124,9 +115,8 @@ def read_last(values, lengths):
 @torch.no_grad()
 def score_sequences(model, sequences, batch_size=64, normalizer=None):
     """Rewards (N,) on the CPU of reward-model inputs; with a checkpoint's {"bias", "scale"}: (raw - bias) / scale."""
-    was_training = model.training
+    was_training, device = model.training, next(model.parameters()).device
     model.eval()
-    device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad less
     rewards = torch.zeros(len(sequences))
     for start in range(0, len(sequences), batch_size):
@@ -152,10 +142,9 @@ def scalar_model_from_checkpoint(ckpt, device="cpu"):
 # The loss and the metrics. A pair (load_preferences) is {"chosen": ids, "rejected": ids,
 # "gold": whether the noiseless gold labeller agrees that chosen is better, None: unknown}.
 
-
 def pairwise_loss(r_chosen, r_rejected):
-    """Mean of -log sigmoid(r_chosen - r_rejected) as softplus(-(...)): log(sigmoid(x)) underflows to -inf
-    below about -100 in float32, softplus does not. Gradient wrt r_chosen: -sigmoid(r_rejected - r_chosen) / N."""
+    """Mean of -log sigmoid(r_chosen - r_rejected), as softplus(-(...)): log(sigmoid(x)) underflows to -inf
+    in float32 for large gaps, softplus does not. Gradient wrt r_chosen: -sigmoid(r_rejected - r_chosen) / N."""
     return F.softplus(-(r_chosen - r_rejected)).mean()
 
 
@@ -165,11 +154,9 @@ def pair_accuracy(diff):
 
 
 def chosen_lm_loss(model, hidden, ids, lengths):
-    """Next-token loss of the sequence (lengths (B,)) that starts each row, <|reward|> excluded,
-    from the body's hidden states (B, T, C) through the tied LM head. Why: the pairwise loss
-    alone moves the body toward what separates its pairs first (style), and what it needs to
-    tell a right answer from a wrong one fades; still modelling the chosen conversations keeps
-    it (Yang et al. 2024, "Regularizing hidden states enables learning generalizable reward model")."""
+    """Next-token loss of each row's first sequence (lengths (B,)) before <|reward|>, from hidden (B, T, C) via the
+    tied LM head. Why: the pairwise loss alone pulls the body to what separates pairs first (style), and what tells
+    right from wrong fades; modelling the chosen text keeps it (Yang et al. 2024, "Regularizing hidden states...")."""
     lengths = lengths.to(ids.device)
     q = torch.arange(ids.size(1) - 1, device=ids.device)[None, :]  # hidden position q predicts token q + 1
     keep = q + 1 < lengths[:, None] - 1                              # targets before <|reward|>: (B, T - 1)
@@ -196,7 +183,6 @@ def evaluate(model, pairs, batch_size=64):
 
 # -----------------------------------------------------------------------------
 # Data: preference records -> pairs -> batches
-
 
 def validate_pair_record(record):
     """The problem with a chosen/rejected record as one phrase, or None."""
@@ -256,28 +242,23 @@ def oversample_pairs(pairs, records, factors):
 
 
 def load_data(config, tokenizer, block_size):
-    """The run's pairs: train (oversampled), val, a fixed train probe the size of
-    val (to watch overfitting), and the noisy labels' agreement with gold on val."""
+    """The pairs: train (oversampled), val, a train probe the size of val (overfitting?), val's label agreement."""
     folder = prepare_data.ensure_prepared(config["dataset"], config["data_dir"])  # builds tinyworld if missing
     train, val = (load_preferences(os.path.join(folder, f"prefs_{s}.jsonl"), tokenizer, block_size)
                   for s in ("train", "val"))
-    val_records = prepare_data.read_jsonl(os.path.join(folder, "prefs_val.jsonl"))
+    records, val_records = (prepare_data.read_jsonl(os.path.join(folder, f"prefs_{s}.jsonl")) for s in ("train", "val"))
     agreement = (tinyworld.label_agreement(val_records)
                  if all(r.get("gold_prefers_chosen") is not None for r in val_records) else None)
     data = {"folder": folder, "val": val, "probe": train[:len(val)], "agreement": agreement}
-    factors, text = parse_oversample(config["oversample"]), config["oversample"]
-    if factors:
-        records = prepare_data.read_jsonl(os.path.join(folder, "prefs_train.jsonl"))
-        train, n_copies = oversample_pairs(train, records, factors)
-        copied = {r.get("task") for r in records if differs_only_in_answer(r["chosen"], r["rejected"])}
-        if set(factors) - copied:  # each task named, a typo too, must have pairs to copy
-            raise ValueError(f"--oversample={text!r}: no pair of task {', '.join(sorted(set(factors) - copied))} "
-                             f"in prefs_train.jsonl differs only in the answer; the tasks there: "
+    if factors := parse_oversample(text := config["oversample"]):
+        missing = set(factors) - {r.get("task") for r in records if differs_only_in_answer(r["chosen"], r["rejected"])}
+        if missing:  # each task named, a typo too, must have pairs to copy
+            raise ValueError(f"--oversample={text!r}: no pair of task {', '.join(sorted(missing))} in "
+                             f"prefs_train.jsonl differs only in the answer; the tasks there: "
                              f"{', '.join(sorted({str(r.get('task')) for r in records}))}")
+        train, n_copies = oversample_pairs(train, records, factors)
         print(f"oversample {text}: {n_copies} more copies of the pairs that differ only in the answer, per epoch")
     return dict(data, train=train)
-
-SORT_WINDOW = 16  # batches sorted by length within windows of this many: less padding, an order still random
 
 
 def pair_batches(lengths, batch_size, seed, epoch):
@@ -293,11 +274,9 @@ def pair_batches(lengths, batch_size, seed, epoch):
 
 
 # -----------------------------------------------------------------------------
-# A pair in one row. Its responses share the prompt (a right and a wrong answer worded alike share
-# nearly everything), so training lays the shared prefix out once, then each response's rest, with a
-# mask that lets each token see only its own sequence: the rewards, losses and gradients of a row per
-# sequence, from fewer tokens. Evaluation and scoring keep a row per sequence (PPO's layout).
-
+# A pair in one row. Its responses share the prompt (right and wrong answers worded alike share nearly all), so
+# training lays the shared prefix out once, then each response's rest, under a mask that lets each token see only
+# its own sequence: the same rewards, losses and gradients from fewer tokens. Evaluation keeps a row per sequence.
 
 def pack_pair(chosen, rejected):
     """A pair -> (ids, positions, branches, ends) of one row: the shared prefix, chosen's rest (branch 1),
@@ -321,8 +300,7 @@ def collate_shared(pairs, device="cpu"):
     """Pairs -> packed rows on device: ids, positions (B, T) right-padded with 0, mask (B, 1, T, T),
     ends (B, 2) of chosen's and rejected's <|reward|>, chosen_lengths (B,) (chosen starts each row)."""
     rows = [pack_pair(p["chosen"], p["rejected"]) for p in pairs]
-    ids, positions, branches = (nn.utils.rnn.pad_sequence([torch.tensor(r[k]) for r in rows], batch_first=True,
-                                                          padding_value=pad).to(device)
+    ids, positions, branches = (pad_right([r[k] for r in rows], pad)[0].to(device)
                                 for k, pad in ((0, 0), (1, 0), (2, -1)))  # padding: position 0, branch -1
     ends = torch.tensor([r[3] for r in rows], device=device)
     return ids, positions, tree_mask(positions, branches), ends, ends[:, 0] + 1
@@ -341,8 +319,7 @@ def training_losses(model, pairs, lm_coef=0.0, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# The normaliser, and scoring text
-
+# The normaliser, and scoring responses
 
 def reward_normalizer(rewards):
     """Raw rewards (N,) -> {"bias": mean, "scale": sample std} (a constant reward keeps scale 1)."""
@@ -359,9 +336,8 @@ def sft_normalizer(model, init, tokenizer, folder, config, ctx, device):
     records = prepare_data.read_jsonl(os.path.join(folder, "prompts_ppo.jsonl"))
     pick = torch.randperm(len(records), generator=torch.Generator().manual_seed(config["seed"]))
     prompts = [records[i]["prompt"] for i in pick[:config["norm_prompts"]].tolist()]
-    rng = torch.get_rng_state()  # building a GPT draws init weights: the saved training RNG stays untouched
-    policy = model_from_checkpoint(init, device)
-    torch.set_rng_state(rng)
+    with torch.random.fork_rng(devices=[]):  # building a GPT draws init weights: the training RNG stays as saved
+        policy = model_from_checkpoint(init, device)
     with ctx:
         answers = answer_prompts(policy, tokenizer, prompts, config["norm_max_new_tokens"], config["temperature"],
                                  config["seed"], config["eval_batch_size"])
@@ -379,26 +355,8 @@ def score_responses(model, tokenizer, prompts, responses, ended=None, normalizer
     return score_sequences(model, seqs, batch_size, normalizer)
 
 
-def load_reward_model(path, device="cpu"):
-    """(ScalarHeadModel in eval mode, tokenizer, reward_norm) of a reward checkpoint (file or folder)."""
-    ckpt = load_checkpoint(path, stages={STAGE})
-    model = scalar_model_from_checkpoint(ckpt, device).eval()
-    return model, tokenizer_from_checkpoint(ckpt), ckpt.get("reward_norm") or {"bias": 0.0, "scale": 1.0}
-
-
-def score_text(config):
-    """Print the normalised (and raw) reward of each --response to --prompt by the model in out_dir."""
-    responses = [r.strip() for r in config["response"].split("|")]
-    model, tokenizer, norm = load_reward_model(resolve_paths(config)[1], pick_device(config["device"]))
-    raw = score_responses(model, tokenizer, [config["prompt"]] * len(responses), responses)
-    for response, r in zip(responses, raw.tolist()):
-        print(f"{f'{response[:50]!r}: ' if len(responses) > 1 else ''}reward {(r - norm['bias']) / norm['scale']:+.4f} "
-              f"(raw {r:+.4f}; bias {norm['bias']:+.4f}, scale {norm['scale']:.4f})")
-
-
 # -----------------------------------------------------------------------------
 # The run
-
 
 def resolve_paths(config):
     """(init checkpoint path, output folder) with the "" defaults filled in."""
@@ -415,14 +373,12 @@ def run(config, flags=()):
     init_file = os.path.join(init_file, "ckpt.pt") if os.path.isdir(init_file) else init_file
     init, parent = load_checkpoint(init_file, stages={"sft", "pretrain"}), parent_record(init_file)
     if run.resume is not None and parent["sha256"] != run.resume["parent"]["sha256"]:
-        raise CheckpointError(f"{init_file} changed since {run.ckpt_path} was started from it: "
-                              f"start over with --overwrite")
+        raise CheckpointError(f"{init_file} changed since this run began from it: start over with --overwrite")
     tokenizer = tokenizer_from_checkpoint(init)
     model_config = GPTConfig.from_dict(dict(init["model_args"], dropout=config["dropout"]))
     data = load_data(config, tokenizer, model_config.block_size)
 
-    # 2. the init's GPT as the body, a fresh scalar head; the precision, measured on a few training
-    #    pairs before the optimizer exists (no state to disturb); the optimizer
+    # 2. the init's GPT as the body, a fresh scalar head; the precision, measured before the optimizer exists
     torch.manual_seed(config["seed"])
     model = ScalarHeadModel(model_config)
     try:
@@ -447,7 +403,7 @@ def run(config, flags=()):
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         it, epoch, position = state["iter"], state["epoch"], state["position"]
-    start_iter, agreement = it, data["agreement"]
+    agreement = data["agreement"]
     open_log(run, it, f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters from {init_file}; "
              f"{len(data['train'])} train pairs per epoch, {len(data['val'])} val pairs (labeller agreement "
              f"{'unknown' if agreement is None else f'{agreement:.3f}'}); device {run.device}", dtype, dtype_why)
@@ -463,10 +419,10 @@ def run(config, flags=()):
 
     lengths = [len(pack_pair(p["chosen"], p["rejected"])[0]) for p in data["train"]]  # batches sort by row
     batches = pair_batches(lengths, config["batch_size"], config["seed"], epoch)
-    metrics = report(model, data, ctx, config, run, it) if it == 0 else {}
+    # the first evaluation; a finished run resumed trains nothing and still writes a full checkpoint
+    metrics = report(model, data, ctx, config, run, it) if it == 0 or it >= run.end_iter else {}
     progress = Progress(run, it, run.end_iter, config["log_interval"], "pairs")
     stopper = StopRequested()
-    model.train()
     try:
         while it < run.end_iter:
             # 3. one step on a batch of pairs, each pair packed in one row; a new order each epoch
@@ -474,10 +430,9 @@ def run(config, flags=()):
             if position >= len(batches):
                 epoch, position = epoch + 1, 0
                 batches = pair_batches(lengths, config["batch_size"], config["seed"], epoch)
+            pairs, position = [data["train"][i] for i in batches[position]], position + 1
             with ctx:
-                loss, pair_loss, lm_loss, diff = training_losses(model, [data["train"][i] for i in batches[position]],
-                                                                 config["lm_coef"], run.device)
-            position += 1
+                loss, pair_loss, lm_loss, diff = training_losses(model, pairs, config["lm_coef"], run.device)
             (loss if scaler is None else scaler.scale(loss)).backward()
             _, grad_norm = optimizer_step(model, optimizer, loss.detach(), scaler, config["grad_clip"], run, it)
             it += 1
@@ -497,17 +452,12 @@ def run(config, flags=()):
     finally:
         end_run(stopper)
 
-    # 5. once, for the weights that are saved: the normaliser (the SFT model's answers to PPO prompts
-    #    score mean 0, std 1), then the checkpoint that PPO and --resume read
-    if it == start_iter and not metrics:  # a finished run resumed: nothing trained, still a full checkpoint
-        metrics = report(model, data, ctx, config, run, it)
+    # 5. once, for the saved weights: the normaliser (SFT answers to PPO prompts score mean 0, std 1), the checkpoint
     norm = sft_normalizer(model, init, tokenizer, data["folder"], config, ctx, run.device)
     save(norm)
     print(f"reward normalisation from {config['norm_prompts']} SFT answers to PPO prompts: bias {norm['bias']:.4f}, "
           f"scale {norm['scale']:.4f}")
-    if stopper.requested:
-        print(f"saved {run.ckpt_path} at iteration {it}; continue with --resume")
-    progress.done(it)
+    progress.done(it, stopper.requested)
     return {**metrics, "reward_norm": norm}
 
 
@@ -522,15 +472,14 @@ def report(model, data, ctx, config, run, it):
     print(f"eval {it}: val loss {val['loss']:.4f}, accuracy {val['accuracy']:.3f}{gold}, margin {val['margin']:.3f}, "
           f"reward {val['reward_mean']:.3f} +- {val['reward_std']:.3f} | train probe accuracy {train['accuracy']:.3f}")
     append_jsonl(run.log_path, metrics)
-    if it == 0:
-        return metrics
-    records, name = read_jsonl_log(run.log_path), config["config"]
-    plot_curves(records, [("train (per step)", "loss"), ("train", "train_loss_eval"), ("val", "val_loss"),
-                          ("LM loss of the chosen sequences (per step)", "lm_loss")],
-                os.path.join(run.out_dir, "loss.png"), f"reward model losses ({name})")
-    plot_curves(records, [("train (per step)", "accuracy"), ("val vs noisy labels", "val_accuracy"),
-                          ("val vs gold labels", "val_gold_accuracy"), ("labeller agreement", "label_agreement")],
-                os.path.join(run.out_dir, "accuracy.png"), f"reward model accuracy ({name})")
+    if it > 0:
+        records, name = read_jsonl_log(run.log_path), config["config"]
+        plot_curves(records, [("train (per step)", "loss"), ("train", "train_loss_eval"), ("val", "val_loss"),
+                              ("LM loss of the chosen sequences (per step)", "lm_loss")],
+                    os.path.join(run.out_dir, "loss.png"), f"reward model losses ({name})")
+        plot_curves(records, [("train (per step)", "accuracy"), ("val vs noisy labels", "val_accuracy"),
+                              ("val vs gold labels", "val_gold_accuracy"), ("labeller agreement", "label_agreement")],
+                    os.path.join(run.out_dir, "accuracy.png"), f"reward model accuracy ({name})")
     return metrics
 
 
@@ -538,14 +487,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         config, flags = parse_config(argv, DEFAULTS, PRESETS, "reward.py", __doc__.strip().splitlines()[0])
-        if config["prompt"]:
-            score_text(config)
-        else:
-            run(config, flags)
+        run(config, flags)
     except (ValueError, CheckpointError, FloatingPointError, prepare_data.DataError) as e:
         print(f"reward.py: error: {e}", file=sys.stderr)
         return 1
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,9 +6,8 @@ sft.py: supervised fine-tuning, from a base model to one that answers in turns.
     python sft.py --config small --resume            # continue out/small/sft/ckpt.pt
     torchrun --standalone --nproc_per_node=8 sft.py --config gpt2
 
-Reads out/<config>/pretrain/ckpt.pt (the base model) and data/<dataset>/
-sft_{train,val}.jsonl (prompt/response demonstrations), writes
-out/<config>/sft/{ckpt.pt, log.jsonl, loss.png, accuracy.png}.
+Reads out/<config>/pretrain/ckpt.pt (the base model) and data/<dataset>/sft_{train,val}.jsonl
+(prompt/response demonstrations), writes out/<config>/sft/{ckpt.pt, log.jsonl, loss.png, accuracy.png}.
 
 Every demonstration is laid out in the one chat template (bpe.Tokenizer.encode_chat):
 
@@ -20,10 +19,9 @@ the closing <|end|> included: a model that never sees <|end|> as a target never
 learns to stop. Prompt tokens are context, not targets (mask 0), and padding is
 never a target either (target id -1, which cross_entropy ignores).
 
-Every eval_interval steps: the loss on held-out responses, and greedy answers to
-held-out prompts graded by the simulated labeler of prepare_data.py (accuracy per
-task type, end-of-turn rate). The evaluation before the first step is the base
-model prompted with the template: what SFT buys is the difference.
+Every eval_interval steps: the loss on held-out responses, and greedy answers to held-out
+prompts graded by tinyworld.py's simulated labeler (accuracy per task type, end-of-turn rate).
+The first evaluation is the base model prompted with the template: SFT buys the difference.
 """
 
 import os
@@ -45,37 +43,22 @@ STAGE = "sft"
 # Configuration: defaults, then a preset (--config NAME), then --key=value overrides.
 
 DEFAULTS = dict(
-    config="default",
-    # data and files
-    dataset="tinyworld",        # data/<dataset>/sft_{train,val}.jsonl from prepare_data.py
-    data_dir="data",
-    init="",                    # the base model; "" means out/<config>/pretrain/ckpt.pt
-    out_dir="",                 # "" means out/<config>/sft
-    # batches
+    config="default", dataset="tinyworld", data_dir="data",  # data/<dataset>/sft_{train,val}.jsonl, prepare_data.py
+    init="", out_dir="",        # "": out/<config>/pretrain/ckpt.pt (the base model), out/<config>/sft
     batch_size=32,              # examples (or packed rows) per micro-step, per process
     grad_accum=1,               # micro-steps per optimizer step, summed over all processes
     block_size=0,               # longest example in tokens; 0 = the model's block size
     pack=False,                 # pack several examples into each row of block_size tokens
     dropout=0.0,                # dropout while fine-tuning (the model's own setting is ignored)
-    # optimisation: a gentler learning rate than pretraining, the model already knows the language
-    max_iters=600,
-    learning_rate=3e-4,
-    min_lr_ratio=0.1,
-    warmup_iters=30,
-    weight_decay=0.0,
-    beta1=0.9, beta2=0.95,
-    grad_clip=1.0,
-    # evaluation, logging, saving
+    # a gentler learning rate than pretraining: the model already knows the language
+    max_iters=600, learning_rate=3e-4, min_lr_ratio=0.1, warmup_iters=30,
+    weight_decay=0.0, beta1=0.9, beta2=0.95, grad_clip=1.0,
     eval_interval=200,
     eval_prompts=200,           # held-out prompts answered greedily at each evaluation (0 = none)
     max_new_tokens=48,          # answer length limit in those evaluations
-    log_interval=10,
-    stop_at_iter=0,             # stop (and save) after this many iterations; 0 = run to max_iters
-    # system
-    device="auto",
-    dtype="auto",
-    compile=False,              # torch.compile; best with pack=True (every batch the same shape)
-    seed=1337,
+    log_interval=10, stop_at_iter=0,  # stop (and save) after stop_at_iter iterations; 0 = run to max_iters
+    device="auto", dtype="auto",
+    compile=False, seed=1337,   # compile: torch.compile, best with pack=True (every batch the same shape)
 )
 
 PRESETS = {
@@ -106,19 +89,15 @@ def make_example(tokenizer, prompt, response, block_size):
     length, at most block_size + 1 (inputs and targets are that shifted by one);
     a longer example loses its end, ids and mask together."""
     prompt_ids, response_ids = tokenizer.encode_chat(prompt, response)
-    ids = prompt_ids + response_ids
-    mask = response_mask(len(prompt_ids), len(response_ids))
-    truncated = len(ids) > block_size + 1
-    return ids[:block_size + 1], mask[:block_size + 1], truncated
+    ids, mask = prompt_ids + response_ids, response_mask(len(prompt_ids), len(response_ids))
+    return ids[:block_size + 1], mask[:block_size + 1], len(ids) > block_size + 1
 
 
 def shift_targets(ids, mask):
     """(ids, mask) of one row -> (inputs, targets), each len(ids) - 1: the model
     at position t predicts ids[t + 1], which is a target only where mask[t + 1]
     is 1; elsewhere the target is -1 (ignored by the loss)."""
-    inputs = ids[:-1]
-    targets = [tok if m else -1 for tok, m in zip(ids[1:], mask[1:])]
-    return inputs, targets
+    return ids[:-1], [tok if m else -1 for tok, m in zip(ids[1:], mask[1:])]
 
 
 def collate(rows, pad_id=0):
@@ -127,8 +106,7 @@ def collate(rows, pad_id=0):
     tokens, so the causal mask hides them) and padding targets get -1."""
     shifted = [shift_targets(ids, mask) for ids, mask in rows]
     T = max(len(inputs) for inputs, _ in shifted)
-    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), T), -1, dtype=torch.long)
+    x, y = (torch.full((len(rows), T), fill, dtype=torch.long) for fill in (pad_id, -1))
     for i, (inputs, targets) in enumerate(shifted):
         x[i, :len(inputs)] = torch.tensor(inputs, dtype=torch.long)
         y[i, :len(targets)] = torch.tensor(targets, dtype=torch.long)
@@ -140,8 +118,7 @@ def pack_examples(examples, block_size):
     block_size + 1 tokens (fewer rows, less padding). Each example keeps its own
     mask, so the loss is the same set of targets; the next example's prompt
     starts right after the previous <|end|>."""
-    rows = []
-    ids, mask = [], []
+    rows, ids, mask = [], [], []
     for e_ids, e_mask in examples:
         if ids and len(ids) + len(e_ids) > block_size + 1:
             rows.append((ids, mask))
@@ -180,8 +157,7 @@ def load_sft_data(config, tokenizer, block_size):
     """Training rows, validation rows and held-out records, and the count of
     truncated training examples."""
     folder = prepare_data.ensure_prepared(config["dataset"], config["data_dir"])  # builds tinyworld if missing
-    data = {}
-    truncated = {}
+    data, truncated = {}, {}
     for split in ("train", "val"):
         records = load_records(os.path.join(folder, f"sft_{split}.jsonl"))
         examples = [make_example(tokenizer, r["prompt"], r["response"], block_size) for r in records]
@@ -216,8 +192,7 @@ def response_loss(model, rows, batch_size, ctx, device):
     model.eval()
     nats, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        x, y = collate(rows[start:start + batch_size])
-        x, y = x.to(device), y.to(device)
+        x, y = (t.to(device) for t in collate(rows[start:start + batch_size]))
         with ctx:
             logits, _ = model(x)
         n = int((y != -1).sum())
@@ -235,8 +210,7 @@ def evaluate(model, tokenizer, data, config, ctx, device):
         with ctx:  # greedy answers in the chat template
             answers = answer_prompts(model, tokenizer, [r["prompt"] for r in records], config["max_new_tokens"])
         grades = tinyworld.grade_answers(records, answers)
-        metrics.update(accuracy=grades["accuracy"], gold=grades["gold"], end_rate=grades["end_rate"],
-                       words=grades["words"])
+        metrics.update({k: grades[k] for k in ("accuracy", "gold", "end_rate", "words")})
         metrics.update({f"acc_{task}": g["accuracy"] for task, g in grades["by_task"].items()})
     return metrics
 
@@ -267,7 +241,6 @@ def run(config, flags=()):
     run = start_run(config, flags, STAGE, out_dir)
     if run.resume is not None:
         base, parent = run.resume, run.resume["parent"]
-        init_path = parent["path"]
     else:
         base = load_checkpoint(init_path, stages={"pretrain", "sft"})
         parent = parent_record(init_path if os.path.isfile(init_path) else os.path.join(init_path, "ckpt.pt"))
@@ -275,36 +248,32 @@ def run(config, flags=()):
     tokenizer = tokenizer_from_checkpoint(base)
     block_size = config["block_size"] or model_args["block_size"]
     if block_size > model_args["block_size"]:
-        raise ValueError(f"--block_size={block_size} is longer than the model's block size "
-                         f"{model_args['block_size']}")
+        raise ValueError(f"--block_size={block_size} is longer than the model's block size {model_args['block_size']}")
     data, truncated = load_sft_data(config, tokenizer, block_size)
 
     # 2. the model, its precision (measured on a few training rows) and the optimizer
     torch.manual_seed(config["seed"] + run.rank)
     raw_model = model_from_checkpoint(dict(base, model_args=model_args), run.device)
-    x, y = collate(data["train"][:8])
-    dtype, dtype_why, ctx, scaler = training_precision(config["dtype"], run.device_type, raw_model, lambda c: forward_backward(
-        raw_model, [(x.to(run.device), y.to(run.device))], c))
+    batch = [t.to(run.device) for t in collate(data["train"][:8])]
+    dtype, dtype_why, ctx, scaler = training_precision(config["dtype"], run.device_type, raw_model,
+                                                       lambda c: forward_backward(raw_model, [batch], c))
     optimizer = configure_optimizer(raw_model, config["learning_rate"], config["weight_decay"],
                                     (config["beta1"], config["beta2"]), run.device_type)
-    it, epoch, cursor = 0, 0, 0
-    metrics = {}
+    it, epoch, cursor, metrics = 0, 0, 0, {}
     if run.resume is not None:
         state = run.resume["resume"]
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         it, epoch, cursor = state["iter"], state["epoch"], state["cursor"]
         metrics = dict(run.resume["metrics"])
-    compile_batch = None
-    if config["compile"]:
-        compile_batch = tuple(t.to(run.device) for t in collate(data["train"][:config["batch_size"]]))
-    model = wrap_model(raw_model, run, compile_batch, ctx)
+    compile_batch = tuple(t.to(run.device) for t in collate(data["train"][:config["batch_size"]]))
+    model = wrap_model(raw_model, run, compile_batch if config["compile"] else None, ctx)
 
-    n_train = len(data["train"])
-    open_log(run, it, f"from {init_path} ({raw_model.num_params() / 1e6:.2f}M parameters), "
-             f"{len(data['train_records'])} demonstrations in {n_train} rows{' (packed)' if config['pack'] else ''}, "
-             f"{truncated['train']} truncated to {block_size + 1} tokens; {config['grad_accum'] * config['batch_size']} "
-             f"rows/iter, device {run.device} x{run.world}", dtype, dtype_why)
+    open_log(run, it, f"from {parent['path']} ({raw_model.num_params() / 1e6:.2f}M parameters), "
+             f"{len(data['train_records'])} demonstrations in {len(data['train'])} rows"
+             f"{' (packed)' if config['pack'] else ''}, {truncated['train']} truncated to {block_size + 1} tokens; "
+             f"{config['grad_accum'] * config['batch_size']} rows/iter, device {run.device} x{run.world}",
+             dtype, dtype_why)
 
     def run_eval(it):
         result = dict(evaluate(raw_model, tokenizer, data, config, ctx, run.device), iter=it)
@@ -313,19 +282,17 @@ def run(config, flags=()):
         return result
 
     if run.master and it == 0:
-        metrics["base"] = run_eval(0)  # the base model, prompted with the chat template: what SFT buys is the difference
-    end_iter = run.end_iter
-    progress = Progress(run, it, end_iter, config["log_interval"], "target_tok")
+        metrics["base"] = run_eval(0)  # the base model, prompted with the chat template: SFT buys the difference
+    progress = Progress(run, it, run.end_iter, config["log_interval"], "target_tok")
     stopper = StopRequested()
     try:
-        while it < end_iter:
-            # 3. one optimizer step on the response tokens: every process walks the same order of
-            #    examples and takes its own slice of each global batch
+        while it < run.end_iter:
+            # 3. one optimizer step on the response tokens; each process takes its slice of every global batch
             lr = scheduled_lr(optimizer, it, config)
             micro_batches, targets = [], 0
             for _ in range(config["grad_accum"] // run.world):
-                indices, epoch, cursor = batch_indices(n_train, config["batch_size"] * run.world, epoch, cursor,
-                                                       config["seed"])
+                indices, epoch, cursor = batch_indices(len(data["train"]), config["batch_size"] * run.world, epoch,
+                                                       cursor, config["seed"])
                 x, y = collate([data["train"][i] for i in indices[run.rank::run.world]])
                 targets += int((y != -1).sum()) * run.world
                 micro_batches.append((x.to(run.device), y.to(run.device)))
@@ -336,7 +303,7 @@ def run(config, flags=()):
                             f"epoch {epoch}")
 
             # 4. now and then: held-out loss and graded answers, a checkpoint, the plots
-            at_eval = it % config["eval_interval"] == 0 or it == end_iter
+            at_eval = it % config["eval_interval"] == 0 or it == run.end_iter
             if at_eval or stopper.requested:
                 if run.master and at_eval:
                     metrics.update(run_eval(it))
@@ -350,12 +317,11 @@ def run(config, flags=()):
                     plot_progress(read_jsonl_log(run.log_path), metrics, run.out_dir, config["config"])
                 progress.pause(it)
                 if stopper.requested:
-                    print(f"saved {run.ckpt_path} at iteration {it}; continue with --resume")
                     break
     finally:
         model = None  # the DDP wrapper goes before its process group
         end_run(stopper)
-    progress.done(it)
+    progress.done(it, stopper.requested)
     return metrics
 
 

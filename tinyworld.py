@@ -1,21 +1,21 @@
 """
 tinyworld.py: a world a program can label.
 
-RLHF needs a human who says which of two answers is better, thousands of times. A laptop course has
-none, so this file builds a small world in which a program can play that human, and play it well:
+RLHF needs a human who says which of two answers is better, thousands of times. A laptop course has none,
+so this file builds a small world in which a program can play that human, and play it well:
 
-1. The world: children, animals, toys, colours, places, food and feelings in word lists that never
-   share a word, told in simple stories whose facts stay consistent; quizzes that drill its facts;
-   a little planted web junk for curation to remove.
-2. Instruction tasks whose answers can be checked: story questions, small sums, opposites, "which
-   word is an animal". Each record carries its reference and the kind of word that counts.
-3. The simulated labeler: `gold_score` scores any response rule by rule (right answer first, then
-   concise, ended, not repetitive), whatever a model writes; `grade_answers` sums it up.
+1. The world: children, animals, toys, colours, places, food and feelings in word lists that never share a
+   word, told in simple stories whose facts stay consistent; quizzes that drill its facts; a little planted
+   web junk for curation to remove.
+2. Instruction tasks whose answers can be checked: story questions, small sums, opposites, "which word is an
+   animal". Each record carries its reference and the kind of word that counts.
+3. The simulated labeler: `gold_score` scores any response rule by rule (right answer first, then concise,
+   ended, not repetitive), whatever a model writes; `grade_answers` sums it up.
 4. SFT demonstrations of mixed quality; preference pairs labelled through human-like noise.
 5. Multiple-choice cloze items, and splits that share no story or prompt.
 
-Everything comes from a seed through private random streams: the same seed gives the same bytes on
-every machine. prepare_data.py writes it all to data/tinyworld/.
+Everything comes from a seed through private random streams: the same seed gives the same bytes on every
+machine. prepare_data.py writes it all to data/tinyworld/.
 """
 
 import collections
@@ -38,15 +38,10 @@ QUIZ_KEY_SHARE = 0.25      # share of task keys (stories, prompts) reserved for 
 # Story questions: how often a second child appears, and has a fact of the asked kind (hard to read).
 QA_SECOND_CHILD, QA_SAME_KIND = 0.8, 0.8
 
-# Sizes of the instruction splits (records), the four task types in equal numbers.
-SPLIT_SIZES = {
-    "prompts_eval": 200,   # held-out prompts with references (eval.py)
-    "prompts_ppo": 1000,   # prompts for RLHF rollouts (ppo.py)
-    "prefs_val": 1000,     # held-out preference pairs (reward.py)
-    "prefs_train": 36000,  # preference pairs (reward.py): judging a sum right needs many fresh pairs
-    "sft_val": 200,        # held-out demonstrations (sft.py)
-    "sft_train": 4000,     # demonstrations (sft.py)
-}
+# Sizes of the instruction splits (records), the four task types in equal numbers: prompts with references
+# (eval.py, ppo.py), preference pairs (reward.py: judging a sum right needs many fresh pairs), demonstrations (sft.py).
+SPLIT_SIZES = {"prompts_eval": 200, "prompts_ppo": 1000, "prefs_val": 1000, "prefs_train": 36000,
+               "sft_val": 200, "sft_train": 4000}
 MC_SIZE = 400              # multiple-choice cloze items (eval.py)
 # prefs_train beyond its first pairs is drawn after every other split: they stay the same whatever its size.
 PREFS_TRAIN_FIRST = 12000
@@ -60,8 +55,8 @@ LABEL_TEMPERATURE = 1.0
 
 
 def rng_for(seed, part):
-    """A private random stream for one part of the build: seeded by a string (through sha512), the same
-    on every run and machine, and no part disturbs another's randomness."""
+    """A private random stream for one part of the build, seeded by a string (through sha512): the same on every
+    machine, and no part disturbs another's randomness."""
     return random.Random(f"stagegpt:{seed}:{part}")
 
 
@@ -89,8 +84,7 @@ PLACES = ["park", "beach", "forest", "garden", "school", "farm", "river", "lake"
 FOODS = ["apple", "banana", "cake", "bread", "soup", "cookie", "pie", "carrot", "cheese", "egg", "grape", "pear",
          "plum", "sandwich"]
 FEELINGS = ["happy", "sad", "tired", "excited", "scared", "proud", "angry", "calm", "surprised", "lonely"]
-GOOD_FEELINGS = ["happy", "excited", "proud", "calm"]
-BAD_FEELINGS = ["sad", "tired", "scared", "lonely"]
+GOOD_FEELINGS, BAD_FEELINGS = ["happy", "excited", "proud", "calm"], ["sad", "tired", "scared", "lonely"]
 UNCOUNTABLE = {"bread", "soup", "cheese", "sheep", "fish"}
 COUNTABLE_THINGS = [x for x in FOODS + OBJECTS if x not in UNCOUNTABLE]
 # Word pairs for the "opposite" task. Every word appears once.
@@ -113,8 +107,7 @@ ANIMAL_HABIT = {"dog": "run in the grass", "cat": "sleep in the sun", "bird": "f
                 "mouse": "hide in small places", "bear": "eat honey", "fox": "dig holes", "owl": "stay up all night",
                 "turtle": "walk very slowly", "lion": "sleep under a tree", "hen": "look for seeds",
                 "bee": "visit the flowers"}
-WEATHER = ["sunny", "rainy", "windy", "snowy", "cloudy", "warm"]
-TIMES = ["morning", "afternoon", "evening"]
+WEATHER, TIMES = ["sunny", "rainy", "windy", "snowy", "cloudy", "warm"], ["morning", "afternoon", "evening"]
 SPOTS = ["under a tree", "behind a big rock", "in the tall grass", "next to a bench", "under a bush", "near the gate"]
 CATEGORY_KINDS = {"animal": ANIMALS, "colour": COLOURS, "food": FOODS, "place": PLACES}
 # The answer vocabulary of each kind of story question.
@@ -149,18 +142,6 @@ def fill(template, facts):
 # -----------------------------------------------------------------------------
 # Stories. A story has a hero, a friend and their things. `story_facts` turns these base facts into
 # every form a template needs (pronouns, articles, plurals), so a template cannot get them wrong.
-
-
-def pick_base_facts(rng):
-    """The facts of one story: distinct hero and friend, and their things."""
-    name, fname = rng.sample(NAMES, 2)
-    obj, fobj = rng.sample(OBJECTS, 2)
-    colour, fcolour = rng.sample(COLOURS, 2)
-    animal, animal2 = rng.sample(ANIMALS, 2)
-    return {"name": name, "fname": fname, "object": obj, "fobject": fobj, "colour": colour, "fcolour": fcolour,
-            "animal": animal, "animal2": animal2, "place": rng.choice(PLACES), "food": rng.choice(FOODS),
-            "feeling": rng.choice(GOOD_FEELINGS), "bad_feeling": rng.choice(BAD_FEELINGS),
-            "weather": rng.choice(WEATHER), "time": rng.choice(TIMES), "spot": rng.choice(SPOTS)}
 
 
 def story_facts(base):
@@ -264,54 +245,45 @@ def tell_counting(facts, rng):
     """A story whose numbers add up: 'Mia had 3 apples ... 3 plus 4 is 7.'"""
     thing, f = rng.choice(COUNTABLE_THINGS), facts
     if rng.random() < 0.5:
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        c = a + b
-        lines = [f"{f['name']} had {a} {plural(thing, a)}.",
-                 rng.choice([f"{f['fname']} gave {f['him']} {b} more.",
-                             f"Then {f['he']} found {b} more {plural(thing, b)} at the {f['place']}."]),
-                 f"Now {f['name']} had {c} {plural(thing, c)}.",
-                 rng.choice([f"{a} plus {b} is {c}.", f"{f['name']} knew that {a} plus {b} is {c}."])]
+        op, a, b = "plus", rng.randint(1, 9), rng.randint(1, 9)
+        c, left = a + b, ""
+        change = rng.choice([f"{f['fname']} gave {f['him']} {b} more.",
+                             f"Then {f['he']} found {b} more {plural(thing, b)} at the {f['place']}."])
     else:
-        a = rng.randint(2, 9)
+        op, a = "minus", rng.randint(2, 9)
         b = rng.randint(1, a)
-        c = a - b
-        lines = [f"{f['name']} had {a} {plural(thing, a)}.",
-                 rng.choice([f"{capitalize(f['he'])} gave {b} to {f['fname']}.",
-                             f"{capitalize(f['he'])} lost {b} of them at the {f['place']}."]),
-                 f"Now {f['name']} had {c} {plural(thing, c)} left.",
-                 rng.choice([f"{a} minus {b} is {c}.", f"{f['name']} knew that {a} minus {b} is {c}."])]
+        c, left = a - b, " left"
+        change = rng.choice([f"{f['He']} gave {b} to {f['fname']}.", f"{f['He']} lost {b} of them at the {f['place']}."])
+    lines = [f"{f['name']} had {a} {plural(thing, a)}.", change, f"Now {f['name']} had {c} {plural(thing, c)}{left}.",
+             rng.choice([f"{a} {op} {b} is {c}.", f"{f['name']} knew that {a} {op} {b} is {c}."])]
     ending = rng.choice(["{name} counted them again to be sure.", "{name} was {feeling} and ran to tell {fname}.",
                          "Counting with {fname} was fun."])
-    return [capitalize(x) for x in lines], ending
-
-
-def school_fact(rng, f):
-    """One question-and-answer of a school lesson: a sum, an opposite or a kind."""
-    kid = rng.choice([f["name"], f["fname"]])
-    pick = rng.random()
-    if pick < 0.4:
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        if rng.random() < 0.5:
-            q, ans = f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}"
-        else:
-            a, b = max(a, b), min(a, b)
-            q, ans = f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}"
-    elif pick < 0.7:
-        w = rng.choice(OPPOSITE_WORDS)
-        q, ans = f"What is the opposite of {w}?", f"The opposite of {w} is {OPPOSITE_OF[w]}"
-    else:
-        kind = rng.choice(sorted(CATEGORY_KINDS))
-        word = rng.choice(CATEGORY_KINDS[kind])
-        q, ans = f"What is {kind_subject(word, kind).lower()}?", kind_sentence(word, kind)[:-1]
-    return f"\"{q}\" asked the teacher. \"{ans},\" said {kid}."
+    return lines, ending
 
 
 def tell_school(f, rng):
-    """A lesson: the teacher asks 2-4 questions of the tasks' kinds, the children answer right."""
+    """A lesson: the teacher asks 2-4 questions of the tasks' kinds (a sum, an opposite, a kind of word), the
+    children answer right."""
     body = [rng.choice([f"At school, the teacher asked {f['name']} and {f['fname']} some questions.",
                         f"One {f['time']}, {f['name']} and {f['fname']} were at school.",
                         "The children sat down and the teacher began the lesson."])]
-    body += [school_fact(rng, f) for _ in range(rng.randint(2, 4))]
+    for _ in range(rng.randint(2, 4)):
+        kid, pick = rng.choice([f["name"], f["fname"]]), rng.random()
+        if pick < 0.4:
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            if rng.random() < 0.5:
+                q, ans = f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}"
+            else:
+                a, b = max(a, b), min(a, b)
+                q, ans = f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}"
+        elif pick < 0.7:
+            w = rng.choice(OPPOSITE_WORDS)
+            q, ans = f"What is the opposite of {w}?", f"The opposite of {w} is {OPPOSITE_OF[w]}"
+        else:
+            kind = rng.choice(sorted(CATEGORY_KINDS))
+            word = rng.choice(CATEGORY_KINDS[kind])
+            q, ans = f"What is {kind_subject(word, kind).lower()}?", kind_sentence(word, kind)[:-1]
+        body.append(f"\"{q}\" asked the teacher. \"{ans},\" said {kid}.")
     ending = rng.choice(["The teacher was proud of {name} and {fname}.",
                          "After school, {name} and {fname} went to the {place} to play.",
                          "{name} liked school very much."])
@@ -320,9 +292,8 @@ def tell_school(f, rng):
 
 def kind_subject(word, kind):
     """How a word is named as the subject of a sentence: 'A dog', 'The park', 'Red'."""
-    if kind in ("colour", "place"):
-        return capitalize(word) if kind == "colour" else f"The {word}"
-    return capitalize(word if word in UNCOUNTABLE else with_article(word))
+    plain = kind == "colour" or word in UNCOUNTABLE  # 'Red', 'Bread'
+    return f"The {word}" if kind == "place" else capitalize(word if plain else with_article(word))
 
 
 def kind_sentence(word, kind):
@@ -331,8 +302,13 @@ def kind_sentence(word, kind):
 
 
 def plot_facts(plot, rng):
-    """The facts of a new story of this plot, in every form its templates need."""
-    base = pick_base_facts(rng)
+    """The facts of a new story of this plot (hero, friend and their things), in every form its templates need."""
+    (name, fname), (obj, fobj) = rng.sample(NAMES, 2), rng.sample(OBJECTS, 2)
+    (colour, fcolour), (animal, animal2) = rng.sample(COLOURS, 2), rng.sample(ANIMALS, 2)
+    base = {"name": name, "fname": fname, "object": obj, "fobject": fobj, "colour": colour, "fcolour": fcolour,
+            "animal": animal, "animal2": animal2, "place": rng.choice(PLACES), "food": rng.choice(FOODS),
+            "feeling": rng.choice(GOOD_FEELINGS), "bad_feeling": rng.choice(BAD_FEELINGS),
+            "weather": rng.choice(WEATHER), "time": rng.choice(TIMES), "spot": rng.choice(SPOTS)}
     if plot == "weather_walk":
         base["object"] = rng.choice(["hat", "coat"])  # something to put on
     return story_facts(base)
@@ -355,13 +331,10 @@ def make_story(rng):
 
 def generate_stories(seed, megabytes):
     """Stories (and QUIZ_SHARE quizzes) until their UTF-8 size reaches `megabytes` (1e6 bytes each)."""
-    rng = rng_for(seed, "stories")
-    target = int(megabytes * 1_000_000)
-    stories, size = [], 0
-    while size < target:
-        story = make_quiz(rng, seed) if rng.random() < QUIZ_SHARE else make_story(rng)
-        stories.append(story)
-        size += len(story.encode("utf-8")) + 1
+    rng, stories, size = rng_for(seed, "stories"), [], 0
+    while size < int(megabytes * 1_000_000):
+        stories.append(make_quiz(rng, seed) if rng.random() < QUIZ_SHARE else make_story(rng))
+        size += len(stories[-1].encode("utf-8")) + 1
     return stories
 
 
@@ -379,9 +352,8 @@ JUNK_KINDS = ["exact_copy", "near_copy", "footer", "web_page", "symbols", "too_s
 def add_web_junk(stories, rng, fraction):
     """(documents, counts): the stories with fraction * len(stories) junk documents inserted at random."""
     docs = list(stories)
-    n_junk = int(round(fraction * len(stories)))
     counts = {kind: 0 for kind in JUNK_KINDS}
-    for i in range(n_junk):
+    for i in range(int(round(fraction * len(stories)))):
         kind = JUNK_KINDS[i % len(JUNK_KINDS)]
         source = rng.choice(stories)  # copies are of an existing story,
         fresh = make_story(rng)         # the other junk rides on a new one
@@ -476,13 +448,11 @@ def make_story_qa(rng):
     kind = rng.choice(QA_KINDS)
     fact = QA_FACT_OF_KIND[kind]
     two = rng.random() < QA_SECOND_CHILD or kind == "name"
-    names = rng.sample(NAMES, 2)
-    places, objs, colours = rng.sample(PLACES, 2), rng.sample(OBJECTS, 2), rng.sample(COLOURS, 2)
-    animals, foods, feelings = rng.sample(ANIMALS, 2), rng.sample(FOODS, 2), rng.sample(FEELINGS, 2)
-    chars = [{"name": names[i], "place": places[i], "object": objs[i], "colour": colours[i], "animal": animals[i],
-              "food": foods[i], "feeling": feelings[i], "place_verb": rng.choice(["went", "walked", "ran"]),
-              "thing_verb": rng.choice(["had", "found"]), "animal_verb": rng.choice(["saw", "played with"]),
-              "feeling_verb": rng.choice(["felt", "was very"])} for i in range(2)]
+    pairs = [rng.sample(words, 2) for words in (NAMES, PLACES, OBJECTS, COLOURS, ANIMALS, FOODS, FEELINGS)]
+    chars = [dict(zip(["name", "place", "object", "colour", "animal", "food", "feeling"], picks),
+                  place_verb=rng.choice(["went", "walked", "ran"]), thing_verb=rng.choice(["had", "found"]),
+                  animal_verb=rng.choice(["saw", "played with"]), feeling_verb=rng.choice(["felt", "was very"]))
+             for picks in zip(*pairs)]
     asked, other = chars
     others_facts = [f for f in ["place", "thing", "animal", "food", "feeling"] if f != fact]
     blocks = [[fact] + rng.sample(others_facts, rng.randint(0, 1) if two else rng.randint(1, 2))]
@@ -508,42 +478,33 @@ def make_story_qa(rng):
 
 def make_arithmetic(rng):
     """A sum or a difference of single digits, bare or as a word problem."""
-    op = rng.choice(["plus", "minus"])
-    word_problem = rng.random() < 0.5
+    op, word_problem = rng.choice(["plus", "minus"]), rng.random() < 0.5
+    lo = 1 if word_problem else 0  # a word problem never counts zero things
     if op == "plus":
-        lo = 1 if word_problem else 0
         a, b = rng.randint(lo, 9), rng.randint(lo, 9)
         c = a + b
     else:
-        a = rng.randint(2 if word_problem else 0, 9)
-        b = rng.randint(1 if word_problem else 0, a)
+        a = rng.randint(2 * lo, 9)
+        b = rng.randint(lo, a)
         c = a - b
     wrong_c = c + 1 if (c == 0 or rng.random() < 0.5) else c - 1
     thing = rng.choice(COUNTABLE_THINGS)  # what a word problem counts
     if not word_problem:
-        if op == "plus":
-            prompt = rng.choice([f"What is {a} plus {b}?", f"How much is {a} plus {b}?",
-                                 f"Please add {a} and {b}.", f"What do you get when you add {a} and {b}?"])
-            reasoning = [f"We start with {a} and add {b} more."]
-        else:
-            prompt = rng.choice([f"What is {a} minus {b}?", f"How much is {a} minus {b}?",
-                                 f"Please take {b} away from {a}.", f"What do you get when you take {b} from {a}?"])
-            reasoning = [f"We start with {a} and take away {b}."]
+        prompts = {"plus": [f"Please add {a} and {b}.", f"What do you get when you add {a} and {b}?"],
+                   "minus": [f"Please take {b} away from {a}.", f"What do you get when you take {b} from {a}?"]}[op]
+        prompt = rng.choice([f"What is {a} {op} {b}?", f"How much is {a} {op} {b}?"] + prompts)
+        reasoning = [f"We start with {a} and " + (f"add {b} more." if op == "plus" else f"take away {b}.")]
         answers = [f"{a} {op} {b} is {{value}}.", "The answer is {value}.", "It is {value}."]
     else:
         n, m = rng.sample(NAMES, 2)
         him, he = ("her", "She") if n in GIRL_NAMES else ("him", "He")
-        things = plural(thing)
-        if op == "plus":
-            prompt = rng.choice([f"{n} has {a} {plural(thing, a)}. {m} gives {him} {b} more. How many {things} does {n} have now?",
-                                 f"{n} has {a} {plural(thing, a)} and finds {b} more. How many {things} does {n} have?"])
-            reasoning = [f"{n} starts with {a} and gets {b} more."]
-            answers = [f"{n} has {{value}} {{things}} now.", f"{n} has {{value}} {{things}}.", "The answer is {value}."]
-        else:
-            prompt = rng.choice([f"{n} has {a} {plural(thing, a)}. {he} gives {b} to {m}. How many {things} does {n} have left?",
-                                 f"{n} has {a} {plural(thing, a)} and loses {b}. How many {things} does {n} have left?"])
-            reasoning = [f"{n} starts with {a} and loses {b}."]
-            answers = [f"{n} has {{value}} {{things}} left.", f"{n} has {{value}} {{things}}.", "The answer is {value}."]
+        has, things, now = f"{n} has {a} {plural(thing, a)}", plural(thing), "now" if op == "plus" else "left"
+        prompt = rng.choice({"plus": [f"{has}. {m} gives {him} {b} more. How many {things} does {n} have now?",
+                                      f"{has} and finds {b} more. How many {things} does {n} have?"],
+                             "minus": [f"{has}. {he} gives {b} to {m}. How many {things} does {n} have left?",
+                                       f"{has} and loses {b}. How many {things} does {n} have left?"]}[op])
+        reasoning = [f"{n} starts with {a} and " + (f"gets {b} more." if op == "plus" else f"loses {b}.")]
+        answers = [f"{n} has {{value}} {{things}} {now}.", f"{n} has {{value}} {{things}}.", "The answer is {value}."]
     concise = [t.format(value=c, things=plural(thing, c)) for t in answers]
     wrong = [t.format(value=wrong_c, things=plural(thing, wrong_c)) for t in answers]
     return task_record("arithmetic", prompt, str(c), "number", concise, wrong, reasoning)
@@ -588,6 +549,7 @@ def make_category(rng):
     wrong = [f"The answer is {wrong_word}.", f"{kind_subject(wrong_word, kind)} is {a_kind}.", f"{capitalize(wrong_word)}."]
     reasoning = ["Only one of the three words fits.", "I looked at each word in the list."]
     return task_record("category", prompt, answer, "option", concise, wrong, reasoning, options=options)
+
 
 TASK_MAKERS = {"story_qa": make_story_qa, "arithmetic": make_arithmetic,
                "opposite": make_opposite, "category": make_category}
@@ -653,6 +615,7 @@ def truncate_before_answer(response, reference):
         return None
     return response[:m.start()].rstrip(" ,")
 
+
 CANDIDATE_KINDS = ["concise", "wrong", "verbose", "verbose_wrong", "copy", "truncated", "empty", "repetitive"]
 # Pairs that differ only in the answer (the same words around a right and a wrong one): without them a
 # reward model can score well by judging the style alone, and then ranks a policy's own answers, which
@@ -674,11 +637,9 @@ def make_candidates(record, rng):
     cuts = [c for c in (truncate_before_answer(r, record["reference"]) for r in record["_concise"]) if c]
     if cuts:  # the longest cut: the model was stopped just before the answer
         cands.append(("truncated", max(cuts, key=len), False))
-    cands.append(("empty", "", True))
     text = (" ".join([rng.choice(record["_concise"])] * rng.randint(3, 6)) if rng.random() < 0.5
             else " ".join([record["reference"]] * rng.randint(4, 8)))
-    cands.append(("repetitive", text, False))
-    return cands
+    return cands + [("empty", "", True), ("repetitive", text, False)]
 
 
 # -----------------------------------------------------------------------------
@@ -692,12 +653,10 @@ def make_candidates(record, rng):
 #                         question's given words) are exactly {reference}: two places are wrong;
 #        open tasks (Alpaca; no answer kind): GOLD_CORRECT x word-overlap F1 with the reference
 #                         (correct when F1 >= 0.5); no reference (HH): 0.
-#   3. Concise: each word beyond max(FREE_WORDS, 2 x reference words) costs LENGTH_COST, at most
-#      LENGTH_PENALTY_MAX.
+#   3. Concise: each word beyond max(FREE_WORDS, 2 x reference words) costs LENGTH_COST, at most LENGTH_PENALTY_MAX.
 #   4. Properly ended with the end-of-turn token: otherwise -NOT_ENDED_PENALTY.
 #   5. No repetition: -REPETITION_PENALTY_MAX x the share of word bigrams that repeat an earlier one.
-# Penalties add up to less than GOLD_CORRECT, so a correct response always beats a wrong one, and any
-# non-empty response beats an empty one.
+# Penalties sum to less than GOLD_CORRECT: a correct response always beats a wrong one, a non-empty one an empty one.
 
 GOLD_EMPTY, GOLD_CORRECT = -3.0, 3.0
 FREE_WORDS, LENGTH_COST, LENGTH_PENALTY_MAX = 8, 0.05, 1.0
@@ -708,13 +667,8 @@ NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "
 
 def numbers_in(text):
     """The numbers of a text in order, from digits or number words."""
-    out = []
-    for tok in tokens_of(text):
-        if tok.isdigit():
-            out.append(int(tok) if len(tok) <= 18 else -1)  # a huge number is never an answer
-        elif tok in NUMBER_WORDS:
-            out.append(NUMBER_WORDS.index(tok))
-    return out
+    toks = [t for t in tokens_of(text) if t.isdigit() or t in NUMBER_WORDS]  # a huge number (-1) is never an answer
+    return [NUMBER_WORDS.index(t) if t in NUMBER_WORDS else int(t) if len(t) <= 18 else -1 for t in toks]
 
 
 def answer_words(record, text):
@@ -738,8 +692,7 @@ def overlap_f1(text, reference):
 
 def is_correct(record, text):
     """Rule 2: does the response give the reference answer (and no other)?"""
-    kind = record.get("answer_kind") or "open"
-    reference = record.get("reference")
+    kind, reference = record.get("answer_kind") or "open", record.get("reference")
     if not reference:
         return False
     if kind == "number":
@@ -767,10 +720,8 @@ def gold_score(record, text, ended=True):
     if not toks:
         return GOLD_EMPTY
     reference = record.get("reference") or ""
-    if (record.get("answer_kind") or "open") == "open":
-        correctness = GOLD_CORRECT * overlap_f1(text, reference) if reference else 0.0
-    else:
-        correctness = GOLD_CORRECT if is_correct(record, text) else 0.0
+    open_task = (record.get("answer_kind") or "open") == "open"  # partial credit: the word overlap
+    correctness = GOLD_CORRECT * (overlap_f1(text, reference) if open_task else is_correct(record, text))
     free = max(FREE_WORDS, 2 * len(tokens_of(reference)))
     length = min(LENGTH_PENALTY_MAX, LENGTH_COST * max(0, len(toks) - free))
     not_ended = 0.0 if ended else NOT_ENDED_PENALTY
@@ -865,8 +816,7 @@ def make_cloze(rng):
             endings.append(wrong)
     order = list(range(4))
     rng.shuffle(order)
-    return {"task": "cloze", "context": context, "endings": [" " + endings[i] for i in order],
-            "label": order.index(0)}
+    return {"task": "cloze", "context": context, "endings": [" " + endings[i] for i in order], "label": order.index(0)}
 
 
 # -----------------------------------------------------------------------------
@@ -891,17 +841,14 @@ def build_task_splits(seed, sizes):
     unique, no key shared by two splits or by a split and the quizzes. prefs_train records beyond
     PREFS_TRAIN_FIRST are drawn last, so every other split (and the first ones) stays the same."""
     first = {s: min(n, PREFS_TRAIN_FIRST) if s == "prefs_train" else n for s, n in sizes.items()}
-    names = list(first)
-    weights = [max(1, first[s]) for s in names]
+    names, weights = list(first), [max(1, n) for n in first.values()]
     rng, out, seen_prompts = rng_for(seed, "tasks"), {s: [] for s in names}, set()
 
-    def per_task(n):
-        """n records -> {task: count}, the four tasks in equal numbers."""
+    def per_task(n):  # n records -> {task: count}, the four tasks in equal numbers
         return {task: n // len(TASKS) + (1 if i < n % len(TASKS) else 0) for i, task in enumerate(TASKS)}
 
     def draw(quota):
-        """Draw records (the tasks in turn) until quota {(split, task): n} is filled; each goes to the
-        split its key belongs to, or nowhere."""
+        """Draw records (the tasks in turn) until quota {(split, task): n} is filled; each goes to its key's split."""
         missing = sum(quota.values())
         draws, max_draws = 0, 100 * missing + 10_000
         while missing:

@@ -6,14 +6,9 @@ train.py: pretraining, the next-token objective on a corpus of token ids.
     python train.py --config small --resume         # continue out/small/pretrain/ckpt.pt
     torchrun --standalone --nproc_per_node=8 train.py --config gpt2   # GPUs
 
-Reads data/<dataset>/{train.bin, val.bin, meta.json, tokenizer.json} written by
-prepare_data.py (and runs it first for the embedded default dataset if it is
-missing), writes out/<config>/pretrain/{ckpt.pt, log.jsonl, loss.png}.
-
-The loop, as in nanoGPT: sample random windows of block_size + 1 tokens; the
-model predicts token t+1 from tokens <= t; AdamW with warmup + cosine decay,
-gradient accumulation and clipping; evaluate train/val loss and bits per byte
-now and then; save a checkpoint that a later stage (or --resume) starts from.
+Reads data/<dataset>/ from prepare_data.py, writes out/<config>/pretrain/{ckpt.pt, log.jsonl, loss.png}.
+The loop, as in nanoGPT: the model predicts token t+1 from tokens <= t in random windows; AdamW with
+warmup + cosine decay, gradient accumulation and clipping; evaluate now and then; save a checkpoint.
 """
 
 import contextlib
@@ -41,53 +36,33 @@ STAGE = "pretrain"
 # Configuration: defaults, then a preset (--config NAME), then --key=value overrides.
 
 DEFAULTS = dict(
-    config="default",
-    # data
-    dataset="tinyworld",        # data/<dataset>/ from prepare_data.py
-    data_dir="data",
-    out_dir="",                 # "" means out/<config>/pretrain
-    # model (see model.GPTConfig)
-    n_layer=4, n_head=4, n_embd=128, block_size=256, dropout=0.0, bias=True,
+    config="default", dataset="tinyworld", data_dir="data", out_dir="",  # out_dir "" means out/<config>/pretrain
+    n_layer=4, n_head=4, n_embd=128, block_size=256, dropout=0.0, bias=True,  # the model: see model.GPTConfig
     norm="layernorm", mlp="gelu", pos="learned", attention="sdpa",
-    # optimisation
-    batch_size=16,              # sequences per micro-step, per process
-    grad_accum=1,               # micro-steps per optimizer step, summed over all processes
-    max_iters=1000,
-    learning_rate=1e-3,
-    min_lr_ratio=0.1,           # cosine decays to this fraction of the peak
-    warmup_iters=100,
-    weight_decay=0.1,
-    beta1=0.9, beta2=0.95,
-    grad_clip=1.0,              # clip the global gradient norm; 0 disables
-    # evaluation, logging, saving
-    eval_interval=250, eval_iters=20, log_interval=10,
-    sample_tokens=64,           # show a sample at each evaluation; 0 disables
-    stop_at_iter=0,             # stop (and save) after this many iterations; 0 = run to max_iters
-    # system
-    device="auto",              # auto | cpu | cuda | cuda:1 | mps
-    dtype="auto",               # auto | float32 | bfloat16 | float16
-    compile=False,              # torch.compile the model
-    deterministic=True,         # the same run twice gives the same numbers on one machine (train.deterministic_algorithms)
-    seed=1337,
+    # optimisation: batch_size sequences per micro-step and process; grad_accum micro-steps per optimizer
+    # step, summed over all processes; cosine decay to min_lr_ratio of the peak; grad_clip 0 never clips
+    batch_size=16, grad_accum=1, max_iters=1000, learning_rate=1e-3, min_lr_ratio=0.1, warmup_iters=100,
+    weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
+    # evaluation, logging, saving; sample_tokens=0: no sample at evaluations; stop_at_iter=0: run to max_iters
+    eval_interval=250, eval_iters=20, log_interval=10, sample_tokens=64, stop_at_iter=0,
+    # system: device auto | cpu | cuda | cuda:1 | mps; dtype auto | float32 | bfloat16 | float16;
+    # deterministic: the same run twice gives the same numbers on one machine (deterministic_algorithms)
+    device="auto", dtype="auto", compile=False, deterministic=True, seed=1337,
 )
 
 PRESETS = {
-    # seconds, for tests
-    "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_iters=40,
-                 warmup_iters=5, eval_interval=20, eval_iters=2, log_interval=10, sample_tokens=16,
-                 learning_rate=3e-3),
-    # a 2-core laptop CPU in minutes. Three layers: the in-context copying
-    # the chat tasks need (rotary positions) appears after fewer tokens than with four at the same cost;
-    # block 128 holds every tinyworld document and chat example. Not compiled: a run this short would
-    # spend on compiling what compiling saves
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_iters=40, warmup_iters=5,
+                 eval_interval=20, eval_iters=2, log_interval=10, sample_tokens=16, learning_rate=3e-3),  # tests
+    # a 2-core laptop CPU in minutes. Three layers: the in-context copying the chat tasks need (rotary
+    # positions) appears after fewer tokens than with four at the same cost; block 128 holds every tinyworld
+    # document and chat example. Not compiled: a run this short would spend on compiling what compiling saves
     "small": dict(n_layer=3, n_head=4, n_embd=128, block_size=128, batch_size=16, max_iters=1500,
                   warmup_iters=100, eval_interval=375, eval_iters=20, learning_rate=3e-3, pos="rope"),
-    # GPT-2 124M on GPUs (8 x 80 GB: 0.5M tokens per step as in the GPT-2 paper); micro-batch 32
-    # keeps an H100 busier than 16 (tests/bench/bench_gpu.py)
+    # GPT-2 124M on GPUs (8 x 80 GB: 0.5M tokens per step as in the GPT-2 paper); micro-batch 32 keeps an
+    # H100 busier than 16 (tests/bench/bench_gpu.py). Speed first: deterministic CUDA kernels not measured here
     "gpt2": dict(dataset="tinystories", n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=32,
                  grad_accum=16, max_iters=5000, learning_rate=6e-4, warmup_iters=300, eval_interval=250,
-                 eval_iters=50, log_interval=10, sample_tokens=64, compile=True,
-                 deterministic=False),  # speed first at this scale; deterministic CUDA kernels not measured here
+                 eval_iters=50, log_interval=10, sample_tokens=64, compile=True, deterministic=False),
 }
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "norm", "mlp", "pos", "attention")
@@ -99,14 +74,10 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "n
 def load_dataset(config):
     """The memmapped train/val token arrays, the tokenizer and meta.json."""
     folder = prepare_data.ensure_prepared(config["dataset"], config["data_dir"])  # builds tinyworld if missing
-    meta_path = os.path.join(folder, "meta.json")
-    if not os.path.exists(meta_path):
-        raise ValueError(f"dataset {config['dataset']!r} is not prepared ({meta_path} is missing): "
-                         f"run `python prepare_data.py --dataset {config['dataset']}` first")
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
-    tokenizer = bpe.Tokenizer.load(os.path.join(folder, "tokenizer.json"))
-    data = {}
+    if not os.path.exists(os.path.join(folder, "meta.json")):
+        raise ValueError(f"dataset {config['dataset']!r} is not prepared ({os.path.join(folder, 'meta.json')} is "
+                         f"missing): run `python prepare_data.py --dataset {config['dataset']}` first")
+    meta, data = prepare_data.load_meta(folder), {}
     for split in ("train", "val"):
         path = os.path.join(folder, f"{split}.bin")
         if not os.path.exists(path):
@@ -115,52 +86,45 @@ def load_dataset(config):
         if len(data[split]) < config["block_size"] + 1:  # one window: block_size inputs and their next tokens
             raise ValueError(f"{path} has {len(data[split])} tokens, fewer than block_size + 1 = "
                              f"{config['block_size'] + 1}: use a smaller --block_size or more data")
-    return data, tokenizer, meta
+    return data, bpe.Tokenizer.load(os.path.join(folder, "tokenizer.json")), meta
 
 
 def get_batch(data, block_size, batch_size, generator):
-    """batch_size random windows of data: inputs x and targets y = x shifted by
-    one, both (batch_size, block_size) int64. Starts drawn from `generator`."""
-    # a window is block_size + 1 tokens, so the last valid start is len(data) - block_size - 1
+    """batch_size random windows of data: inputs x and targets y = x shifted by one,
+    both (batch_size, block_size) int64, starts drawn from `generator`."""
+    # one read of block_size + 1 tokens per window: x is all but its last token, y all but its first
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
-    # one read of block_size + 1 tokens per window: x is all but the last, y all but the first
     windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
     return windows[:, :-1], windows[:, 1:]
 
 
 def token_byte_lengths(tokenizer):
-    """(vocab_size,) float: UTF-8 bytes of each token; a special token counts as 1
-    (it stands where a separator character would be)."""
-    lengths = [len(b) for b in tokenizer.token_bytes] + [1] * len(tokenizer.special_ids)
-    return torch.tensor(lengths, dtype=torch.float64)
+    """(vocab_size,) float: UTF-8 bytes of each token; a special token counts 1 (it stands for a separator)."""
+    return torch.tensor([len(b) for b in tokenizer.token_bytes] + [1] * len(tokenizer.special_ids), dtype=torch.float64)
 
 
 def bits_per_byte(total_nats, total_bytes):
-    """Loss summed over tokens (nats) -> bits per byte of text. Unlike loss per
-    token, this does not depend on the tokenizer, so runs with different
-    vocabularies compare."""
+    """Loss summed over tokens (nats) -> bits per byte of text: unlike loss per token,
+    it does not depend on the tokenizer, so runs with different vocabularies compare."""
     return total_nats / math.log(2) / total_bytes
 
 
 @torch.no_grad()
 def evaluate(model, data, config, byte_lengths, ctx, device):
-    """Mean loss on eval_iters fixed batches of each split, and val bits per byte.
-    The batches come from their own generator, so evaluation never disturbs the
-    training data order (and every evaluation sees the same batches)."""
+    """Mean loss and bits per byte on eval_iters fixed batches of each split, drawn from their
+    own generator: evaluation never disturbs the training data order, and each sees the same."""
     model.eval()
     out = {}
     for split in ("train", "val"):
         generator = torch.Generator().manual_seed(config["seed"] + (1 if split == "train" else 2))
-        nats, n_tokens, n_bytes = 0.0, 0, 0.0
+        nats, n_bytes = 0.0, 0.0
         for _ in range(config["eval_iters"]):
             x, y = get_batch(data[split], config["block_size"], config["batch_size"], generator)
-            x, y = x.to(device), y.to(device)
             with ctx:
-                _, loss = model(x, y)
+                _, loss = model(x.to(device), y.to(device))
             nats += loss.item() * y.numel()
-            n_tokens += y.numel()
-            n_bytes += byte_lengths[y.cpu()].sum().item()
-        out[f"{split}_loss"] = nats / n_tokens
+            n_bytes += byte_lengths[y].sum().item()
+        out[f"{split}_loss"] = nats / (config["eval_iters"] * y.numel())
         out[f"{split}_bpb"] = bits_per_byte(nats, n_bytes)
     model.train()
     return out
@@ -170,19 +134,15 @@ def evaluate(model, data, config, byte_lengths, ctx, device):
 # The loop's machinery: sft.py, reward.py and ppo.py import these from here
 
 def parse_config(argv, defaults, presets, prog, description=""):
-    """`--config NAME --key=value ...` -> (config dict, flags). The config starts
-    from `defaults`, then the preset NAME, then each override, which must name a
-    known key and parse as the type of its default (int, float, bool, str).
-    Flags (`--resume`, `--overwrite`) come back separately. Every mistake is one
-    ValueError line."""
+    """`--config NAME --key=value ...` -> (config, flags): `defaults`, the preset NAME, then overrides, each
+    a known key parsed as its default's type; flags `--resume`, `--overwrite` apart; a mistake is one ValueError."""
     if "-h" in argv or "--help" in argv:
+        listed = "".join(f"  {name}: {', '.join(f'{k}={v}' for k, v in p.items())}\n" for name, p in presets.items())
+        keys = "".join(f"  --{k}={v!r}\n" for k, v in defaults.items())
         print(f"usage: python {prog} --config NAME [--key=value ...] [--resume] [--overwrite]\n\n{description}\n\n"
-              f"presets: {', '.join(presets)}\n" + "".join(
-                  f"  {name}: {', '.join(f'{k}={v}' for k, v in p.items())}\n" for name, p in presets.items())
-              + "\nkeys (default):\n" + "".join(f"  --{k}={v!r}\n" for k, v in defaults.items()))
+              f"presets: {', '.join(presets)}\n{listed}\nkeys (default):\n{keys}")
         raise SystemExit(0)
-    config, flags, preset_name, overrides = dict(defaults), set(), None, []
-    args = list(argv)
+    config, flags, overrides, args = dict(defaults), set(), [], list(argv)
     while args:
         arg = args.pop(0)
         if arg in ("--resume", "--overwrite"):
@@ -195,17 +155,12 @@ def parse_config(argv, defaults, presets, prog, description=""):
             raise ValueError(f"--config needs a preset name: one of {', '.join(presets)}")
         else:
             raise ValueError(f"cannot read argument {arg!r}: write --key=value (see --help)")
-    for key, text in overrides:
-        if key == "config":
-            preset_name = text
+    preset_name = next((text for key, text in reversed(overrides) if key == "config"), None)  # the last wins
     if preset_name is not None:
         if preset_name not in presets:
             raise ValueError(f"unknown config {preset_name!r}: choose one of {', '.join(presets)}")
         config.update(presets[preset_name], config=preset_name)
-    for key, text in overrides:
-        key = key.replace("-", "_")
-        if key == "config":
-            continue
+    for key, text in ((key.replace("-", "_"), text) for key, text in overrides if key != "config"):
         if key not in defaults:
             close = [k for k in defaults if key in k or k in key]
             hint = f" (did you mean {', '.join(close)}?)" if close else " (see --help for the keys)"
@@ -221,11 +176,9 @@ def convert_value(key, text, default):
     kind = type(default)
     try:
         if kind is bool:
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return text.lower() in ("true", "1", "yes")
+            return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()]
         return kind(text) if kind in (int, float) else text
-    except ValueError:
+    except (KeyError, ValueError):
         raise ValueError(f"--{key}={text!r} is not a valid {kind.__name__} (the default is {default!r})") from None
 
 
@@ -233,14 +186,11 @@ def pick_device(name="auto"):
     """'auto' -> cuda if present, then Apple mps, then cpu."""
     if name != "auto":
         return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def setup_distributed(config):
-    """(rank, world_size, device). Under torchrun: one process per GPU with NCCL,
-    or per CPU process with gloo."""
+    """(rank, world_size, device). Under torchrun: a process per GPU with NCCL, or per CPU with gloo."""
     device = pick_device(config["device"])
     if "RANK" not in os.environ:
         return 0, 1, device
@@ -254,16 +204,12 @@ def setup_distributed(config):
 
 @contextlib.contextmanager
 def deterministic_algorithms(enabled=True):
-    """Within the block torch uses deterministic kernels (an op that has none
-    warns instead of failing), so the same run twice on one machine gives the
-    same numbers (compiled bf16 CPU kernels, for one, differ in the last bits
-    from run to run). The previous setting comes back afterwards."""
-    if not enabled:
-        yield
-        return
+    """Deterministic kernels within the block (an op that has none warns), so the same run twice on
+    one machine gives the same numbers (compiled bf16 CPU kernels, for one, differ in the last bits)."""
     before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs for repeatable GEMMs
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs for repeatable GEMMs
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
@@ -271,8 +217,7 @@ def deterministic_algorithms(enabled=True):
 
 
 def configure_optimizer(model, learning_rate, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
-    """AdamW with weight decay on matrices (linear weights, embeddings) only:
-    biases and norm gains are not decayed. Fused kernels where available."""
+    """AdamW, fused where available, decaying matrices (weights, embeddings), not biases and gains."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -280,8 +225,7 @@ def configure_optimizer(model, learning_rate, weight_decay, betas=(0.9, 0.95), d
 
 
 def cosine_lr(it, max_lr, warmup_iters, max_iters, min_lr_ratio=0.1):
-    """Linear warmup from ~0 to max_lr over warmup_iters, then cosine decay to
-    min_lr_ratio * max_lr at max_iters (and flat after)."""
+    """Linear warmup to max_lr over warmup_iters, cosine decay to min_lr_ratio * max_lr at max_iters."""
     min_lr = min_lr_ratio * max_lr
     if it < warmup_iters:
         return max_lr * (it + 1) / warmup_iters
@@ -292,13 +236,11 @@ def cosine_lr(it, max_lr, warmup_iters, max_iters, min_lr_ratio=0.1):
 
 
 def forward_backward(model, micro_batches, ctx, scaler=None):
-    """Accumulate gradients over micro-batches [(x, y), ...]; returns the mean
-    loss (a tensor). Under DDP, gradients are all-reduced only on the last
-    micro-step: the earlier backward passes run inside no_sync()."""
+    """Accumulate gradients over micro-batches [(x, y), ...]; returns the mean loss (a tensor).
+    Under DDP, only the last micro-step all-reduces gradients: the others run in no_sync()."""
     total = 0.0
     for i, (x, y) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if (last or not isinstance(model, DDP)) else model.no_sync():
+        with model.no_sync() if isinstance(model, DDP) and i < len(micro_batches) - 1 else contextlib.nullcontext():
             with ctx:
                 loss = model(x, y)[1] / len(micro_batches)  # the mean over micro-batches, not the sum
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -307,16 +249,14 @@ def forward_backward(model, micro_batches, ctx, scaler=None):
 
 
 def clip_gradients(model, max_norm):
-    """Scale all gradients down together if their global L2 norm exceeds
-    max_norm (0: never). Returns the norm before clipping."""
+    """Scale all gradients down together to global L2 norm <= max_norm (0: never); the norm before."""
     if max_norm <= 0:
         return torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
     return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def flops_per_token(config, num_params):
-    """Training FLOPs per token (forward + backward), PaLM appendix B:
-    6 per parameter, plus the attention scores and sums, 12 * L * C * T."""
+    """Training FLOPs per token, PaLM appendix B: 6 per parameter plus attention's 12 * L * C * T."""
     return 6 * num_params + 12 * config.n_layer * config.n_embd * config.block_size
 
 
@@ -337,10 +277,8 @@ def model_flops_utilization(flops_per_tok, tokens_per_second, device_name):
 
 
 def compile_or_fall_back(model, example_batch, ctx, master=True, mode=None):
-    """torch.compile the model and build its kernels now, with one forward and
-    backward pass on example_batch = (x, y) of the training shape. Where compiling
-    fails (no C++ compiler on a laptop, say) the run goes on uncompiled. mode is
-    torch.compile's (e.g. "max-autotune-no-cudagraphs": try kernels, keep the fastest)."""
+    """torch.compile the model, its kernels built now by a pass on example_batch = (x, y) of the training
+    shape; where compiling fails (no C++ compiler on a laptop, say) the run goes on uncompiled."""
     compiled = torch.compile(model, mode=mode)
     rng = torch.get_rng_state()  # the dummy pass must not move the random state
     try:
@@ -360,10 +298,8 @@ def compile_or_fall_back(model, example_batch, ctx, master=True, mode=None):
 
 def rng_state():
     """Every random state a training run depends on, as checkpoint-safe values."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    return {"python": random.getstate(), "torch": torch.get_rng_state(), **cuda}
 
 
 def set_rng_state(state):
@@ -401,8 +337,7 @@ def truncate_log(path, last_iter):
 
 
 def plot_curves(records, series, path, title, xlabel="iteration"):
-    """A PNG with one line per (label, key) in `series`, from log records that
-    have `iter` and that key. Written atomically; matplotlib without a screen."""
+    """An atomically written PNG, a line per (label, key) in `series` from the records with that key."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -432,12 +367,11 @@ class StopRequested:
     """Ctrl-C sets a flag; the loop saves at the end of the current step and exits."""
 
     def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.requested, self.previous = False, signal.signal(signal.SIGINT, self.handle)
 
     def handle(self, signum, frame):
         if self.requested:  # a second Ctrl-C: stop now
-            signal.signal(signal.SIGINT, self.previous)
+            self.restore()
             raise KeyboardInterrupt
         self.requested = True
         print("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)")
@@ -454,66 +388,44 @@ BF16_MIN_SPEEDUP = 1.15
 
 
 def pick_dtype(name, device_type):
-    """'auto' -> bfloat16 on a GPU that has it, float16 on an older GPU, float32
-    elsewhere (resolve_dtype measures instead); other names are checked."""
-    if name != "auto":
-        if name not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype={name!r} is not one of auto, float32, bfloat16, float16")
-        return name
-    if device_type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
+    """'auto' -> bf16 on a GPU that has it, fp16 on an older one, else float32 (resolve_dtype measures)."""
+    if name == "auto":
+        return ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype={name!r} is not one of auto, float32, bfloat16, float16")
+    return name
 
 
 def autocast_context(device_type, dtype):
-    """Mixed precision: matrix multiplies in bf16/fp16, weights and optimizer
-    state stay in fp32. A no-op context for float32."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
-
-
-def synchronize(device_type):
-    """Wait for queued kernels, so that a timer measures them (a CPU runs in order)."""
-    if device_type in ("cuda", "mps"):
-        getattr(torch, device_type).synchronize()
+    """Mixed precision: matrix multiplies in bf16/fp16, weights and optimizer state in fp32."""
+    return contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, getattr(torch, dtype))
 
 
 def measure_bf16_speedup(step, device_type, repeats=3, timer=time.perf_counter):
-    """float32 step time / bf16 autocast step time: above 1, bf16 is faster.
-    step(ctx) runs one forward and backward of the run's own model on a few rows.
-    Each precision is warmed up once, then timed `repeats` times, alternating (a
-    machine that drifts affects both alike); the fastest of each counts. A CPU
-    without native bf16 instructions emulates it many times slower: a warm-up that
-    slow already decides, so such a machine pays for two steps, not eight."""
+    """float32 / bf16 autocast time of step(ctx), one forward and backward of the run's model:
+    above 1, bf16 is faster. After a warm-up each, alternating timings (drift hits both alike),
+    the fastest of each counts; a warm-up many times slower (emulated bf16) already decides."""
     def timed(dtype):
-        synchronize(device_type)
+        wait = getattr(torch, device_type).synchronize if device_type in ("cuda", "mps") else lambda: None
+        wait()  # queued GPU kernels must finish inside the timed span (a CPU runs in order)
         start = timer()
         step(autocast_context(device_type, dtype))
-        synchronize(device_type)
+        wait()
         return timer() - start
 
     warm32, warm16 = timed("float32"), timed("bfloat16")
     if warm16 > 3 * warm32:
         return warm32 / warm16
-    best32, best16 = float("inf"), float("inf")
-    for _ in range(repeats):
-        best32 = min(best32, timed("float32"))
-        best16 = min(best16, timed("bfloat16"))
-    return best32 / best16
+    times = [(timed("float32"), timed("bfloat16")) for _ in range(repeats)]
+    return min(t32 for t32, _ in times) / min(t16 for _, t16 in times)
 
 
 def resolve_dtype(requested, device_type, step=None, timer=time.perf_counter):
-    """(dtype, why): the precision a training run uses, and the reason, for its
-    start-up line. An explicit float32 | bfloat16 | float16 is kept as asked.
-    'auto': on CUDA, bf16 where the card has it, else fp16 (with a gradient
-    scaler); elsewhere bf16 autocast only if measure_bf16_speedup(step) is at
-    least BF16_MIN_SPEEDUP, so that a laptop without native bf16 trains in
-    float32 rather than in emulated bf16, many times slower. Under torchrun every
-    rank takes rank 0's answer (ranks that disagreed would run different kernels)."""
+    """(dtype, why) for a run's start-up line. 'auto': on CUDA bf16 where the card has it, else
+    fp16; elsewhere bf16 only if measure_bf16_speedup(step) >= BF16_MIN_SPEEDUP, so a laptop
+    without native bf16 does not train emulated. Every rank takes rank 0's answer (same kernels)."""
     if requested != "auto":
-        pick_dtype(requested, device_type)  # checks the name
-        return requested, "as asked"
+        return pick_dtype(requested, device_type), "as asked"  # pick_dtype checks the name
     if device_type == "cuda":
         dtype = pick_dtype("auto", device_type)
         return dtype, "auto: " + ("the GPU supports bf16" if dtype == "bfloat16" else "the GPU has no bf16")
@@ -538,9 +450,7 @@ def resolve_dtype(requested, device_type, step=None, timer=time.perf_counter):
 
 
 def training_precision(requested, device_type, model, step):
-    """(dtype, why, ctx, scaler) of a training run: resolve_dtype on step(ctx),
-    the gradients of its timed steps cleared from model, then the autocast
-    context and, for float16, the gradient scaler (None otherwise)."""
+    """(dtype, why, ctx, scaler): resolve_dtype on step(ctx), model's gradients cleared, fp16's scaler or None."""
     dtype, why = resolve_dtype(requested, device_type, step)
     model.zero_grad(set_to_none=True)
     scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
@@ -557,27 +467,20 @@ RESUME_MAY_CHANGE = ("max_iters", "stop_at_iter", "eval_interval", "save_interva
 
 
 def start_run(config, flags, stage, out_dir):
-    """What a training stage does before its model: processes and device, the
-    precision's name and grad_accum checked, and --resume or --overwrite.
-    Returns a namespace: stage, rank, world, master, device, device_type,
-    out_dir, ckpt_path, log_path, end_iter (where this run stops), and resume
-    (the checkpoint being resumed, whose config then replaces every key but
-    RESUME_MAY_CHANGE in config; or None)."""
+    """Before the model: processes and device, dtype and grad_accum checked, --resume or --overwrite.
+    A namespace: stage, rank, world, master, device, device_type, out_dir, ckpt_path, log_path,
+    end_iter, resume (the checkpoint, whose config replaces all but RESUME_MAY_CHANGE; or None)."""
     rank, world, device = setup_distributed(config)
     device_type = device.split(":")[0]
     pick_dtype(config["dtype"], device_type)  # a bad name fails before any work
     if config.get("grad_accum", 1) % world:
         raise ValueError(f"grad_accum={config['grad_accum']} must be divisible by the number of processes ({world})")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    resume = None
-    if "resume" in flags:
-        resume = load_checkpoint(ckpt_path, stages={stage})
-        for key in config:
-            if key not in RESUME_MAY_CHANGE:
-                config[key] = resume["config"].get(key, config[key])
-        saved_world = resume["resume"].get("world", world)
-        if saved_world != world:  # each process's data position is in the checkpoint
-            raise ValueError(f"{ckpt_path} was saved by {saved_world} process(es): "
+    resume = load_checkpoint(ckpt_path, stages={stage}) if "resume" in flags else None
+    if resume is not None:
+        config.update({k: resume["config"].get(k, v) for k, v in config.items() if k not in RESUME_MAY_CHANGE})
+        if resume["resume"].get("world", world) != world:  # each process's data position is in the checkpoint
+            raise ValueError(f"{ckpt_path} was saved by {resume['resume']['world']} process(es): "
                              f"resume it with the same number (now {world})")
     elif os.path.exists(ckpt_path) and "overwrite" not in flags:
         raise ValueError(f"{ckpt_path} already exists: pass --resume to continue it, "
@@ -589,9 +492,8 @@ def start_run(config, flags, stage, out_dir):
 
 
 def open_log(run, start_iter, summary, dtype, dtype_why):
-    """Print the start-up line (summary, the precision and why) and begin log.jsonl:
-    a resumed run drops the records after its checkpoint, a new one starts empty.
-    The first record is the precision."""
+    """Print the start-up line and begin log.jsonl with the precision: a resumed run drops the
+    records after its checkpoint, a new one starts empty."""
     if not run.master:
         return
     if run.resume is not None:
@@ -599,15 +501,13 @@ def open_log(run, start_iter, summary, dtype, dtype_why):
         print(f"resuming {run.ckpt_path} at iteration {start_iter}")
     else:
         os.makedirs(run.out_dir, exist_ok=True)
-        if os.path.exists(run.log_path):
-            os.remove(run.log_path)
+        open(run.log_path, "w").close()  # a new run starts an empty log
     print(f"{run.stage}: {summary}, {dtype} ({dtype_why})")
     append_jsonl(run.log_path, {"iter": start_iter, "dtype": dtype, "dtype_why": dtype_why})
 
 
 def wrap_model(model, run, compile_batch=None, ctx=None):
-    """The model the loop calls: compiled when compile_batch (an example batch) is
-    given, and in DDP under torchrun (one process too: the same code as on 8 GPUs)."""
+    """The model the loop calls: compiled on compile_batch if given, in DDP under torchrun (even one process)."""
     if compile_batch is not None:
         model = compile_or_fall_back(model, compile_batch, ctx, run.master)
     if dist.is_initialized():
@@ -616,8 +516,7 @@ def wrap_model(model, run, compile_batch=None, ctx=None):
 
 
 def scheduled_lr(optimizer, it, config):
-    """Set and return iteration it's learning rate: cosine_lr of the config's
-    learning_rate, warmup_iters, max_iters and min_lr_ratio."""
+    """Set and return iteration it's learning rate (cosine_lr of the config's keys)."""
     lr = cosine_lr(it, config["learning_rate"], config["warmup_iters"], config["max_iters"], config["min_lr_ratio"])
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -625,10 +524,8 @@ def scheduled_lr(optimizer, it, config):
 
 
 def optimizer_step(model, optimizer, loss, scaler, grad_clip, run, it):
-    """After the backward passes: the loss averaged over processes, the gradients
-    unscaled (fp16), clipped, applied and cleared. Returns (loss, gradient norm
-    before clipping). A loss that is not finite stops the run before the step, so
-    the last checkpoint is a good one."""
+    """(loss averaged over processes, gradient norm before clipping) after the gradients are
+    unscaled (fp16), clipped, applied and cleared. A loss not finite stops before the step."""
     if run.world > 1:  # every rank reports the same mean
         dist.all_reduce(loss)
         loss = loss / run.world
@@ -649,19 +546,16 @@ def optimizer_step(model, optimizer, loss, scaler, grad_clip, run, it):
 
 
 class Progress:
-    """Progress lines every log_interval iterations: loss, learning rate, gradient
-    norm, throughput (work per second, e.g. tokens) and ETA, each also a log.jsonl
-    record. Time spent evaluating and saving is not throughput (pause())."""
+    """A line and a log.jsonl record every log_interval iterations: loss, learning rate, gradient
+    norm, throughput (work per second, e.g. tokens) and ETA. Evaluating and saving are paused out."""
 
     def __init__(self, run, start_iter, end_iter, log_interval, unit="tok", flops_per_token=None, device_name=""):
         self.run, self.end_iter, self.log_interval, self.unit = run, end_iter, log_interval, unit
-        self.flops_per_token, self.device_name = flops_per_token, device_name
-        self.t_start = time.time()
-        self.t_last, self.it_last, self.work = self.t_start, start_iter, 0
+        self.flops_per_token, self.device_name, self.t_start = flops_per_token, device_name, time.time()
+        self.pause(start_iter)
 
     def update(self, it, record, work, note=""):
-        """Count this iteration's work; on a logging iteration print and log record
-        (loss, lr, grad_norm and the stage's own figures) with rate and ETA."""
+        """Count this iteration's work; on a logging iteration print and log record with rate and ETA."""
         self.work += work
         if not self.run.master or (it % self.log_interval and it != self.end_iter):
             return
@@ -673,9 +567,8 @@ class Progress:
         if self.flops_per_token is not None:
             record["mfu"] = model_flops_utilization(self.flops_per_token, rate / self.run.world, self.device_name)
             text += f" | mfu {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
-        print(f"iter {it:6d}/{self.end_iter} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-              f"grad {record['grad_norm']:.2f} | {text}{' | ' + note if note else ''} | ETA {format_eta(eta)}",
-              flush=True)
+        print(f"iter {it:6d}/{self.end_iter} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | grad "
+              f"{record['grad_norm']:.2f} | {text}{' | ' + note if note else ''} | ETA {format_eta(eta)}", flush=True)
         append_jsonl(self.run.log_path, {**record, "time": now - self.t_start})
         self.pause(it)
 
@@ -683,15 +576,17 @@ class Progress:
         """Restart the throughput clock at iteration it (after an evaluation or a save)."""
         self.t_last, self.it_last, self.work = time.time(), it, 0
 
-    def done(self, it):
-        if self.run.master:
+    def done(self, it, stopped=False):
+        """The last line: how long the run took, or how a stopped one goes on."""
+        if self.run.master and stopped:
+            print(f"saved {self.run.ckpt_path} at iteration {it}; continue with --resume")
+        elif self.run.master:
             print(f"done: {it} iterations in {format_eta(time.time() - self.t_start)}; checkpoint {self.run.ckpt_path}")
 
 
 def end_run(stopper):
-    """Teardown, on success or error: Ctrl-C's handler restored, the process group
-    destroyed (the caller drops its DDP model first: freed after its process
-    group, a DDP model can hang under gloo)."""
+    """Teardown, on success or error: Ctrl-C's handler back, the process group destroyed (the caller
+    drops its DDP model first: freed after its process group, it can hang under gloo)."""
     stopper.restore()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -700,23 +595,22 @@ def end_run(stopper):
 # -----------------------------------------------------------------------------
 # The run
 
-def resolve_out_dir(config):
-    return config["out_dir"] or os.path.join("out", config["config"], STAGE)
-
-
 def run(config, flags=()):
     """Pretrain; returns the metrics of the final evaluation."""
     # 1. processes, device, --resume or --overwrite
-    run = start_run(config, flags, STAGE, resolve_out_dir(config))
+    run = start_run(config, flags, STAGE, config["out_dir"] or os.path.join("out", config["config"], STAGE))
     data, tokenizer, meta = load_dataset(config)
+
+    def batch(rows, generator):  # (x, y) on the device: `rows` windows of the train split
+        return tuple(t.to(run.device) for t in get_batch(data["train"], config["block_size"], rows, generator))
 
     # 2. the model, its precision (measured on a few windows of the run's own shape) and the optimizer
     torch.manual_seed(config["seed"] + run.rank)
     model_config = GPTConfig(vocab_size=tokenizer.vocab_size, **{k: config[k] for k in MODEL_KEYS})
     raw_model = GPT(model_config).to(run.device)
-    x, y = get_batch(data["train"], config["block_size"], min(4, config["batch_size"]), torch.Generator().manual_seed(0))
-    dtype, dtype_why, ctx, scaler = training_precision(config["dtype"], run.device_type, raw_model, lambda c: forward_backward(
-        raw_model, [(x.to(run.device), y.to(run.device))], c))
+    timing_batch = batch(min(4, config["batch_size"]), torch.Generator().manual_seed(0))
+    dtype, dtype_why, ctx, scaler = training_precision(config["dtype"], run.device_type, raw_model,
+                                                       lambda c: forward_backward(raw_model, [timing_batch], c))
     optimizer = configure_optimizer(raw_model, config["learning_rate"], config["weight_decay"],
                                     (config["beta1"], config["beta2"]), run.device_type)
     # the data order: a generator per process, so that ranks see different windows
@@ -730,68 +624,60 @@ def run(config, flags=()):
         set_rng_state(state["rng"])
         it = state["iter"]
     # compiled on a batch laid out like the loop's (x, y: views of one window array): another layout recompiles
-    compile_batch = None
-    if config["compile"]:
-        x, y = get_batch(data["train"], config["block_size"], config["batch_size"], torch.Generator().manual_seed(0))
-        compile_batch = (x.to(run.device), y.to(run.device))
-    model = wrap_model(raw_model, run, compile_batch, ctx)
+    model = wrap_model(raw_model, run, batch(config["batch_size"], torch.Generator().manual_seed(0))
+                       if config["compile"] else None, ctx)
 
     n_params = raw_model.num_params()
     tokens_per_iter = config["grad_accum"] * config["batch_size"] * config["block_size"]
     open_log(run, it, f"{n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, dataset {config['dataset']} "
              f"({len(data['train']):,} train tokens), {tokens_per_iter:,} tokens/iter, device {run.device} "
              f"x{run.world}{', compiled' if config['compile'] else ''}", dtype, dtype_why)
-    end_iter = run.end_iter
-    progress = Progress(run, it, end_iter, config["log_interval"], "tok", flops_per_token(model_config, n_params),
+    progress = Progress(run, it, run.end_iter, config["log_interval"], "tok", flops_per_token(model_config, n_params),
                         torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device_type)
-    byte_lengths = token_byte_lengths(tokenizer)
-    metrics = {}
-    stopper = StopRequested()
+    byte_lengths, metrics, stopper = token_byte_lengths(tokenizer), {}, StopRequested()
     try:
-        while it < end_iter:
+        while it < run.end_iter:
             # 3. one optimizer step: grad_accum windows in all, each process its share, summed gradients
             lr = scheduled_lr(optimizer, it, config)
-            micro_batches = [tuple(t.to(run.device) for t in get_batch(data["train"], config["block_size"],
-                                                                       config["batch_size"], data_gen))
-                             for _ in range(config["grad_accum"] // run.world)]
+            micro_batches = [batch(config["batch_size"], data_gen) for _ in range(config["grad_accum"] // run.world)]
             loss = forward_backward(model, micro_batches, ctx, scaler)
             loss, grad_norm = optimizer_step(raw_model, optimizer, loss, scaler, config["grad_clip"], run, it)
             it += 1
             progress.update(it, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, tokens_per_iter)
 
-            # 4. now and then: train/val loss and bits per byte, a checkpoint, the loss plot, a sample
-            at_eval = it % config["eval_interval"] == 0 or it == end_iter
+            # 4. now and then: train/val loss and bits per byte, the loss plot, a checkpoint, a sample
+            at_eval = it % config["eval_interval"] == 0 or it == run.end_iter
             if at_eval or stopper.requested:
                 if run.master:
                     metrics = dict(evaluate(raw_model, data, config, byte_lengths, ctx, run.device), iter=it)
                     print(f"eval {it}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
                           f"val {metrics['val_bpb']:.3f} bits/byte")
                     append_jsonl(run.log_path, metrics)
-                save(run, it, raw_model, model_config, tokenizer, dict(config, dtype=dtype), metrics, meta,
-                     optimizer, data_gen)
-                if run.master:
                     plot_curves(read_jsonl_log(run.log_path), [("train (per step)", "loss"), ("train", "train_loss"),
                                                               ("val", "val_loss")],
                                 os.path.join(run.out_dir, "loss.png"), f"pretraining loss ({config['config']})")
-                    if at_eval and config["sample_tokens"] > 0:
-                        print("sample:", repr(sample_text(raw_model, tokenizer, config, ctx)))
+                save(run, it, raw_model, model_config, tokenizer, dict(config, dtype=dtype), metrics, meta,
+                     optimizer, data_gen)
+                if run.master and at_eval and config["sample_tokens"] > 0:  # what the model writes now
+                    start = torch.tensor([[tokenizer.special_ids[bpe.DOC_SEP]]], device=run.device)
+                    with ctx:
+                        out = raw_model.generate(start, min(config["sample_tokens"], config["block_size"] - 1),
+                                                 temperature=0.8, top_k=50, seed=config["seed"])
+                    print("sample:", repr(tokenizer.decode(out[0, 1:].tolist())))
                 progress.pause(it)
                 if stopper.requested:
-                    print(f"saved {run.ckpt_path} at iteration {it}; continue with --resume")
                     break
     finally:
         model = None  # the DDP wrapper goes before its process group
         end_run(stopper)
-    progress.done(it)
+    progress.done(it, stopper.requested)
     return metrics
 
 
 def save(run, it, model, model_config, tokenizer, config, metrics, meta, optimizer, data_gen):
-    """The pretraining checkpoint: weights, tokenizer, config and the state an
-    exact resume needs (optimizer, RNG, every process's data position)."""
-    data_states = [data_gen.get_state()]
+    """Weights, tokenizer, config, and what an exact resume needs: optimizer, RNG, every data position."""
+    data_states = [data_gen.get_state()] * run.world
     if run.world > 1:  # every rank takes part; the master saves them all
-        data_states = [None] * run.world
         dist.all_gather_object(data_states, data_gen.get_state())
     if run.master:
         save_checkpoint({"stage": STAGE, "model_args": vars(model_config).copy(), "model": clean_state_dict(model),
@@ -801,19 +687,10 @@ def save(run, it, model, model_config, tokenizer, config, metrics, meta, optimiz
                                     "data_rng": data_states, "world": run.world}}, run.ckpt_path)
 
 
-def sample_text(model, tokenizer, config, ctx):
-    """A short sample from the start of a document: what the model writes now."""
-    start = torch.tensor([[tokenizer.special_ids[bpe.DOC_SEP]]], device=next(model.parameters()).device)
-    with ctx:
-        out = model.generate(start, min(config["sample_tokens"], config["block_size"] - 1), temperature=0.8,
-                             top_k=50, seed=config["seed"])
-    return tokenizer.decode(out[0, 1:].tolist())
-
-
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     try:
-        config, flags = parse_config(argv, DEFAULTS, PRESETS, "train.py", __doc__.strip().splitlines()[0])
+        config, flags = parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS, PRESETS, "train.py",
+                                     __doc__.strip().splitlines()[0])
         GPTConfig(**{k: config[k] for k in MODEL_KEYS})  # check model options before any work
         with deterministic_algorithms(config["deterministic"]):
             run(config, flags)

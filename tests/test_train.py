@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -580,3 +581,72 @@ def test_deterministic_algorithms_sets_and_restores_torch_flag():
     assert not torch.are_deterministic_algorithms_enabled(), "restored after an error too"
     with train.deterministic_algorithms(False):
         assert not torch.are_deterministic_algorithms_enabled(), "enabled=False changes nothing"
+
+
+# --- a training run's frame: start, log, step, progress ---------------------------------
+
+def frame_config(tmp_path, **overrides):
+    return dict({"device": "cpu", "dtype": "auto", "grad_accum": 1, "max_iters": 10, "stop_at_iter": 0,
+                 "learning_rate": 1e-2, "warmup_iters": 2, "min_lr_ratio": 0.1, "seed": 1, "out_dir": ""},
+                **overrides)
+
+
+def test_start_run_checks_resume_overwrite_and_names(tmp_path):
+    config = frame_config(tmp_path, stop_at_iter=4)
+    run = train.start_run(dict(config), (), "pretrain", str(tmp_path / "a"))
+    assert (run.rank, run.world, run.master, run.device, run.device_type) == (0, 1, True, "cpu", "cpu")
+    assert run.ckpt_path == str(tmp_path / "a" / "ckpt.pt") and run.log_path == str(tmp_path / "a" / "log.jsonl")
+    assert run.end_iter == 4 and run.resume is None, "stop_at_iter ends the run early"
+    with pytest.raises(ValueError, match="--dtype='fp8' is not one of"):
+        train.start_run(dict(config, dtype="fp8"), (), "pretrain", str(tmp_path / "a"))
+    model.save_checkpoint({"stage": "pretrain", "model_args": {}, "model": {}, "tokenizer": {}, "parent": None,
+                           "metrics": {}, "config": dict(config, seed=7, max_iters=99),
+                           "resume": {"world": 1}}, str(tmp_path / "a" / "ckpt.pt"))
+    with pytest.raises(ValueError, match="already exists: pass --resume"):
+        train.start_run(dict(config), (), "pretrain", str(tmp_path / "a"))
+    resumed_config = dict(config, max_iters=20)
+    run = train.start_run(resumed_config, {"resume"}, "pretrain", str(tmp_path / "a"))
+    assert run.resume is not None and resumed_config["seed"] == 7, "a resumed run takes its saved keys"
+    assert resumed_config["max_iters"] == 20, "but how long it runs is the caller's"
+    with pytest.raises(model.CheckpointError, match="'pretrain' checkpoint"):
+        train.start_run(dict(config), {"resume"}, "sft", str(tmp_path / "a"))
+
+
+def test_scheduled_lr_sets_the_cosine_rate():
+    m = tiny_gpt()
+    opt = configure_optimizer(m, 1.0, 0.0)
+    config = {"learning_rate": 1e-2, "warmup_iters": 2, "max_iters": 10, "min_lr_ratio": 0.1}
+    for it in (0, 1, 5, 12):
+        lr = train.scheduled_lr(opt, it, config)
+        assert lr == cosine_lr(it, 1e-2, 2, 10, 0.1)
+        assert all(g["lr"] == lr for g in opt.param_groups), "every group gets the rate"
+
+
+def test_optimizer_step_clips_steps_clears_and_stops_on_nan():
+    m = tiny_gpt()
+    opt = configure_optimizer(m, 1e-2, 0.0)
+    run = types.SimpleNamespace(world=1, ckpt_path="x/ckpt.pt")
+    x, y = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+    loss = train.forward_backward(m, [(x, y)], contextlib.nullcontext())
+    want_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in m.parameters()))
+    before = [p.detach().clone() for p in m.parameters()]
+    value, norm = train.optimizer_step(m, opt, loss, None, 0.5, run, 3)
+    assert value == pytest.approx(loss.item()) and norm == pytest.approx(want_norm.item(), rel=1e-5)
+    assert any(not torch.equal(a, p) for a, p in zip(before, m.parameters())), "the step moves the weights"
+    assert all(p.grad is None for p in m.parameters()), "gradients are cleared after the step"
+    train.forward_backward(m, [(x, y)], contextlib.nullcontext())
+    with pytest.raises(FloatingPointError, match="loss is nan at iteration 7.*x/ckpt.pt is kept"):
+        train.optimizer_step(m, opt, torch.tensor(float("nan")), None, 1.0, run, 7)
+
+
+def test_progress_prints_every_interval_with_rate_and_eta(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    run = types.SimpleNamespace(master=True, world=1, log_path=str(log), ckpt_path="c")
+    progress = train.Progress(run, 0, 4, 2, unit="tok")
+    for it in range(1, 5):
+        progress.update(it, {"loss": 1.0 / it, "lr": 0.1, "grad_norm": 2.0}, 100)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter")]
+    assert len(lines) == 2 and "iter      2/4" in lines[0] and "ETA" in lines[0] and "k tok/s" in lines[0]
+    records = read_jsonl_log(str(log))
+    assert [r["iter"] for r in records] == [2, 4] and records[1]["loss"] == 0.25
+    assert all(r["tok_per_s"] > 0 and "time" in r for r in records), "each line is also a log record"
