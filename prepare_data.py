@@ -106,8 +106,7 @@ def sha256_file(path):
 
 
 def atomic_write(path, data):
-    """Bytes (or str, as UTF-8, or write(file) for a writer) to a temporary file in the same folder,
-    flushed, renamed over path: a crash leaves the old file or the new one, never half of one."""
+    """Bytes, str (UTF-8) or a writer f(file) -> path via a flushed temporary file: never half a file."""
     data = data.encode("utf-8") if isinstance(data, str) else data
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
