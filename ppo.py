@@ -41,10 +41,10 @@ import torch.nn.functional as F
 import bpe
 import tinyworld
 import prepare_data
-from train import (append_jsonl, clip_gradients, configure_optimizer, end_run, open_log, parse_config, plot_curves,
-                   Progress, read_jsonl_log, rng_state, set_rng_state, start_run, StopRequested, training_precision)
 from model import (CheckpointError, clean_state_dict, generate_responses, load_checkpoint, model_from_checkpoint,
                    parent_record, save_checkpoint, tokenizer_from_checkpoint)
+from train import (append_jsonl, clip_gradients, configure_optimizer, end_run, open_log, plot_curves, Progress,
+                   read_jsonl_log, rng_state, set_rng_state, stage_main, start_run, StopRequested, training_precision)
 from reward import pad_right, scalar_model_from_checkpoint, score_sequences, with_reward_token
 
 STAGE = "ppo"
@@ -585,14 +585,7 @@ def run(config, flags=()):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        config, flags = parse_config(argv, DEFAULTS, PRESETS, "ppo.py", __doc__.strip().splitlines()[0])
-        run(config, flags)
-    except (ValueError, CheckpointError, FloatingPointError, prepare_data.DataError) as e:
-        print(f"ppo.py: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return stage_main(run, argv, DEFAULTS, PRESETS, "ppo.py", __doc__)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ import tinyworld
 import prepare_data
 from model import (answer_prompts, CheckpointError, clean_state_dict, GPT, GPTConfig, load_checkpoint,
                    model_from_checkpoint, parent_record, save_checkpoint, tokenizer_from_checkpoint)
-from train import (append_jsonl, configure_optimizer, end_run, open_log, optimizer_step, parse_config, plot_curves,
-                   Progress, read_jsonl_log, rng_state, scheduled_lr, set_rng_state, start_run, StopRequested,
+from train import (append_jsonl, configure_optimizer, end_run, open_log, optimizer_step, plot_curves, Progress,
+                   read_jsonl_log, rng_state, scheduled_lr, set_rng_state, stage_main, start_run, StopRequested,
                    training_precision)
 
 STAGE = "rm"
@@ -484,14 +484,7 @@ def report(model, data, ctx, config, run, it):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        config, flags = parse_config(argv, DEFAULTS, PRESETS, "reward.py", __doc__.strip().splitlines()[0])
-        run(config, flags)
-    except (ValueError, CheckpointError, FloatingPointError, prepare_data.DataError) as e:
-        print(f"reward.py: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return stage_main(run, argv, DEFAULTS, PRESETS, "reward.py", __doc__)
 
 
 if __name__ == "__main__":

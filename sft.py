@@ -31,10 +31,10 @@ import torch
 
 import tinyworld
 import prepare_data
-from model import (answer_prompts, CheckpointError, clean_state_dict, load_checkpoint, model_from_checkpoint,
-                   parent_record, save_checkpoint, tokenizer_from_checkpoint)
+from model import (answer_prompts, clean_state_dict, load_checkpoint, model_from_checkpoint, parent_record,
+                   save_checkpoint, tokenizer_from_checkpoint)
 from train import (append_jsonl, configure_optimizer, end_run, forward_backward, open_log, optimizer_step,
-                   parse_config, plot_curves, Progress, read_jsonl_log, rng_state, scheduled_lr, set_rng_state,
+                   plot_curves, Progress, read_jsonl_log, rng_state, scheduled_lr, set_rng_state, stage_main,
                    start_run, StopRequested, training_precision, wrap_model)
 
 STAGE = "sft"
@@ -335,14 +335,7 @@ def plot_progress(records, metrics, out_dir, name):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        config, flags = parse_config(argv, DEFAULTS, PRESETS, "sft.py", __doc__.strip().splitlines()[0])
-        run(config, flags)
-    except (ValueError, CheckpointError, FloatingPointError, prepare_data.DataError) as e:
-        print(f"sft.py: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return stage_main(run, argv, DEFAULTS, PRESETS, "sft.py", __doc__)
 
 
 if __name__ == "__main__":

@@ -578,10 +578,9 @@ class Progress:
 
     def done(self, it, stopped=False):
         """The last line: how long the run took, or how a stopped one goes on."""
-        if self.run.master and stopped:
-            print(f"saved {self.run.ckpt_path} at iteration {it}; continue with --resume")
-        elif self.run.master:
-            print(f"done: {it} iterations in {format_eta(time.time() - self.t_start)}; checkpoint {self.run.ckpt_path}")
+        if self.run.master:
+            print(f"saved {self.run.ckpt_path} at iteration {it}; continue with --resume" if stopped else
+                  f"done: {it} iterations in {format_eta(time.time() - self.t_start)}; checkpoint {self.run.ckpt_path}")
 
 
 def end_run(stopper):
@@ -687,17 +686,25 @@ def save(run, it, model, model_config, tokenizer, config, metrics, meta, optimiz
                                     "data_rng": data_states, "world": run.world}}, run.ckpt_path)
 
 
-def main(argv=None):
+def stage_main(run, argv, defaults, presets, prog, doc):
+    """A stage's command line: its config from argv (sys.argv when None), then run(config, flags). A
+    mistake of the user's is one error line and exit status 1, never a traceback."""
     try:
-        config, flags = parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS, PRESETS, "train.py",
-                                     __doc__.strip().splitlines()[0])
-        GPTConfig(**{k: config[k] for k in MODEL_KEYS})  # check model options before any work
-        with deterministic_algorithms(config["deterministic"]):
-            run(config, flags)
+        config, flags = parse_config(sys.argv[1:] if argv is None else argv, defaults, presets, prog,
+                                     doc.strip().splitlines()[0])
+        run(config, flags)
     except (ValueError, CheckpointError, FloatingPointError, prepare_data.DataError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None):
+    def checked_run(config, flags):
+        GPTConfig(**{k: config[k] for k in MODEL_KEYS})  # bad model options fail before any work
+        with deterministic_algorithms(config["deterministic"]):
+            run(config, flags)
+    return stage_main(checked_run, argv, DEFAULTS, PRESETS, "train.py", __doc__)
 
 
 if __name__ == "__main__":
