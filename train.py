@@ -90,8 +90,7 @@ def load_dataset(config):
 
 
 def get_batch(data, block_size, batch_size, generator):
-    """batch_size random windows of data: inputs x and targets y = x shifted by one,
-    both (batch_size, block_size) int64, starts drawn from `generator`."""
+    """batch_size random windows: inputs x and targets y = x shifted by one, each (batch_size, block_size)."""
     # one read of block_size + 1 tokens per window: x is all but its last token, y all but its first
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
     windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
@@ -104,8 +103,7 @@ def token_byte_lengths(tokenizer):
 
 
 def bits_per_byte(total_nats, total_bytes):
-    """Loss summed over tokens (nats) -> bits per byte of text: unlike loss per token,
-    it does not depend on the tokenizer, so runs with different vocabularies compare."""
+    """Summed loss (nats) -> bits per byte: unlike loss per token, comparable across tokenizers."""
     return total_nats / math.log(2) / total_bytes
 
 
@@ -206,7 +204,8 @@ def setup_distributed(config):
 def deterministic_algorithms(enabled=True):
     """Deterministic kernels within the block (an op that has none warns), so the same run twice on
     one machine gives the same numbers (compiled bf16 CPU kernels, for one, differ in the last bits)."""
-    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs for repeatable GEMMs
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -402,9 +401,8 @@ def autocast_context(device_type, dtype):
 
 
 def measure_bf16_speedup(step, device_type, repeats=3, timer=time.perf_counter):
-    """float32 / bf16 autocast time of step(ctx), one forward and backward of the run's model:
-    above 1, bf16 is faster. After a warm-up each, alternating timings (drift hits both alike),
-    the fastest of each counts; a warm-up many times slower (emulated bf16) already decides."""
+    """float32 / bf16 time of step(ctx), a forward and backward of the run's model (> 1: bf16 faster): after a
+    warm-up each, alternating (drift hits both), fastest counts; a far slower warm-up (emulation) decides."""
     def timed(dtype):
         wait = getattr(torch, device_type).synchronize if device_type in ("cuda", "mps") else lambda: None
         wait()  # queued GPU kernels must finish inside the timed span (a CPU runs in order)
@@ -421,9 +419,8 @@ def measure_bf16_speedup(step, device_type, repeats=3, timer=time.perf_counter):
 
 
 def resolve_dtype(requested, device_type, step=None, timer=time.perf_counter):
-    """(dtype, why) for a run's start-up line. 'auto': on CUDA bf16 where the card has it, else
-    fp16; elsewhere bf16 only if measure_bf16_speedup(step) >= BF16_MIN_SPEEDUP, so a laptop
-    without native bf16 does not train emulated. Every rank takes rank 0's answer (same kernels)."""
+    """(dtype, why). 'auto': CUDA bf16 if the card has it, else fp16; elsewhere bf16 only if measured >=
+    BF16_MIN_SPEEDUP (a laptop without native bf16 must not emulate it). Ranks take rank 0's answer."""
     if requested != "auto":
         return pick_dtype(requested, device_type), "as asked"  # pick_dtype checks the name
     if device_type == "cuda":
@@ -460,16 +457,14 @@ def training_precision(requested, device_type, model, step):
 # -----------------------------------------------------------------------------
 # One training run's frame, the same in every training stage: start, log, step, save, end
 
-# what a resumed run may change (how long, how often, where, on what machine); every
-# other key comes from its checkpoint, so the run continues as it began
+# what a resumed run may change (how long, how often, where, on what); the rest comes from its checkpoint
 RESUME_MAY_CHANGE = ("max_iters", "stop_at_iter", "eval_interval", "save_interval", "log_interval", "sample_tokens",
                      "eval_batch_size", "device", "dtype", "compile", "out_dir", "data_dir", "init_dir", "reward_dir")
 
 
 def start_run(config, flags, stage, out_dir):
-    """Before the model: processes and device, dtype and grad_accum checked, --resume or --overwrite.
-    A namespace: stage, rank, world, master, device, device_type, out_dir, ckpt_path, log_path,
-    end_iter, resume (the checkpoint, whose config replaces all but RESUME_MAY_CHANGE; or None)."""
+    """Before the model: processes, device, checks, --resume or --overwrite. A namespace: stage, rank, world, master,
+    device(_type), out_dir, ckpt_path, log_path, end_iter, resume (its config wins but RESUME_MAY_CHANGE; or None)."""
     rank, world, device = setup_distributed(config)
     device_type = device.split(":")[0]
     pick_dtype(config["dtype"], device_type)  # a bad name fails before any work
@@ -492,8 +487,7 @@ def start_run(config, flags, stage, out_dir):
 
 
 def open_log(run, start_iter, summary, dtype, dtype_why):
-    """Print the start-up line and begin log.jsonl with the precision: a resumed run drops the
-    records after its checkpoint, a new one starts empty."""
+    """The start-up line; log.jsonl begun (a resumed run's cut at its checkpoint) with the precision."""
     if not run.master:
         return
     if run.resume is not None:
@@ -524,8 +518,7 @@ def scheduled_lr(optimizer, it, config):
 
 
 def optimizer_step(model, optimizer, loss, scaler, grad_clip, run, it):
-    """(loss averaged over processes, gradient norm before clipping) after the gradients are
-    unscaled (fp16), clipped, applied and cleared. A loss not finite stops before the step."""
+    """Gradients unscaled, clipped, applied, cleared: (mean loss over ranks, norm before clipping)."""
     if run.world > 1:  # every rank reports the same mean
         dist.all_reduce(loss)
         loss = loss / run.world
@@ -546,8 +539,7 @@ def optimizer_step(model, optimizer, loss, scaler, grad_clip, run, it):
 
 
 class Progress:
-    """A line and a log.jsonl record every log_interval iterations: loss, learning rate, gradient
-    norm, throughput (work per second, e.g. tokens) and ETA. Evaluating and saving are paused out."""
+    """Every log_interval steps a line and a log record: loss, lr, grad norm, work per second, ETA."""
 
     def __init__(self, run, start_iter, end_iter, log_interval, unit="tok", flops_per_token=None, device_name=""):
         self.run, self.end_iter, self.log_interval, self.unit = run, end_iter, log_interval, unit
@@ -584,8 +576,7 @@ class Progress:
 
 
 def end_run(stopper):
-    """Teardown, on success or error: Ctrl-C's handler back, the process group destroyed (the caller
-    drops its DDP model first: freed after its process group, it can hang under gloo)."""
+    """Ctrl-C's handler back, the process group gone (after the caller drops DDP: else gloo can hang)."""
     stopper.restore()
     if dist.is_initialized():
         dist.destroy_process_group()
