@@ -26,8 +26,8 @@ import torch.nn.functional as F
 import bpe
 import tinyworld
 import prepare_data
-from model import (CheckpointError, answer_prompts, generate_responses, load_checkpoint, model_from_checkpoint,
-                   tokenizer_from_checkpoint)
+from model import (answer_prompts, checkpoint_file, CheckpointError, generate_responses, load_checkpoint,
+                   model_from_checkpoint, tokenizer_from_checkpoint)
 from train import (autocast_context, bits_per_byte, parse_config, pick_device, pick_dtype, read_jsonl_log,
                    token_byte_lengths)
 from reward import pad_right, pair_accuracy, reward_input, scalar_model_from_checkpoint, score_sequences
@@ -254,7 +254,7 @@ def evaluate_checkpoint(path, label, config, device, ctx, data_cache, log=print)
     """Every metric that applies to one checkpoint (label None: named by its stage) -> (row, model, tokenizer);
     row = {"label", "path", "stage", "status", "metrics", "skipped": {metric: reason}, ...}.
     A missing file is a "missing" row, an unreadable one an "error" row."""
-    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    file = checkpoint_file(path)
     named, label = label is not None, label or os.path.basename(os.path.normpath(path))
     row = {"label": label, "path": path, "stage": label, "status": "ok", "metrics": {}, "skipped": {}}
     if not os.path.exists(file):

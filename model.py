@@ -107,9 +107,8 @@ def apply_rope(x, cos, sin):
 
 
 def causal_mask(q_len, k_len, device):
-    """Boolean (q_len, k_len), True where attention is allowed. Query i sits at
-    position k_len - q_len + i (earlier keys come from a KV cache) and may see
-    every key at or before its own position."""
+    """Boolean (q_len, k_len), True where allowed: query i sits at position k_len - q_len + i (earlier keys
+    from a KV cache) and sees every key at or before it."""
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
 
 
@@ -266,9 +265,8 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, cache=None, positions=None, attn_mask=None):
         """ids (B, T) -> final-norm hidden states (B, T, n_embd), which forward() and later stages' heads read.
-        positions (B, T) and attn_mask (B, 1, T, T), given together: each token's position in its own sequence
-        and who may see whom, for rows packing sequences that share a prefix (reward.py's collate_shared);
-        such a row may be longer than block_size, its sequences may not."""
+        positions (B, T) and attn_mask (B, 1, T, T), together: each token's position in its own sequence and who
+        sees whom, for rows packing sequences that share a prefix (reward.py; rows may exceed block_size)."""
         T = idx.size(1)
         if (positions is None) != (attn_mask is None) or (positions is not None and cache is not None):
             raise ValueError("hidden_states: give positions and attn_mask together, and without a cache")
@@ -292,9 +290,8 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
-        """ids (B, T) -> logits (B, T, V), and the mean cross-entropy against
-        targets (B, T) when given. Target -1 marks a position without a target
-        (padding, or a prompt token in SFT)."""
+        """ids (B, T) -> logits (B, T, V), and the mean cross-entropy against targets (B, T) when given;
+        target -1 marks a position without one (padding, or a prompt token in SFT)."""
         logits = self.lm_head(self.hidden_states(idx))
         if targets is None:
             return logits, None
@@ -354,10 +351,9 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
 
 @torch.no_grad()
 def generate_responses(model, prompts, max_new_tokens, stop_token, temperature=0.0, seed=None, batch_size=64):
-    """Answer many prompts (lists of ids): -> [(response_ids, ended), ...] in the prompts' order,
-    response_ids stopping before the first stop_token, ended saying whether it came. The KV cache needs
-    a rectangular batch, so prompts of the same length are generated together (no padding: positions
-    as for a single prompt). A prompt that leaves no room for max_new_tokens keeps its latest tokens."""
+    """Prompts (lists of ids) -> [(response_ids before the first stop_token, ended), ...] in order. The KV cache
+    needs a rectangular batch, so prompts of one length go together (no padding: positions as for one prompt);
+    a prompt that leaves no room for max_new_tokens keeps its latest tokens."""
     block = model.config.block_size
     max_new_tokens = max(1, min(max_new_tokens, block - 1))
     prompts = [list(p)[-(block - max_new_tokens):] for p in prompts]
@@ -433,9 +429,14 @@ def file_sha256(path):
     return h.hexdigest()
 
 
+def checkpoint_file(path):
+    """A stage's folder means its ckpt.pt; a file is itself."""
+    return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+
+
 def parent_record(path):
-    """{"path", "sha256"} naming the checkpoint a stage started from."""
-    return {"path": os.path.abspath(path), "sha256": file_sha256(path)}
+    """{"path", "sha256"} naming the checkpoint (file or folder) a stage started from."""
+    return {"path": os.path.abspath(checkpoint_file(path)), "sha256": file_sha256(checkpoint_file(path))}
 
 
 def save_checkpoint(checkpoint, path):
@@ -449,8 +450,7 @@ def save_checkpoint(checkpoint, path):
 def load_checkpoint(path, stages=None, map_location="cpu"):
     """Load and check a checkpoint. `stages`: the stage names the caller accepts
     (None accepts any). Every problem is one CheckpointError line naming the file."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
+    path = checkpoint_file(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist: run the stage that writes it first")
     try:

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 import bpe
 import tinyworld
 import prepare_data
-from model import (CheckpointError, clean_state_dict, generate_responses, load_checkpoint, model_from_checkpoint,
-                   parent_record, save_checkpoint, tokenizer_from_checkpoint)
+from model import (checkpoint_file, CheckpointError, clean_state_dict, generate_responses, load_checkpoint,
+                   model_from_checkpoint, parent_record, save_checkpoint, tokenizer_from_checkpoint)
 from train import (append_jsonl, clip_gradients, configure_optimizer, end_run, open_log, plot_curves, Progress,
                    read_jsonl_log, rng_state, set_rng_state, stage_main, start_run, StopRequested, training_precision)
 from reward import pad_right, scalar_model_from_checkpoint, score_sequences, with_reward_token
@@ -407,7 +407,7 @@ def load_parents(init_dir, reward_dir, resume=None):
     """(SFT checkpoint, reward checkpoint, {"parent", "reward_parent"}: each one's {"path", "sha256"}, as
     ckpt.pt stores them). A resumed run must find both files unchanged."""
     sft, rm = load_checkpoint(init_dir, stages={"sft"}), load_checkpoint(reward_dir, stages={"rm"})
-    sft_path, rm_path = (os.path.join(d, "ckpt.pt") if os.path.isdir(d) else d for d in (init_dir, reward_dir))
+    sft_path, rm_path = checkpoint_file(init_dir), checkpoint_file(reward_dir)
     parents = {"parent": parent_record(sft_path), "reward_parent": parent_record(rm_path)}
     if resume is not None and any(resume[k]["sha256"] != parents[k]["sha256"] for k in parents):
         raise CheckpointError(f"{sft_path} or {rm_path} changed since the run being resumed was started from "

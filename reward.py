@@ -26,8 +26,8 @@ import torch.nn.functional as F
 import bpe
 import tinyworld
 import prepare_data
-from model import (answer_prompts, CheckpointError, clean_state_dict, GPT, GPTConfig, load_checkpoint,
-                   model_from_checkpoint, parent_record, save_checkpoint, tokenizer_from_checkpoint)
+from model import (answer_prompts, checkpoint_file, CheckpointError, clean_state_dict, GPT, GPTConfig,
+                   load_checkpoint, model_from_checkpoint, parent_record, save_checkpoint, tokenizer_from_checkpoint)
 from train import (append_jsonl, configure_optimizer, end_run, open_log, optimizer_step, plot_curves, Progress,
                    read_jsonl_log, rng_state, scheduled_lr, set_rng_state, stage_main, start_run, StopRequested,
                    training_precision)
@@ -369,8 +369,7 @@ def run(config, flags=()):
     # 1. device, --resume or --overwrite; the language model it starts from (an SFT one, or a base model); the pairs
     init_path, out_dir = resolve_paths(config)
     run = start_run(config, flags, STAGE, out_dir)
-    init_file = run.resume["parent"]["path"] if run.resume else init_path
-    init_file = os.path.join(init_file, "ckpt.pt") if os.path.isdir(init_file) else init_file
+    init_file = checkpoint_file(run.resume["parent"]["path"] if run.resume else init_path)
     init, parent = load_checkpoint(init_file, stages={"sft", "pretrain"}), parent_record(init_file)
     if run.resume is not None and parent["sha256"] != run.resume["parent"]["sha256"]:
         raise CheckpointError(f"{init_file} changed since this run began from it: start over with --overwrite")

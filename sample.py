@@ -34,7 +34,8 @@ def load_for_sampling(path, device="cpu"):
     if ckpt["stage"] not in GENERATIVE_STAGES:
         raise CheckpointError(f"checkpoint {path} is a '{ckpt['stage']}' checkpoint, which does not generate text; "
                               f"give a {'/'.join(GENERATIVE_STAGES)} checkpoint"
-                              + (" (a reward model scores text: reward.score_responses)" if ckpt["stage"] == "rm" else ""))
+                              + (" (a reward model scores text: reward.score_responses)"
+                                 if ckpt["stage"] == "rm" else ""))
     model = model_from_checkpoint(ckpt, device).eval()
     return model, tokenizer_from_checkpoint(ckpt), ckpt["stage"]
 

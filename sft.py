@@ -243,7 +243,7 @@ def run(config, flags=()):
         base, parent = run.resume, run.resume["parent"]
     else:
         base = load_checkpoint(init_path, stages={"pretrain", "sft"})
-        parent = parent_record(init_path if os.path.isfile(init_path) else os.path.join(init_path, "ckpt.pt"))
+        parent = parent_record(init_path)
     model_args = dict(base["model_args"], dropout=config["dropout"])
     tokenizer = tokenizer_from_checkpoint(base)
     block_size = config["block_size"] or model_args["block_size"]

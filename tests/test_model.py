@@ -449,6 +449,12 @@ def test_file_sha256_and_parent_record(tmp_path):
     assert file_sha256(str(path)) == hashlib.sha256(b"stagegpt" * 1000).hexdigest()
     record = parent_record(str(path))
     assert record == {"path": str(path.resolve()), "sha256": hashlib.sha256(b"stagegpt" * 1000).hexdigest()}
+    (tmp_path / "stage").mkdir()
+    (tmp_path / "stage" / "ckpt.pt").write_bytes(b"x")
+    assert model.checkpoint_file(str(tmp_path / "stage")) == str(tmp_path / "stage" / "ckpt.pt"), \
+        "a folder means its ckpt.pt"
+    assert model.checkpoint_file(str(path)) == str(path), "a file is itself"
+    assert parent_record(str(tmp_path / "stage"))["path"] == str((tmp_path / "stage" / "ckpt.pt").resolve())
 
 
 # --- batched answers, scalar heads (reward model, critic) ------------------------------
