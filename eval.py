@@ -28,7 +28,7 @@ import tinyworld
 import prepare_data
 from model import (answer_prompts, checkpoint_file, CheckpointError, generate_responses, load_checkpoint,
                    model_from_checkpoint, tokenizer_from_checkpoint)
-from train import (autocast_context, bits_per_byte, parse_config, pick_device, pick_dtype, read_jsonl_log,
+from train import (autocast_context, bits_per_byte, parse_config, pick_device, read_jsonl_log, resolve_dtype,
                    token_byte_lengths)
 from reward import pad_right, pair_accuracy, reward_input, scalar_model_from_checkpoint, score_sequences
 
@@ -497,7 +497,7 @@ def run(config, log=None):
     log = log or (lambda text: print(f"eval: {text}", flush=True))
     t_start, device = time.time(), pick_device(config["device"])
     device_type = device.split(":")[0]
-    ctx = autocast_context(device_type, pick_dtype(config["dtype"], device_type))
+    ctx = autocast_context(device_type, resolve_dtype(config["dtype"], device_type)[0])
     threads = torch.get_num_threads()
     if device_type == "cpu":
         # small matrix products (answers are decoded a token at a time): one thread is faster than two

@@ -17,7 +17,6 @@ choices being the defaults:
 A checkpoint is a plain dict loaded with torch.load(weights_only=True): see "Checkpoints" at the bottom.
 """
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass, fields
@@ -329,6 +328,22 @@ class GPT(nn.Module):
         return out
 
 
+def flops_per_token(config, num_params):
+    """Training FLOPs per token of a GPT, PaLM appendix B: 6 per parameter plus attention's 12 * L * C * T."""
+    return 6 * num_params + 12 * config.n_layer * config.n_embd * config.block_size
+
+
+# peak dense bf16 tensor FLOP/s by device name fragment (vendor datasheets)
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12,
+              "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def model_flops_utilization(flops_per_tok, tokens_per_second, device_name):
+    """MFU: achieved FLOP/s over the peak of a device named like 'NVIDIA H100 80GB HBM3', or None if unknown."""
+    peak = next((flops for fragment, flops in PEAK_FLOPS.items() if fragment in device_name), None)
+    return None if peak is None else flops_per_tok * tokens_per_second / peak
+
+
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one id per row from logits (B, V). temperature divides the logits (0: greedy argmax); top_k keeps
     the k most likely ids; top_p the smallest set of most likely ids whose probability reaches p."""
@@ -421,14 +436,6 @@ def clean_state_dict(model):
             return model.state_dict()
 
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint_file(path):
     """A stage's folder means its ckpt.pt; a file is itself."""
     return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
@@ -436,7 +443,7 @@ def checkpoint_file(path):
 
 def parent_record(path):
     """{"path", "sha256"} naming the checkpoint (file or folder) a stage started from."""
-    return {"path": os.path.abspath(checkpoint_file(path)), "sha256": file_sha256(checkpoint_file(path))}
+    return {"path": os.path.abspath(checkpoint_file(path)), "sha256": prepare_data.sha256_file(checkpoint_file(path))}
 
 
 def save_checkpoint(checkpoint, path):

@@ -95,7 +95,6 @@ BOILERPLATE_DOC_PHRASES = ["lorem ipsum"]
 
 # Small helpers used everywhere
 
-
 class DataError(Exception):
     """A problem with the input that the user can fix: reported as one line."""
 
@@ -152,7 +151,6 @@ def log(msg, quiet=False):
 
 # -----------------------------------------------------------------------------
 # The real corpora: one download function for all, then a parser for each, into tinyworld's shapes.
-
 
 def source_url(name, mirror=None):
     """The URL of a source; with a mirror (flag or $STAGEGPT_MIRROR): the mirror + the cache file name."""
@@ -325,7 +323,6 @@ def parse_hellaswag(text):
 # -----------------------------------------------------------------------------
 # Curation. Each step takes documents and returns (documents, a report of what it removed).
 
-
 def dedup_documents(docs):
     """Exact duplicates (ignoring surrounding whitespace): keep the first copy."""
     seen, out = set(), []
@@ -479,7 +476,6 @@ def curate(docs, quiet=False):
 # -----------------------------------------------------------------------------
 # Tokenize: BPE trained on the training split, token ids to .bin files.
 
-
 def token_dtype(vocab_size):
     """The smallest unsigned integer type that holds every id."""
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
@@ -591,12 +587,14 @@ def resolve_config(cfg=None, **overrides):
 
 
 def load_meta(data_dir):
-    """meta.json of a prepared dataset folder."""
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        raise DataError(f"{path} does not exist: run `python prepare_data.py` first")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """meta.json of a prepared dataset folder; missing or unreadable, a DataError that names the fix."""
+    path, name = os.path.join(data_dir, "meta.json"), os.path.basename(os.path.normpath(data_dir))
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"dataset {name!r} is not prepared ({path}: {type(e).__name__}): "
+                        f"run `python prepare_data.py --dataset {name} --force`") from None
 
 
 def is_up_to_date(out_dir, build):
@@ -754,7 +752,6 @@ def prepare(cfg=None, **overrides):
 # -----------------------------------------------------------------------------
 # Command line: `python prepare_data.py --dataset=NAME --key=value ...`, in the training stages' style
 # (underscore keys; --data-root is read as --data_root).
-
 
 def make_parser():
     p = argparse.ArgumentParser(prog="prepare_data.py", allow_abbrev=False, description="Build a dataset folder "

@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 import prepare_data
-from model import CheckpointError, clean_state_dict, GPT, GPTConfig, load_checkpoint, save_checkpoint
+from model import (CheckpointError, clean_state_dict, flops_per_token, GPT, GPTConfig, load_checkpoint,
+                   model_flops_utilization, save_checkpoint)
 
 STAGE = "pretrain"
 
@@ -74,10 +75,7 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "n
 def load_dataset(config):
     """The memmapped train/val token arrays, the tokenizer and meta.json."""
     folder = prepare_data.ensure_prepared(config["dataset"], config["data_dir"])  # builds tinyworld if missing
-    if not os.path.exists(os.path.join(folder, "meta.json")):
-        raise ValueError(f"dataset {config['dataset']!r} is not prepared ({os.path.join(folder, 'meta.json')} is "
-                         f"missing): run `python prepare_data.py --dataset {config['dataset']}` first")
-    meta, data = prepare_data.load_meta(folder), {}
+    meta, data = prepare_data.load_meta(folder), {}  # a DataError naming the command if it was never prepared
     for split in ("train", "val"):
         path = os.path.join(folder, f"{split}.bin")
         if not os.path.exists(path):
@@ -135,24 +133,20 @@ def parse_config(argv, defaults, presets, prog, description=""):
     """`--config NAME --key=value ...` -> (config, flags): `defaults`, the preset NAME, then overrides, each
     a known key parsed as its default's type; flags `--resume`, `--overwrite` apart; a mistake is one ValueError."""
     if "-h" in argv or "--help" in argv:
-        listed = "".join(f"  {name}: {', '.join(f'{k}={v}' for k, v in p.items())}\n" for name, p in presets.items())
-        keys = "".join(f"  --{k}={v!r}\n" for k, v in defaults.items())
         print(f"usage: python {prog} --config NAME [--key=value ...] [--resume] [--overwrite]\n\n{description}\n\n"
-              f"presets: {', '.join(presets)}\n{listed}\nkeys (default):\n{keys}")
+              f"presets: {', '.join(presets)}\n" + "".join(f"  {name}: {', '.join(f'{k}={v}' for k, v in p.items())}\n" for name, p in presets.items())
+              + "\nkeys (default):\n" + "".join(f"  --{k}={v!r}\n" for k, v in defaults.items()))
         raise SystemExit(0)
     config, flags, overrides, args = dict(defaults), set(), [], list(argv)
     while args:
         arg = args.pop(0)
         if arg in ("--resume", "--overwrite"):
             flags.add(arg[2:])
-        elif arg.startswith("--") and "=" in arg:
-            overrides.append(arg[2:].split("=", 1))
-        elif arg.startswith("--") and args and not args[0].startswith("--"):
-            overrides.append([arg[2:], args.pop(0)])
-        elif arg == "--config":
-            raise ValueError(f"--config needs a preset name: one of {', '.join(presets)}")
+        elif arg.startswith("--") and ("=" in arg or args and not args[0].startswith("--")):  # --key=value, --key value
+            overrides.append(arg[2:].split("=", 1) if "=" in arg else [arg[2:], args.pop(0)])
         else:
-            raise ValueError(f"cannot read argument {arg!r}: write --key=value (see --help)")
+            raise ValueError(f"--config needs a preset name: one of {', '.join(presets)}" if arg == "--config" else
+                             f"cannot read argument {arg!r}: write --key=value (see --help)")
     preset_name = next((text for key, text in reversed(overrides) if key == "config"), None)  # the last wins
     if preset_name is not None:
         if preset_name not in presets:
@@ -254,27 +248,6 @@ def clip_gradients(model, max_norm):
     return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
-def flops_per_token(config, num_params):
-    """Training FLOPs per token, PaLM appendix B: 6 per parameter plus attention's 12 * L * C * T."""
-    return 6 * num_params + 12 * config.n_layer * config.n_embd * config.block_size
-
-
-# peak dense bf16 tensor FLOP/s by device name fragment (vendor datasheets)
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12,
-              "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
-
-
-def peak_flops(device_name):
-    """Peak FLOP/s for a device name such as 'NVIDIA H100 80GB HBM3', or None."""
-    return next((flops for fragment, flops in PEAK_FLOPS.items() if fragment in device_name), None)
-
-
-def model_flops_utilization(flops_per_tok, tokens_per_second, device_name):
-    """MFU: achieved FLOP/s over the device's peak, or None if the peak is unknown."""
-    peak = peak_flops(device_name)
-    return None if peak is None else flops_per_tok * tokens_per_second / peak
-
-
 def compile_or_fall_back(model, example_batch, ctx, master=True, mode=None):
     """torch.compile the model, its kernels built now by a pass on example_batch = (x, y) of the training
     shape; where compiling fails (no C++ compiler on a laptop, say) the run goes on uncompiled."""
@@ -329,10 +302,7 @@ def read_jsonl_log(path):
 
 def truncate_log(path, last_iter):
     """On resume, forget log lines written after the checkpoint we resume from."""
-    kept = [r for r in read_jsonl_log(path) if r.get("iter", 0) <= last_iter]
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(path + ".tmp", path)
+    prepare_data.write_jsonl(path, [r for r in read_jsonl_log(path) if r.get("iter", 0) <= last_iter])
 
 
 def plot_curves(records, series, path, title, xlabel="iteration"):
@@ -350,16 +320,13 @@ def plot_curves(records, series, path, title, xlabel="iteration"):
     if ax.get_lines():
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
+    prepare_data.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 def format_eta(seconds):
-    seconds = int(max(0, seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    s = int(max(0, seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 class StopRequested:
@@ -386,15 +353,6 @@ class StopRequested:
 BF16_MIN_SPEEDUP = 1.15
 
 
-def pick_dtype(name, device_type):
-    """'auto' -> bf16 on a GPU that has it, fp16 on an older one, else float32 (resolve_dtype measures)."""
-    if name == "auto":
-        return ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype={name!r} is not one of auto, float32, bfloat16, float16")
-    return name
-
-
 def autocast_context(device_type, dtype):
     """Mixed precision: matrix multiplies in bf16/fp16, weights and optimizer state in fp32."""
     return contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, getattr(torch, dtype))
@@ -419,13 +377,15 @@ def measure_bf16_speedup(step, device_type, repeats=3, timer=time.perf_counter):
 
 
 def resolve_dtype(requested, device_type, step=None, timer=time.perf_counter):
-    """(dtype, why). 'auto': CUDA bf16 if the card has it, else fp16; elsewhere bf16 only if measured >=
-    BF16_MIN_SPEEDUP (a laptop without native bf16 must not emulate it). Ranks take rank 0's answer."""
+    """(dtype, why). 'auto': CUDA bf16 if the card has it, else fp16; elsewhere float32, or bf16 where step(ctx)
+    measures >= BF16_MIN_SPEEDUP (a laptop without native bf16 must not emulate it). Ranks take rank 0's answer."""
+    if requested not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype={requested!r} is not one of auto, float32, bfloat16, float16")
     if requested != "auto":
-        return pick_dtype(requested, device_type), "as asked"  # pick_dtype checks the name
+        return requested, "as asked"
     if device_type == "cuda":
-        dtype = pick_dtype("auto", device_type)
-        return dtype, "auto: " + ("the GPU supports bf16" if dtype == "bfloat16" else "the GPU has no bf16")
+        return ("bfloat16", "auto: the GPU supports bf16") if torch.cuda.is_bf16_supported() else \
+            ("float16", "auto: the GPU has no bf16")
     if step is None:
         return "float32", "auto: nothing to measure"
     choice = [None]
@@ -467,7 +427,7 @@ def start_run(config, flags, stage, out_dir):
     device(_type), out_dir, ckpt_path, log_path, end_iter, resume (its config wins but RESUME_MAY_CHANGE; or None)."""
     rank, world, device = setup_distributed(config)
     device_type = device.split(":")[0]
-    pick_dtype(config["dtype"], device_type)  # a bad name fails before any work
+    resolve_dtype(config["dtype"], device_type)  # a bad name fails before any work
     if config.get("grad_accum", 1) % world:
         raise ValueError(f"grad_accum={config['grad_accum']} must be divisible by the number of processes ({world})")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -587,7 +547,8 @@ def end_run(stopper):
 
 def run(config, flags=()):
     """Pretrain; returns the metrics of the final evaluation."""
-    # 1. processes, device, --resume or --overwrite
+    # 1. processes, device, --resume or --overwrite; bad model options fail before any work
+    GPTConfig(**{k: config[k] for k in MODEL_KEYS})
     run = start_run(config, flags, STAGE, config["out_dir"] or os.path.join("out", config["config"], STAGE))
     data, tokenizer, meta = load_dataset(config)
 
@@ -646,8 +607,17 @@ def run(config, flags=()):
                     plot_curves(read_jsonl_log(run.log_path), [("train (per step)", "loss"), ("train", "train_loss"),
                                                               ("val", "val_loss")],
                                 os.path.join(run.out_dir, "loss.png"), f"pretraining loss ({config['config']})")
-                save(run, it, raw_model, model_config, tokenizer, dict(config, dtype=dtype), metrics, meta,
-                     optimizer, data_gen)
+                # weights, tokenizer, config, and what an exact resume needs: optimizer, RNG, every data position
+                data_states = [data_gen.get_state()] * run.world
+                if run.world > 1:  # every rank takes part; the master saves them all
+                    dist.all_gather_object(data_states, data_gen.get_state())
+                if run.master:
+                    save_checkpoint({"stage": STAGE, "model_args": vars(model_config).copy(),
+                                     "model": clean_state_dict(raw_model), "tokenizer": tokenizer.to_dict(),
+                                     "config": dict(config, dtype=dtype), "parent": None, "metrics": metrics,
+                                     "data": {"dataset": config["dataset"], "meta": meta},
+                                     "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(),
+                                                "data_rng": data_states, "world": run.world}}, run.ckpt_path)
                 if run.master and at_eval and config["sample_tokens"] > 0:  # what the model writes now
                     start = torch.tensor([[tokenizer.special_ids[bpe.DOC_SEP]]], device=run.device)
                     with ctx:
@@ -664,26 +634,14 @@ def run(config, flags=()):
     return metrics
 
 
-def save(run, it, model, model_config, tokenizer, config, metrics, meta, optimizer, data_gen):
-    """Weights, tokenizer, config, and what an exact resume needs: optimizer, RNG, every data position."""
-    data_states = [data_gen.get_state()] * run.world
-    if run.world > 1:  # every rank takes part; the master saves them all
-        dist.all_gather_object(data_states, data_gen.get_state())
-    if run.master:
-        save_checkpoint({"stage": STAGE, "model_args": vars(model_config).copy(), "model": clean_state_dict(model),
-                         "tokenizer": tokenizer.to_dict(), "config": config, "parent": None, "metrics": metrics,
-                         "data": {"dataset": config["dataset"], "meta": meta},
-                         "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(),
-                                    "data_rng": data_states, "world": run.world}}, run.ckpt_path)
-
-
 def stage_main(run, argv, defaults, presets, prog, doc):
     """A stage's command line: its config from argv (sys.argv when None), then run(config, flags). A
     mistake of the user's is one error line and exit status 1, never a traceback."""
     try:
         config, flags = parse_config(sys.argv[1:] if argv is None else argv, defaults, presets, prog,
                                      doc.strip().splitlines()[0])
-        run(config, flags)
+        with deterministic_algorithms(config.get("deterministic", False)):  # a stage with the key chooses
+            run(config, flags)
     except (ValueError, CheckpointError, FloatingPointError, prepare_data.DataError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
@@ -691,11 +649,7 @@ def stage_main(run, argv, defaults, presets, prog, doc):
 
 
 def main(argv=None):
-    def checked_run(config, flags):
-        GPTConfig(**{k: config[k] for k in MODEL_KEYS})  # bad model options fail before any work
-        with deterministic_algorithms(config["deterministic"]):
-            run(config, flags)
-    return stage_main(checked_run, argv, DEFAULTS, PRESETS, "train.py", __doc__)
+    return stage_main(run, argv, DEFAULTS, PRESETS, "train.py", __doc__)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 import bpe
 import model
-from model import (apply_rope, causal_mask, CheckpointError, clean_state_dict, explicit_attention, file_sha256, GPT,
-                   GPTConfig, KVCache, load_checkpoint, model_from_checkpoint, parent_record, RMSNorm, rope_tables,
+import prepare_data
+from model import (apply_rope, causal_mask, CheckpointError, clean_state_dict, explicit_attention, flops_per_token, GPT,
+                   GPTConfig, KVCache, load_checkpoint, model_flops_utilization, model_from_checkpoint, parent_record, RMSNorm, rope_tables,
                    sample_next_token, save_checkpoint, tokenizer_from_checkpoint)
 from train import configure_optimizer
 
@@ -368,7 +369,7 @@ def test_interrupted_save_keeps_old_checkpoint(tmp_path, monkeypatch):
     m = tiny_model()
     path = tmp_path / "ckpt.pt"
     save_checkpoint(make_ckpt(m), str(path))
-    before = file_sha256(str(path))
+    before = prepare_data.sha256_file(str(path))
 
     def crash(obj, f):
         f.write(b"half a checkpoint")
@@ -377,7 +378,7 @@ def test_interrupted_save_keeps_old_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(model.torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(make_ckpt(m), str(path))
-    assert file_sha256(str(path)) == before
+    assert prepare_data.sha256_file(str(path)) == before
     assert os.listdir(tmp_path) == ["ckpt.pt"], "no temporary file is left behind"
     monkeypatch.undo()
     load_checkpoint(str(path))
@@ -443,10 +444,9 @@ def test_model_from_checkpoint_mismatch_is_clear(tmp_path):
         model_from_checkpoint(ckpt)
 
 
-def test_file_sha256_and_parent_record(tmp_path):
+def test_parent_record_names_a_file_by_its_sha256(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(b"stagegpt" * 1000)
-    assert file_sha256(str(path)) == hashlib.sha256(b"stagegpt" * 1000).hexdigest()
     record = parent_record(str(path))
     assert record == {"path": str(path.resolve()), "sha256": hashlib.sha256(b"stagegpt" * 1000).hexdigest()}
     (tmp_path / "stage").mkdir()
@@ -492,3 +492,14 @@ def test_answer_prompts_is_the_chat_template_then_generate_responses():
     assert got == [(tok.decode(ids), ended) for ids, ended in want]
 
 
+
+
+def test_flops_per_token_formula():
+    config = GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=48)
+    assert flops_per_token(config, 1000) == 6 * 1000 + 12 * 2 * 32 * 48, "6N + 12 * L * C * T (PaLM appendix B)"
+
+
+def test_model_flops_utilization_reads_the_peak_by_device_name():
+    assert model_flops_utilization(1e9, 494.5e3, "NVIDIA H100 PCIe") == pytest.approx(0.5), "989 TFLOP/s peak"
+    assert model_flops_utilization(1e9, 312e3, "NVIDIA A100-SXM4-40GB") == pytest.approx(1.0), "312 TFLOP/s peak"
+    assert model_flops_utilization(1e9, 1.0, "cpu") is None, "no known peak: None"

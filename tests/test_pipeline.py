@@ -12,7 +12,7 @@ import reward
 import sample
 import sft
 import train
-from model import file_sha256, load_checkpoint
+from model import load_checkpoint
 
 SMALL_DATA = dict(megabytes=0.08, sft_train=80, sft_val=8, prefs_train=80, prefs_val=16, prompts_ppo=32,
                   prompts_eval=8, mc=8, quiet=True)
@@ -32,10 +32,10 @@ def test_whole_pipeline_on_tiny(tmp_path, monkeypatch):
     paths = {stage: os.path.join("out", "tiny", stage, "ckpt.pt") for stage in ("pretrain", "sft", "rm", "ppo")}
     ckpts = {stage: load_checkpoint(path) for stage, path in paths.items()}
     assert ckpts["pretrain"]["parent"] is None
-    assert ckpts["sft"]["parent"]["sha256"] == file_sha256(paths["pretrain"])
-    assert ckpts["rm"]["parent"]["sha256"] == file_sha256(paths["sft"])
-    assert ckpts["ppo"]["parent"]["sha256"] == file_sha256(paths["sft"])
-    assert ckpts["ppo"]["reward_parent"]["sha256"] == file_sha256(paths["rm"])
+    assert ckpts["sft"]["parent"]["sha256"] == prepare_data.sha256_file(paths["pretrain"])
+    assert ckpts["rm"]["parent"]["sha256"] == prepare_data.sha256_file(paths["sft"])
+    assert ckpts["ppo"]["parent"]["sha256"] == prepare_data.sha256_file(paths["sft"])
+    assert ckpts["ppo"]["reward_parent"]["sha256"] == prepare_data.sha256_file(paths["rm"])
     assert os.path.exists(os.path.join("out", "tiny", "ppo", "critic.pt"))
 
     # the report has a row per stage, each evaluated

@@ -11,7 +11,7 @@ import bpe
 import prepare_data
 import sample
 import sft
-from model import file_sha256, GPT, GPTConfig, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 from train import read_jsonl_log
 from reward import ScalarHeadModel
 
@@ -213,7 +213,7 @@ def test_tiny_sft_run_lowers_response_loss_and_writes_its_files(world, tmp_path)
     metrics = sft.run(tiny_config(world, tmp_path / "sft"))
     assert metrics["val_loss"] < metrics["base"]["val_loss"] - 0.5, metrics
     ckpt = load_checkpoint(str(tmp_path / "sft"), stages={"sft"})
-    assert ckpt["parent"]["sha256"] == file_sha256(world["init"]), "the parent is named by its sha256"
+    assert ckpt["parent"]["sha256"] == prepare_data.sha256_file(world["init"]), "the parent is named by its sha256"
     assert ckpt["model_args"]["dropout"] == 0.0
     for name in ("log.jsonl", "loss.png", "accuracy.png"):
         assert (tmp_path / "sft" / name).exists(), name
@@ -272,10 +272,10 @@ def test_bad_inputs_give_one_clear_line(world, tmp_path, capsys):
 def test_existing_checkpoint_is_kept_without_a_flag(world, tmp_path):
     out = tmp_path / "sft"
     sft.run(tiny_config(world, out, max_iters=2, eval_interval=100, eval_prompts=0))
-    before = file_sha256(str(out / "ckpt.pt"))
+    before = prepare_data.sha256_file(str(out / "ckpt.pt"))
     with pytest.raises(ValueError, match="already exists: pass --resume"):
         sft.run(tiny_config(world, out, max_iters=2))
-    assert file_sha256(str(out / "ckpt.pt")) == before
+    assert prepare_data.sha256_file(str(out / "ckpt.pt")) == before
 
 
 def test_sft_runs_on_alpaca_style_records(world, tmp_path):

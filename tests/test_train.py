@@ -18,10 +18,11 @@ import torch
 
 import bpe
 import model
+import prepare_data
 import train
 from model import GPT, GPTConfig, load_checkpoint
-from train import (configure_optimizer, convert_value, cosine_lr, flops_per_token, model_flops_utilization,
-                   parse_config, peak_flops, pick_device, pick_dtype, plot_curves, read_jsonl_log, truncate_log)
+from train import (configure_optimizer, convert_value, cosine_lr, parse_config, pick_device, plot_curves,
+                   read_jsonl_log, resolve_dtype, truncate_log)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,10 +117,10 @@ def test_help_lists_presets_and_keys(capsys):
 def test_pick_device_and_dtype():
     assert pick_device("cpu") == "cpu"
     assert pick_device("auto") in ("cuda", "mps", "cpu")
-    assert pick_dtype("auto", "cpu") == "float32"
-    assert pick_dtype("bfloat16", "cpu") == "bfloat16"
+    assert resolve_dtype("auto", "cpu") == ("float32", "auto: nothing to measure")
+    assert resolve_dtype("bfloat16", "cpu") == ("bfloat16", "as asked")
     with pytest.raises(ValueError, match="--dtype='fp8' is not one of auto, float32"):
-        pick_dtype("fp8", "cpu")
+        resolve_dtype("fp8", "cpu")
 
 
 # --- precision: auto measures, an explicit dtype is kept ----------------------------
@@ -422,10 +423,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
 def test_existing_checkpoint_is_not_overwritten_without_a_flag(data_dir, tmp_path):
     out = tmp_path / "keep"
     train.run(tiny_config(data_dir, out, max_iters=4, eval_interval=4))
-    before = model.file_sha256(str(out / "ckpt.pt"))
+    before = prepare_data.sha256_file(str(out / "ckpt.pt"))
     with pytest.raises(ValueError, match="already exists: pass --resume"):
         train.run(tiny_config(data_dir, out, max_iters=4))
-    assert model.file_sha256(str(out / "ckpt.pt")) == before
+    assert prepare_data.sha256_file(str(out / "ckpt.pt")) == before
     train.run(tiny_config(data_dir, out, max_iters=4, eval_interval=4), flags={"overwrite"})
 
 
@@ -554,19 +555,6 @@ def test_optimizer_decays_matrices_only():
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == m.num_params()
     assert any(p is m.transformer.wte.weight for p in decay["params"])
     assert opt.defaults["fused"] is True
-
-
-def test_flops_per_token_formula():
-    config = machinery_config()
-    assert flops_per_token(config, 1000) == 6 * 1000 + 12 * 2 * 32 * 48
-
-
-def test_peak_flops_and_mfu():
-    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
-    assert peak_flops("cpu") is None
-    assert model_flops_utilization(1e9, 494.5e3, "NVIDIA H100 PCIe") == pytest.approx(0.5)
-    assert model_flops_utilization(1e9, 1.0, "cpu") is None
 
 
 def test_deterministic_algorithms_sets_and_restores_torch_flag():

@@ -9,7 +9,7 @@ train.clip_gradients, fused AdamW from train.configure_optimizer. Tokens are
 random (throughput does not depend on what they say), so no dataset is needed.
 The vocabulary defaults to GPT-2's 50257 rounded up to a multiple of 64, as in
 nanoGPT: with it the model is GPT-2 small, 124M parameters. MFU counts
-train.flops_per_token against the datasheet peak in train.PEAK_FLOPS; the table
+model.flops_per_token against the datasheet peak in model.PEAK_FLOPS; the table
 also gives a bf16 matrix product measured on the same device, the ceiling that
 is reachable in practice. "sdpa" is F.scaled_dot_product_attention with
 is_causal=True, as in model.py; the kernels it runs on this device for the
@@ -27,9 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train  # noqa: E402
-from model import GPT, GPTConfig
-from train import (autocast_context, clip_gradients, compile_or_fall_back, configure_optimizer, flops_per_token,
-                   forward_backward, model_flops_utilization, peak_flops)
+from model import flops_per_token, GPT, GPTConfig, model_flops_utilization, PEAK_FLOPS
+from train import autocast_context, clip_gradients, compile_or_fall_back, configure_optimizer, forward_backward
 
 # name -> (dtype, attention, compile)
 VARIANTS = {
@@ -142,7 +141,7 @@ def main():
     if min(batch_sizes) < 1:
         sys.exit(f"error: --batch_size {args.batch_size!r}: each must be at least 1")
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    peak = peak_flops(device_name)
+    peak = next((f for fragment, f in PEAK_FLOPS.items() if fragment in device_name), None)
 
     ceiling = matmul_tflops(args.device, n=8192 if args.device.startswith("cuda") else 512)
     print(f"device {device_name}, torch {torch.__version__}; datasheet bf16 peak "
