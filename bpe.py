@@ -486,7 +486,8 @@ def train_tokenizer(text, vocab_size, pattern="gpt4", trainer="fast", verbose=Fa
 def read_text_file(path):
     """A UTF-8 text file's content, or one clear error naming the file."""
     if not os.path.isfile(path):
-        raise ValueError(f"input file {path} does not exist: give the path of a UTF-8 text file")
+        raise ValueError(f"input file {path} {'is a folder' if os.path.isdir(path) else 'does not exist'}: "
+                         f"give the path of a UTF-8 text file")
     with open(path, "rb") as f:
         data = f.read()
     if not data.strip():

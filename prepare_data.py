@@ -24,8 +24,10 @@ Read top to bottom: configuration, the real corpora, curation, tokenization, the
 
 import argparse
 import collections
+import glob
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -104,20 +106,56 @@ def sha256_file(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def atomic_write(path, data):
-    """Bytes, str (UTF-8) or a writer f(file) -> path via a flushed temporary file: never half a file."""
-    data = data.encode("utf-8") if isinstance(data, str) else data
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+def pid_alive(pid):
+    """Whether process pid still runs: a lock or a temporary file of one that has ended is stale."""
+    if os.name == "nt":  # Windows has no signal 0 (os.kill would stop the process): every such file counts as stale
+        return False
     try:
+        os.kill(pid, 0)  # signal 0: only asks
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def atomic_write(path, data):
+    """Bytes, str (UTF-8) or a writer f(file) -> path via a synced temporary file renamed over it, then the folder
+    synced: never half a file. Temporaries that killed writers left are removed; a failure is an OSError naming path."""
+    if callable(data):  # the writer fills memory first: a full disk is then an OSError (torch.save reports its own)
+        buffer = io.BytesIO()
+        data(buffer)
+        data = buffer.getvalue()
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    folder, tmp = os.path.dirname(os.path.abspath(path)), f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for stale in glob.glob(glob.escape(path) + ".tmp*"):
+            if stale[len(path) + 4:].isdigit() and not pid_alive(int(stale[len(path) + 4:])):
+                os.remove(stale)
         with open(tmp, "wb") as f:
-            data(f) if callable(data) else f.write(data)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):  # POSIX: the rename is on disk once the folder is
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(fd)
+            os.close(fd)
+    except OSError as e:  # a read-only folder, a full disk: the file meant is named, not its temporary
+        raise OSError(e.errno, e.strerror, path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def error_line(e):
+    """The one line a user's error is reported as: its message, or for an OSError (a read-only folder, a full
+    disk, a missing file) the file, what went wrong and what to check."""
+    if not isinstance(e, OSError):
+        return str(e)
+    return (f"{e.filename or 'a file'}: {e.strerror or e} (check that its folder exists, is writable and has room; "
+            f"every file written before is whole)")
 
 
 def write_jsonl(path, records):
@@ -591,10 +629,25 @@ def load_meta(data_dir):
     path, name = os.path.join(data_dir, "meta.json"), os.path.basename(os.path.normpath(data_dir))
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        return meta
     except (OSError, ValueError) as e:
         raise DataError(f"dataset {name!r} is not prepared ({path}: {type(e).__name__}): "
                         f"run `python prepare_data.py --dataset {name} --force`") from None
+
+
+def load_tokens(data_dir, split, meta):
+    """data_dir/SPLIT.bin memmapped as meta.json's dtype; missing, empty or cut short, a DataError naming the fix."""
+    path, name = os.path.join(data_dir, f"{split}.bin"), os.path.basename(os.path.normpath(data_dir))
+    fix = f"rerun `python prepare_data.py --dataset {name} --force`"
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        raise DataError(f"{os.path.join(data_dir, 'meta.json')} names no token dtype (uint16 or uint32): {fix}")
+    size = os.path.getsize(path) if os.path.isfile(path) else -1
+    if size <= 0 or size % np.dtype(meta["dtype"]).itemsize:
+        raise DataError(f"{path} is {'missing' if size < 0 else 'empty' if size == 0 else 'cut short'}: {fix}")
+    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
 
 
 def is_up_to_date(out_dir, build):
@@ -784,8 +837,7 @@ def main(argv=None):
     try:
         prepare(make_parser().parse_args(argv))
     except (DataError, OSError) as e:  # OSError: a folder that cannot be written, a full disk
-        why = e if isinstance(e, DataError) else f"{e.strerror or e}: {e.filename or ''} (check --data_root/--out)"
-        print(f"prepare_data.py: error: {why}", file=sys.stderr)
+        print(f"prepare_data.py: error: {error_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("prepare_data.py: interrupted; every file is written whole or not at all: run again", file=sys.stderr)

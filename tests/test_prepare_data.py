@@ -9,6 +9,7 @@ import http.server
 import json
 import os
 import random
+import stat
 import subprocess
 import sys
 import threading
@@ -351,6 +352,79 @@ def test_read_jsonl_errors_name_the_line(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# Files written whole: atomic writes, stale temporaries, errors as one line
+
+def dead_pid():
+    """The id of a process that has ended (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_pid_alive():
+    assert P.pid_alive(os.getpid()), "this process runs"
+    assert not P.pid_alive(dead_pid()), "an ended process does not"
+
+
+def test_atomic_write_removes_stale_temporaries_and_syncs_the_folder(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    stale, live = f"{path}.tmp{dead_pid()}", f"{path}.tmp{os.getppid()}"
+    for name in (stale, live):
+        open(name, "wb").close()
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real_fsync(fd))
+    P.atomic_write(path, b"new")
+    assert open(path, "rb").read() == b"new"
+    assert not os.path.exists(stale), "a killed writer's temporary is removed"
+    assert os.path.exists(live), "a running writer's is not"
+    assert synced == [False, True], "the file is synced, then (after the rename) its folder"
+
+
+def test_atomic_write_failure_names_the_file_and_keeps_the_old_one(tmp_path):
+    """A full disk (here a file-size limit) while torch.save writes: an OSError naming the file, the old file whole."""
+    path = str(tmp_path / "ckpt.pt")
+    P.atomic_write(path, b"old")
+    code = ("import resource, signal, sys, torch; sys.path.insert(0, sys.argv[2]); import prepare_data as P;"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+            "try: P.atomic_write(sys.argv[1], lambda f: torch.save(torch.zeros(10000), f))\n"
+            "except OSError as e: print(e.filename, '|', P.error_line(e))")
+    out = subprocess.run([sys.executable, "-c", code, path, ROOT], capture_output=True, text=True, timeout=60)
+    assert out.stdout.startswith(f"{path} | {path}: File too large (check that its folder"), out.stdout + out.stderr
+    assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["ckpt.pt"], "no temporary is left"
+    with pytest.raises(OSError) as failed:
+        P.atomic_write(str(tmp_path / "ckpt.pt" / "x.json"), "{}")  # a file where the folder should be
+    assert failed.value.filename == str(tmp_path / "ckpt.pt" / "x.json")
+
+
+def test_error_line():
+    assert P.error_line(P.DataError("bad line 3")) == "bad line 3"
+    line = P.error_line(PermissionError(13, "Permission denied", "out/x/ckpt.pt"))
+    assert line.startswith("out/x/ckpt.pt: Permission denied (check that its folder exists, is writable")
+    assert "\n" not in line
+
+
+def test_load_meta_and_load_tokens_name_the_file_and_the_fix(tmp_path):
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    (folder / "meta.json").write_text("[1, 2]")
+    with pytest.raises(P.DataError, match="dataset 'toy' is not prepared .*meta.json.*prepare_data.py --dataset toy"):
+        P.load_meta(str(folder))
+    np.arange(10, dtype=np.uint16).tofile(folder / "train.bin")
+    assert P.load_tokens(str(folder), "train", {"dtype": "uint16"}).tolist() == list(range(10))
+    for meta, content, problem in [({}, None, r"meta.json names no token dtype \(uint16 or uint32\)"),
+                                   ({"dtype": "uint16"}, b"", "empty"),
+                                   ({"dtype": "uint16"}, b"abc", "cut short"),
+                                   ({"dtype": "uint32"}, b"ab", "cut short")]:
+        if content is not None:
+            (folder / "train.bin").write_bytes(content)
+        with pytest.raises(P.DataError, match=f"{problem}: rerun `python prepare_data.py --dataset toy --force`"):
+            P.load_tokens(str(folder), "train", meta)
+    with pytest.raises(P.DataError, match="val.bin is missing"):
+        P.load_tokens(str(folder), "val", {"dtype": "uint16"})
+
+
+# -----------------------------------------------------------------------------
 # Downloads, against a local server
 
 class FixtureServer:
@@ -620,6 +694,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys):
     binary.write_bytes(b"\x00\x01\x02binary\xff" * 10)
     cases = [
         (["--input", str(tmp_path / "missing.txt")], "does not exist"),
+        (["--input", str(tmp_path)], f"{tmp_path} is a folder"),
         (["--input", str(empty)], "is empty"),
         (["--input", str(binary)], "binary"),
         (["--dataset", "nope"], "unknown dataset 'nope'"),
