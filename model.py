@@ -446,10 +446,25 @@ def parent_record(path):
     return {"path": os.path.abspath(checkpoint_file(path)), "sha256": prepare_data.sha256_file(checkpoint_file(path))}
 
 
+def nonfinite(tree, name=""):
+    """The NaN or inf floats and tensors in nested dicts and lists, by name ("model.wte.weight", "metrics.loss")."""
+    if isinstance(tree, dict):
+        return [bad for k, v in tree.items() for bad in nonfinite(v, f"{name}.{k}" if name else str(k))]
+    if isinstance(tree, (list, tuple)):
+        return [bad for i, v in enumerate(tree) for bad in nonfinite(v, f"{name}[{i}]")]
+    if isinstance(tree, torch.Tensor) and tree.is_floating_point():
+        return [] if torch.isfinite(tree).all() else [name]
+    return [name] if isinstance(tree, float) and not math.isfinite(tree) else []
+
+
 def save_checkpoint(checkpoint, path):
-    """Saved atomically (prepare_data.atomic_write): a crash leaves the old file or the new one."""
+    """Saved atomically (prepare_data.atomic_write): a crash leaves the old file or the new one. A diverged run's
+    NaN or inf is never saved: the file keeps its last finite save."""
     if missing := [k for k in REQUIRED_KEYS if k not in checkpoint]:
         raise CheckpointError(f"cannot save {path}: checkpoint lacks {missing}")
+    if bad := nonfinite(checkpoint):
+        raise FloatingPointError(f"not saving {path}: {', '.join(bad[:3])}{' ...' * (len(bad) > 3)} not finite (the "
+                                 f"run diverged); the last finite save is kept. Try a lower --learning_rate")
     checkpoint = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **checkpoint}
     prepare_data.atomic_write(path, lambda f: torch.save(checkpoint, f))
 
@@ -457,38 +472,53 @@ def save_checkpoint(checkpoint, path):
 def load_checkpoint(path, stages=None, map_location="cpu"):
     """Load and check a checkpoint. `stages`: the stage names the caller accepts
     (None accepts any). Every problem is one CheckpointError line naming the file."""
-    path = checkpoint_file(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist: run the stage that writes it first")
+    file = checkpoint_file(path)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"folder {path} holds no ckpt.pt: give a checkpoint file, or run the stage that writes it"
+                              if os.path.isdir(path) else f"checkpoint {file} does not exist: run the stage that "
+                              f"writes it first")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, pickled classes, not a torch file at all
+        with open(file, "rb") as f:  # torch.save writes a zip archive: JSON, text or an empty file is something else
+            if f.read(4) != b"PK\x03\x04":
+                raise ValueError("it is not a torch.save zip archive: a wrong or truncated file")
+        ckpt = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as e:  # not a zip, a truncated one, pickled classes
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e):
             reason = "it contains pickled Python objects, which could run code; refusing to load it"
-        raise CheckpointError(f"checkpoint {path} cannot be read ({reason})") from None
+        raise CheckpointError(f"checkpoint {file} cannot be read ({reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a stagegpt checkpoint (no format '{CHECKPOINT_FORMAT}')")
+        raise CheckpointError(f"checkpoint {file} is not a stagegpt checkpoint (no format '{CHECKPOINT_FORMAT}')")
     if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {ckpt.get('version')!r}; "
+        raise CheckpointError(f"checkpoint {file} has format version {ckpt.get('version')!r}; "
                               f"this code reads version {CHECKPOINT_VERSION}")
     if missing := [k for k in REQUIRED_KEYS if k not in ckpt]:
-        raise CheckpointError(f"checkpoint {path} is incomplete: it lacks {missing}")
+        raise CheckpointError(f"checkpoint {file} is incomplete: it lacks {missing}")
     if stages is not None and ckpt["stage"] not in stages:
-        raise CheckpointError(f"checkpoint {path} is a '{ckpt['stage']}' checkpoint; "
+        raise CheckpointError(f"checkpoint {file} is a '{ckpt['stage']}' checkpoint; "
                               f"this needs one of {sorted(stages)}")
+    if bad := nonfinite(ckpt["model"]):
+        raise CheckpointError(f"checkpoint {file} has NaN or infinite weights ({bad[0]}): a diverged run's")
     return ckpt
 
 
-def model_from_checkpoint(ckpt, device="cpu"):
-    """The GPT stored in a loaded checkpoint, with its weights, on `device`."""
+def load_weights(model, state_dict, path=""):
+    """model.load_state_dict(state_dict), returning model; weights of other shapes are a CheckpointError naming path."""
     try:
-        model = GPT(GPTConfig.from_dict(ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
-    except (ValueError, RuntimeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0][:200]
-        raise CheckpointError(f"checkpoint weights do not fit its model_args ({first})") from None
-    return model.to(device)
+        model.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {path + ' ' if path else ''}weights do not fit its model_args "
+                              f"({' '.join(str(e).split())[:160]})") from None
+    return model
+
+
+def model_from_checkpoint(ckpt, device="cpu", model_class=None):
+    """The model in a loaded checkpoint (a GPT, or model_class(GPTConfig)) with its weights, on device."""
+    try:
+        model = (model_class or GPT)(GPTConfig.from_dict(ckpt["model_args"]))
+    except (ValueError, TypeError) as e:  # a crafted or foreign file's model_args
+        raise CheckpointError(f"checkpoint model_args make no model ({' '.join(str(e).split())[:160]})") from None
+    return load_weights(model, ckpt["model"]).to(device)
 
 
 def tokenizer_from_checkpoint(ckpt):

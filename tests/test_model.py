@@ -444,6 +444,51 @@ def test_model_from_checkpoint_mismatch_is_clear(tmp_path):
         model_from_checkpoint(ckpt)
 
 
+def test_nonfinite_names_every_nan_and_inf():
+    tree = {"model": {"w": torch.tensor([1.0, float("nan")]), "ids": torch.tensor([1, 2])},
+            "metrics": {"loss": math.inf}, "rng": (3, [1, 2], None), "scores": [0.5, -math.inf], "name": "x"}
+    assert model.nonfinite(tree) == ["model.w", "metrics.loss", "scores[1]"]
+    assert model.nonfinite({"model": {"w": torch.ones(3)}, "metrics": {"loss": 1.0}}) == []
+
+
+def test_save_refuses_nonfinite_values_and_keeps_the_last_finite_save(tmp_path):
+    m = tiny_model()
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(make_ckpt(m), path)
+    before = prepare_data.sha256_file(path)
+    poisoned = make_ckpt(m)
+    poisoned["model"]["transformer.wte.weight"] = poisoned["model"]["transformer.wte.weight"] * float("nan")
+    with pytest.raises(FloatingPointError, match="not saving .*ckpt.pt: model.transformer.wte.weight not finite"):
+        save_checkpoint(poisoned, path)
+    with pytest.raises(FloatingPointError, match="metrics.val_loss not finite"):
+        save_checkpoint(dict(make_ckpt(m), metrics={"val_loss": float("nan")}), path)
+    assert prepare_data.sha256_file(path) == before and os.listdir(tmp_path) == ["ckpt.pt"]
+    torch.save({"format": "stagegpt-ckpt", "version": 1, **poisoned}, path)  # written by other means
+    with pytest.raises(CheckpointError, match="has NaN or infinite weights"):
+        load_checkpoint(path)
+
+
+def test_load_names_a_folder_and_a_file_that_is_not_a_torch_file(tmp_path):
+    (tmp_path / "run" / "ckpt.pt").mkdir(parents=True)  # a folder named ckpt.pt
+    with pytest.raises(CheckpointError, match="folder .*ckpt.pt holds no ckpt.pt"):
+        load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    (tmp_path / "notes.pt").write_text('{"stage": "pretrain"}')
+    with pytest.raises(CheckpointError, match="notes.pt cannot be read .it is not a torch.save zip archive"):
+        load_checkpoint(str(tmp_path / "notes.pt"))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not a torch.save zip archive"):
+        load_checkpoint(str(tmp_path / "empty.pt"))
+
+
+def test_load_weights_of_another_shape_is_one_clear_error():
+    small, big = tiny_model(), tiny_model(n_embd=64)
+    assert model.load_weights(tiny_model(seed=1), small.state_dict(), "a/ckpt.pt") is not None
+    with pytest.raises(CheckpointError, match="checkpoint a/ckpt.pt weights do not fit its model_args .*size mismatch"):
+        model.load_weights(small, big.state_dict(), "a/ckpt.pt")
+    with pytest.raises(CheckpointError, match="model_args make no model"):
+        model_from_checkpoint(dict(make_ckpt(small), model_args={"n_embd": 33, "n_head": 4}))
+
+
 def test_parent_record_names_a_file_by_its_sha256(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(b"stagegpt" * 1000)
