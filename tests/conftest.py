@@ -1,4 +1,4 @@
-"""Make the repository root importable, so tests can `import bpe` etc."""
+"""Make the repository root importable, so tests can `import bpe` etc.; run every test in an empty folder."""
 import os
 import sys
 
@@ -9,6 +9,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Ctrl-C tests start subprocesses, and CI machines may be busy).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def in_an_empty_folder(tmp_path_factory, monkeypatch):
+    """Each test starts in a fresh empty folder: a default path (data/, out/) is never the repository's own,
+    whatever a user has run there."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
