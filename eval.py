@@ -28,8 +28,8 @@ import tinyworld
 import prepare_data
 from model import (answer_prompts, checkpoint_file, CheckpointError, generate_responses, load_checkpoint,
                    model_from_checkpoint, tokenizer_from_checkpoint)
-from train import (autocast_context, bits_per_byte, parse_config, pick_device, read_jsonl_log, resolve_dtype,
-                   token_byte_lengths)
+from train import (autocast_context, bits_per_byte, check_least, parse_config, pick_device, read_jsonl_log,
+                   resolve_dtype, token_byte_lengths)
 from reward import pad_right, pair_accuracy, reward_input, scalar_model_from_checkpoint, score_sequences
 
 # -----------------------------------------------------------------------------
@@ -234,10 +234,9 @@ def load_eval_data(dataset, data_dir):
     data = {"folder": folder, "tokenizer": None, "val": None, "missing": {}}
     fix = f"run `python prepare_data.py --dataset {dataset}`"
     paths = [os.path.join(folder, name) for name in ("meta.json", "val.bin", "tokenizer.json")]
-    if all(os.path.exists(p) for p in paths):
-        with open(paths[0], encoding="utf-8") as f:
-            dtype = json.load(f).get("dtype", "uint16")      # uint32 for vocabularies above 65,536
-        data.update(val=np.memmap(paths[1], dtype=np.dtype(dtype), mode="r"), tokenizer=bpe.Tokenizer.load(paths[2]))
+    if all(os.path.exists(p) for p in paths):  # a broken one is a DataError naming the fix
+        data.update(val=prepare_data.load_tokens(folder, "val", prepare_data.load_meta(folder)),
+                    tokenizer=bpe.Tokenizer.load(paths[2]))
     else:
         data["missing"]["val"] = f"{' or '.join(p for p in paths if not os.path.exists(p))} is missing: {fix}"
     parts = {"mc": os.path.join(folder, "mc.jsonl"), "prompts": os.path.join(folder, "prompts_eval.jsonl"),
@@ -557,11 +556,8 @@ def run(config, log=None):
     # 5. report.json and report.md
     report = {"config": dict(config), "device": device, "rows": rows, "ppo_vs_sft": comparison, "ppo_log": ppo_log,
               "notes": notes, "plots": plots, "time_s": time.time() - t_start}
-    with open(os.path.join(out_dir, "report.json.tmp"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-    os.replace(os.path.join(out_dir, "report.json.tmp"), os.path.join(out_dir, "report.json"))
-    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
-        f.write(markdown_report(report))
+    prepare_data.atomic_write(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1))
+    prepare_data.atomic_write(os.path.join(out_dir, "report.md"), markdown_report(report))
     log(f"done in {report['time_s']:.1f}s: {out_dir}/report.md, report.json, {', '.join(plots) or 'no plots'}")
     return report
 
@@ -573,9 +569,8 @@ def parse_args(argv):
         raise ValueError(f"eval.py has no --{'/--'.join(sorted(flags))}: it rewrites its report every run")
     if not config["ckpts"] and not config["config"]:
         raise ValueError("nothing to evaluate: give --config NAME (the stages in out/NAME/) or --ckpts=PATH,PATH")
-    least = dict(val_tokens=0, max_mc=0, max_prompts=0, max_pairs=0, kl_prompts=0, max_new_tokens=1, batch_size=1)
-    for key in [k for k in least if config[k] < least[k]]:
-        raise ValueError(f"--{key}={config[key]} must be at least {least[key]}")
+    check_least(config, dict(val_tokens=0, max_mc=0, max_prompts=0, max_pairs=0, kl_prompts=0, max_new_tokens=1,
+                             batch_size=1))
     return config
 
 
@@ -583,8 +578,8 @@ def main(argv=None):
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
         report = run(config)
-    except (ValueError, CheckpointError, prepare_data.DataError) as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
+    except (ValueError, CheckpointError, prepare_data.DataError, OSError) as e:
+        print(f"eval.py: error: {prepare_data.error_line(e)}", file=sys.stderr)
         return 1
     errors = [r["reason"] for r in report["rows"]
               if r["status"] == "error" or (config["ckpts"] and r["status"] == "missing")]

@@ -9,7 +9,8 @@ penalty keeps it close to the SFT model it started from.
 
 Reads out/<config>/sft/ckpt.pt (the policy's start and the frozen reference), out/<config>/rm/ckpt.pt
 (the reward model, and the critic's start) and data/<dataset>/prompts_{ppo,eval}.jsonl; writes
-out/<config>/ppo/ ckpt.pt (a GPT checkpoint, stage "ppo"), critic.pt, log.jsonl, reward.png, kl.png.
+out/<config>/ppo/ ckpt.pt (a GPT checkpoint, stage "ppo", with the critic: one file, saved whole), log.jsonl,
+reward.png, kl.png.
 
 One iteration (Ziegler et al. 2019, InstructGPT 2022; steps 3-6 of run()):
   1. rollout: sample responses to a batch of prompts (temperature, no top-k/top-p, so the log-probs are
@@ -42,9 +43,10 @@ import bpe
 import tinyworld
 import prepare_data
 from model import (checkpoint_file, CheckpointError, clean_state_dict, generate_responses, load_checkpoint,
-                   model_from_checkpoint, parent_record, save_checkpoint, tokenizer_from_checkpoint)
-from train import (append_jsonl, clip_gradients, configure_optimizer, end_run, open_log, plot_curves, Progress,
-                   read_jsonl_log, rng_state, set_rng_state, stage_main, start_run, StopRequested, training_precision)
+                   load_weights, model_from_checkpoint, nonfinite, parent_record, tokenizer_from_checkpoint)
+from train import (append_jsonl, AT_LEAST, check_least, clip_gradients, configure_optimizer, end_run, open_log,
+                   plot_curves, Progress, read_jsonl_log, rng_state, save_run, set_rng_state, stage_main, start_run,
+                   StopRequested, training_precision)
 from reward import pad_right, scalar_model_from_checkpoint, score_sequences, with_reward_token
 
 STAGE = "ppo"
@@ -84,6 +86,10 @@ DEFAULTS = dict(
     stop_at_iter=0,              # stop (and save) after this many iterations; 0 = run to max_iters
     device="auto", dtype="auto", seed=1337,   # dtype: auto | float32 | bfloat16 | float16 (autocast)
 )
+
+# the least value of each count (eval_interval 0: evaluate at the start and the end only)
+LEAST = dict(AT_LEAST, eval_interval=0, samples_per_prompt=1, max_new_tokens=1, ppo_epochs=1, minibatch_size=1,
+             gen_batch_size=1)
 
 PRESETS = {
     # for tests (any tiny sft/rm checkpoint)
@@ -384,10 +390,7 @@ def check_config(config):
     """Values that would only fail later, checked before any work."""
     if config["temperature"] <= 0:
         raise ValueError(f"temperature={config['temperature']} must be > 0: PPO needs sampling log-probs")
-    for key in ("batch_size", "samples_per_prompt", "max_new_tokens", "ppo_epochs", "minibatch_size",
-                "gen_batch_size", "save_interval", "log_interval"):
-        if config[key] < 1:
-            raise ValueError(f"{key}={config[key]} must be at least 1")
+    check_least(config, LEAST)
     if config["reward_source"] not in ("rm", "gold"):
         raise ValueError(f"reward_source={config['reward_source']!r} is not one of rm, gold")
     if not 0 < config["clip_range"] < 1:
@@ -421,18 +424,16 @@ def load_parents(init_dir, reward_dir, resume=None):
 
 
 def restore(run, policy, critic, policy_optimizer, critic_optimizer):
-    """Continue the run being resumed (run.resume, its ckpt.pt) and the critic.pt saved with it: weights,
-    optimizer states, RNG. -> (iteration, the SFT model's held-out evaluation)."""
-    critic_path = os.path.join(run.out_dir, "critic.pt")
-    critic_ckpt = load_checkpoint(critic_path, stages={"critic"})
+    """Continue the run being resumed (run.resume, its ckpt.pt: the policy and the critic, saved as one file):
+    weights, optimizer states, RNG. -> (iteration, the SFT model's held-out evaluation)."""
+    if "critic" not in run.resume:
+        raise CheckpointError(f"{run.ckpt_path} is an older ppo.py's (its critic apart, in critic.pt, which a crash "
+                              f"could leave out of step): start over with --overwrite")
     state = run.resume["resume"]
-    if critic_ckpt["resume"]["iter"] != state["iter"]:
-        raise CheckpointError(f"{critic_path} is at iteration {critic_ckpt['resume']['iter']} but {run.ckpt_path} "
-                              f"at {state['iter']}: they were not saved together; start over with --overwrite")
-    policy.load_state_dict(run.resume["model"])
-    critic.load_state_dict(critic_ckpt["model"])
+    load_weights(policy, run.resume["model"], run.ckpt_path)
+    load_weights(critic, run.resume["critic"]["model"], run.ckpt_path)
     policy_optimizer.load_state_dict(state["optimizer"])
-    critic_optimizer.load_state_dict(critic_ckpt["resume"]["optimizer"])
+    critic_optimizer.load_state_dict(state["critic_optimizer"])
     set_rng_state(state["rng"])
     return state["iter"], state["sft_eval"]
 
@@ -479,7 +480,7 @@ def run(config, flags=()):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("ppo.py runs in one process: start it with python, not torchrun")
     init_dir, reward_dir, out_dir = resolve_dirs(config)
-    run = start_run(config, flags, STAGE, out_dir)
+    run = start_run(config, flags, STAGE, out_dir, LEAST)
     sft_ckpt, rm_ckpt, parents = load_parents(init_dir, reward_dir, run.resume)
     tokenizer = tokenizer_from_checkpoint(sft_ckpt)
     special = {"end": tokenizer.special_ids[bpe.END_OF_TURN], "reward": tokenizer.special_ids[bpe.REWARD]}
@@ -550,34 +551,33 @@ def run(config, flags=()):
             generator = torch.Generator().manual_seed(config["seed"] + 7919 * (it + 1))
             stats = ppo_update(policy, critic, policy_optimizer, critic_optimizer, batch, advantages, returns,
                                config, generator, ctx)
+            if bad := nonfinite({"policy": policy.state_dict(), "critic": critic.state_dict(), **stats}):
+                raise FloatingPointError(f"{bad[0]} is not finite after iteration {it + 1}: stopping; the last good "
+                                         f"checkpoint {run.ckpt_path} is kept. Try lower --learning_rate/--critic_lr")
             it += 1
             record = iteration_record(batch, golds, rewards, returns, stats, config)
             progress.update(it, record, int(mask.sum()), f"rm {record['rm_score']:+.3f} | gold {record['gold']:+.3f} | "
                             f"kl {record['kl']:.3f} | len {record['resp_len']:.1f} | end {record['end_rate']:.2f}")
 
-            # 7. now and then: a held-out evaluation, both checkpoints (the critic's first: ckpt.pt names
-            #    the iteration a resume starts from), the plots
+            # 7. now and then: a held-out evaluation, the checkpoint (policy and critic in one file), the plots
             at_eval = (config["eval_interval"] > 0 and it % config["eval_interval"] == 0) or it == run.end_iter
             if at_eval:
                 metrics = run_eval(it)
             if at_eval or stopper.requested or it % config["save_interval"] == 0:
                 metrics = dict(metrics, iter=it, kl=record["kl"], rm_score=record["rm_score"], gold=record["gold"])
-                base = {"tokenizer": tokenizer.to_dict(), "config": dict(config, dtype=dtype), "metrics": metrics}
-                save_checkpoint(dict(base, stage="critic", model_args=dict(rm_ckpt["model_args"]),
-                                     model=clean_state_dict(critic), parent=parents["reward_parent"],
-                                     resume={"optimizer": critic_optimizer.state_dict(), "iter": it}),
-                                os.path.join(run.out_dir, "critic.pt"))
-                save_checkpoint(dict(base, stage=STAGE, model_args=dict(sft_ckpt["model_args"]),
-                                     model=clean_state_dict(policy), **parents,
-                                     resume={"optimizer": policy_optimizer.state_dict(), "iter": it,
-                                             "rng": rng_state(), "sft_eval": sft_eval,
-                                             "prompt_position": it * config["batch_size"]}), run.ckpt_path)
+                save_run(run, {"stage": STAGE, "model_args": dict(sft_ckpt["model_args"]),
+                               "model": clean_state_dict(policy), "tokenizer": tokenizer.to_dict(),
+                               "config": dict(config, dtype=dtype), "metrics": metrics, **parents,
+                               "critic": {"model_args": dict(rm_ckpt["model_args"]), "model": clean_state_dict(critic)},
+                               "resume": {"optimizer": policy_optimizer.state_dict(), "iter": it, "rng": rng_state(),
+                                          "critic_optimizer": critic_optimizer.state_dict(), "sft_eval": sft_eval,
+                                          "prompt_position": it * config["batch_size"]}})
                 plot_progress(run, config)
                 progress.pause(it)
             if stopper.requested:
                 break
     finally:
-        end_run(stopper)
+        end_run(run, stopper)
     if start_iter == run.end_iter:
         print(f"{run.ckpt_path} is already at iteration {it}: raise --max_iters to continue")
     progress.done(it, stopper.requested)

@@ -27,10 +27,10 @@ import bpe
 import tinyworld
 import prepare_data
 from model import (answer_prompts, checkpoint_file, CheckpointError, clean_state_dict, GPT, GPTConfig,
-                   load_checkpoint, model_from_checkpoint, parent_record, save_checkpoint, tokenizer_from_checkpoint)
+                   load_checkpoint, load_weights, model_from_checkpoint, parent_record, tokenizer_from_checkpoint)
 from train import (append_jsonl, configure_optimizer, end_run, open_log, optimizer_step, plot_curves, Progress,
-                   read_jsonl_log, rng_state, scheduled_lr, set_rng_state, stage_main, start_run, StopRequested,
-                   training_precision)
+                   read_jsonl_log, rng_state, save_run, scheduled_lr, set_rng_state, stage_main, start_run,
+                   StopRequested, training_precision)
 
 STAGE = "rm"
 SORT_WINDOW = 16  # pair_batches sorts by length within windows of this many batches: less padding, still random
@@ -129,13 +129,7 @@ def score_sequences(model, sequences, batch_size=64, normalizer=None):
 
 def scalar_model_from_checkpoint(ckpt, device="cpu"):
     """The ScalarHeadModel of a reward (or critic) checkpoint, with its weights."""
-    try:
-        model = ScalarHeadModel(GPTConfig.from_dict(ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
-    except (ValueError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"checkpoint weights do not fit a reward model of its model_args "
-                              f"({' '.join(str(e).split())[:200]})") from None
-    return model.to(device)
+    return model_from_checkpoint(ckpt, device, ScalarHeadModel)
 
 
 # -----------------------------------------------------------------------------
@@ -380,12 +374,7 @@ def run(config, flags=()):
     # 2. the init's GPT as the body, a fresh scalar head; the precision, measured before the optimizer exists
     torch.manual_seed(config["seed"])
     model = ScalarHeadModel(model_config)
-    try:
-        model.gpt.load_state_dict(init["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {init_file} weights do not fit its model_args "
-                              f"({' '.join(str(e).split())[:160]})") from None
-    model.to(run.device)
+    load_weights(model.gpt, init["model"], init_file).to(run.device)
 
     def step(ctx):
         with ctx:
@@ -398,7 +387,7 @@ def run(config, flags=()):
     it, epoch, position = 0, 0, 0  # position: the next batch of this epoch
     if run.resume is not None:
         state = run.resume["resume"]
-        model.load_state_dict(run.resume["model"])
+        load_weights(model, run.resume["model"], run.ckpt_path)
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         it, epoch, position = state["iter"], state["epoch"], state["position"]
@@ -408,13 +397,13 @@ def run(config, flags=()):
              f"{'unknown' if agreement is None else f'{agreement:.3f}'}); device {run.device}", dtype, dtype_why)
 
     def save(reward_norm=None):  # only the last checkpoint has the reward_norm that PPO reads (step 5)
-        save_checkpoint({"stage": STAGE, "model_args": dict(init["model_args"]),  # the init's dropout
-                         "model": clean_state_dict(model), "tokenizer": tokenizer.to_dict(),
-                         "config": dict(config, dtype=dtype), "parent": parent, "metrics": metrics,
-                         "data": {"dataset": config["dataset"], "label_agreement": agreement},
-                         "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(),
-                                    "epoch": epoch, "position": position},
-                         **({} if reward_norm is None else {"reward_norm": reward_norm})}, run.ckpt_path)
+        save_run(run, {"stage": STAGE, "model_args": dict(init["model_args"]),  # the init's dropout
+                       "model": clean_state_dict(model), "tokenizer": tokenizer.to_dict(),
+                       "config": dict(config, dtype=dtype), "parent": parent, "metrics": metrics,
+                       "data": {"dataset": config["dataset"], "label_agreement": agreement},
+                       "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(),
+                                  "epoch": epoch, "position": position},
+                       **({} if reward_norm is None else {"reward_norm": reward_norm})})
 
     lengths = [len(pack_pair(p["chosen"], p["rejected"])[0]) for p in data["train"]]  # batches sort by row
     batches = pair_batches(lengths, config["batch_size"], config["seed"], epoch)
@@ -448,12 +437,12 @@ def run(config, flags=()):
                 progress.pause(it)
                 if stopper.requested:
                     break
-    finally:
-        end_run(stopper)
 
-    # 5. once, for the saved weights: the normaliser (SFT answers to PPO prompts score mean 0, std 1), the checkpoint
-    norm = sft_normalizer(model, init, tokenizer, data["folder"], config, ctx, run.device)
-    save(norm)
+        # 5. once, for the saved weights: the normaliser (SFT answers to PPO prompts score mean 0, std 1), the save
+        norm = sft_normalizer(model, init, tokenizer, data["folder"], config, ctx, run.device)
+        save(norm)
+    finally:
+        end_run(run, stopper)
     print(f"reward normalisation from {config['norm_prompts']} SFT answers to PPO prompts: bias {norm['bias']:.4f}, "
           f"scale {norm['scale']:.4f}")
     progress.done(it, stopper.requested)

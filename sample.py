@@ -16,11 +16,13 @@ top-p; a seed makes the output repeatable.
 """
 
 import argparse
+import math
 import sys
 
 import torch
 
 import bpe
+import prepare_data
 from model import CheckpointError, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
 from train import pick_device
 
@@ -53,15 +55,18 @@ def prompt_ids(tokenizer, prompt, chat, history=()):
     return ids + tokenizer.encode_chat(prompt)[0]
 
 
+def answer_length(block_size, n_prompt, max_new_tokens):
+    """The prompt and the answer share the block: the answer gets the room the prompt leaves, at most
+    max_new_tokens and at least a quarter of the block (a longer prompt keeps its most recent tokens)."""
+    return max(1, min(max_new_tokens, max(block_size - n_prompt, block_size // 4)))
+
+
 def generate_text(model, tokenizer, ids, chat, num_samples=1, max_new_tokens=100, temperature=0.8,
                   top_k=None, top_p=None, seed=None):
-    """num_samples continuations of the prompt ids, as text. Chat models stop at
-    end of turn (the marker is not part of the returned text). The prompt and
-    the answer share the block: the prompt comes first, the answer gets the room
-    left (at most max_new_tokens, at least a quarter of the block); a prompt
-    longer than that keeps its most recent tokens."""
+    """num_samples continuations of the prompt ids (answer_length tokens at most), as text. Chat models stop
+    at end of turn (the marker is not part of the returned text)."""
     block = model.config.block_size
-    max_new_tokens = max(1, min(max_new_tokens, max(block - len(ids), block // 4)))
+    max_new_tokens = answer_length(block, len(ids), max_new_tokens)
     ids = ids[-(block - max_new_tokens):]
     device = next(model.parameters()).device
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
@@ -110,10 +115,10 @@ def main(argv=None):
     parser.add_argument("--interactive", action="store_true", help="chat in the terminal (sft/ppo checkpoints)")
     args = parser.parse_args(argv)
     try:
-        if args.num_samples < 1 or args.max_new_tokens < 1:
-            raise ValueError("--num-samples and --max-new-tokens must be at least 1")
-        if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
-            raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+        if min(args.num_samples, args.max_new_tokens, 1 if args.top_k is None else args.top_k) < 1:
+            raise ValueError("--num-samples, --max-new-tokens and --top-k must be at least 1")
+        if not 0 <= args.temperature < math.inf or (args.top_p is not None and not 0 < args.top_p <= 1):
+            raise ValueError("--temperature must be a number >= 0 and --top-p in (0, 1]")
         prompt = args.prompt
         if args.prompt_file:
             prompt = bpe.read_text_file(args.prompt_file)
@@ -125,14 +130,17 @@ def main(argv=None):
             chat_loop(model, tokenizer, args)
             return 0
         ids = prompt_ids(tokenizer, prompt, chat)
+        if (n := answer_length(model.config.block_size, len(ids), args.max_new_tokens)) < args.max_new_tokens:
+            print(f"sample.py: note: --max-new-tokens {args.max_new_tokens} cut to {n}: the model's block holds "
+                  f"{model.config.block_size} tokens, the prompt takes {len(ids)}", file=sys.stderr)
         texts = generate_text(model, tokenizer, ids, chat, args.num_samples, args.max_new_tokens,
                               args.temperature, args.top_k, args.top_p, args.seed)
         for i, text in enumerate(texts):
             if args.num_samples > 1:
                 print(f"--- sample {i + 1}/{args.num_samples}")
             print(prompt + text if not chat else text)
-    except (ValueError, CheckpointError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
+    except (ValueError, CheckpointError, OSError) as e:
+        print(f"sample.py: error: {prepare_data.error_line(e)}", file=sys.stderr)
         return 1
     return 0
 

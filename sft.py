@@ -32,10 +32,10 @@ import torch
 import tinyworld
 import prepare_data
 from model import (answer_prompts, clean_state_dict, load_checkpoint, model_from_checkpoint, parent_record,
-                   save_checkpoint, tokenizer_from_checkpoint)
+                   tokenizer_from_checkpoint)
 from train import (append_jsonl, configure_optimizer, end_run, forward_backward, open_log, optimizer_step,
-                   plot_curves, Progress, read_jsonl_log, rng_state, scheduled_lr, set_rng_state, stage_main,
-                   start_run, StopRequested, training_precision, wrap_model)
+                   plot_curves, Progress, read_jsonl_log, rng_state, save_run, scheduled_lr, set_rng_state,
+                   stage_main, start_run, StopRequested, training_precision, wrap_model)
 
 STAGE = "sft"
 
@@ -250,6 +250,9 @@ def run(config, flags=()):
     if block_size > model_args["block_size"]:
         raise ValueError(f"--block_size={block_size} is longer than the model's block size {model_args['block_size']}")
     data, truncated = load_sft_data(config, tokenizer, block_size)
+    if not any(any(mask[1:]) for _, mask in data["train"]):  # the loss would be a mean over no tokens
+        raise ValueError(f"--block_size={block_size} leaves no response token of any demonstration (the prompts "
+                         f"fill it): use a larger --block_size, or 0 for the model's")
 
     # 2. the model, its precision (measured on a few training rows) and the optimizer
     torch.manual_seed(config["seed"] + run.rank)
@@ -308,19 +311,19 @@ def run(config, flags=()):
                 if run.master and at_eval:
                     metrics.update(run_eval(it))
                 if run.master:
-                    save_checkpoint({"stage": STAGE, "model_args": dict(model_args, dropout=0.0),
-                                     "model": clean_state_dict(raw_model), "tokenizer": tokenizer.to_dict(),
-                                     "config": dict(config, dtype=dtype), "parent": parent, "metrics": metrics,
-                                     "data": {"dataset": config["dataset"], "truncated": truncated},
-                                     "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(),
-                                                "epoch": epoch, "cursor": cursor, "world": run.world}}, run.ckpt_path)
+                    save_run(run, {"stage": STAGE, "model_args": dict(model_args, dropout=0.0),
+                                   "model": clean_state_dict(raw_model), "tokenizer": tokenizer.to_dict(),
+                                   "config": dict(config, dtype=dtype), "parent": parent, "metrics": metrics,
+                                   "data": {"dataset": config["dataset"], "truncated": truncated},
+                                   "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(),
+                                              "epoch": epoch, "cursor": cursor, "world": run.world}})
                     plot_progress(read_jsonl_log(run.log_path), metrics, run.out_dir, config["config"])
                 progress.pause(it)
                 if stopper.requested:
                     break
     finally:
         model = None  # the DDP wrapper goes before its process group
-        end_run(stopper)
+        end_run(run, stopper)
     progress.done(it, stopper.requested)
     return metrics
 

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 import prepare_data
-from model import (CheckpointError, clean_state_dict, flops_per_token, GPT, GPTConfig, load_checkpoint,
+from model import (CheckpointError, clean_state_dict, flops_per_token, GPT, GPTConfig, load_checkpoint, load_weights,
                    model_flops_utilization, save_checkpoint)
 
 STAGE = "pretrain"
@@ -75,15 +75,12 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "n
 def load_dataset(config):
     """The memmapped train/val token arrays, the tokenizer and meta.json."""
     folder = prepare_data.ensure_prepared(config["dataset"], config["data_dir"])  # builds tinyworld if missing
-    meta, data = prepare_data.load_meta(folder), {}  # a DataError naming the command if it was never prepared
-    for split in ("train", "val"):
-        path = os.path.join(folder, f"{split}.bin")
-        if not os.path.exists(path):
-            raise ValueError(f"{path} is missing: rerun `python prepare_data.py --dataset {config['dataset']} --force`")
-        data[split] = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
-        if len(data[split]) < config["block_size"] + 1:  # one window: block_size inputs and their next tokens
-            raise ValueError(f"{path} has {len(data[split])} tokens, fewer than block_size + 1 = "
-                             f"{config['block_size'] + 1}: use a smaller --block_size or more data")
+    meta = prepare_data.load_meta(folder)  # a DataError naming the command if it was never prepared
+    data = {split: prepare_data.load_tokens(folder, split, meta) for split in ("train", "val")}
+    for split, tokens in data.items():
+        if len(tokens) < config["block_size"] + 1:  # one window: block_size inputs and their next tokens
+            raise ValueError(f"{os.path.join(folder, split + '.bin')} has {len(tokens)} tokens, fewer than "
+                             f"block_size + 1 = {config['block_size'] + 1}: use a smaller --block_size or more data")
     return data, bpe.Tokenizer.load(os.path.join(folder, "tokenizer.json")), meta
 
 
@@ -169,16 +166,23 @@ def convert_value(key, text, default):
     try:
         if kind is bool:
             return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()]
-        return kind(text) if kind in (int, float) else text
+        value = kind(text) if kind in (int, float) else text
+        if kind is float and not math.isfinite(value):  # nan or inf would only fail later, or quietly
+            raise ValueError
+        return value
     except (KeyError, ValueError):
         raise ValueError(f"--{key}={text!r} is not a valid {kind.__name__} (the default is {default!r})") from None
 
 
 def pick_device(name="auto"):
-    """'auto' -> cuda if present, then Apple mps, then cpu."""
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    """'auto' -> cuda if present, then Apple mps, then cpu; a device this torch cannot use is a ValueError."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        return next(kind for kind, ok in available.items() if ok)
+    if not available.get(name.split(":")[0]):
+        raise ValueError(f"--device={name!r} is not available to this torch (it has "
+                         f"{', '.join(k for k, ok in available.items() if ok)}): use --device=auto")
+    return name
 
 
 def setup_distributed(config):
@@ -283,8 +287,11 @@ def set_rng_state(state):
 
 
 def append_jsonl(path, record):
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # a full disk shows when the file is closed, as an error without the file's name
+        raise OSError(e.errno, e.strerror, path) from None
 
 
 def read_jsonl_log(path):
@@ -330,20 +337,24 @@ def format_eta(seconds):
 
 
 class StopRequested:
-    """Ctrl-C sets a flag; the loop saves at the end of the current step and exits."""
+    """Ctrl-C, or SIGTERM (what docker, slurm and Kubernetes send), sets a flag; the loop saves at the end of the
+    current step and exits."""
 
     def __init__(self):
-        self.requested, self.previous = False, signal.signal(signal.SIGINT, self.handle)
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C: stop now
+        if self.requested:  # a second one: stop now
             self.restore()
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)")
+        print(f"\n{'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name}: finishing this step, "
+              f"saving a checkpoint, then exiting (Ctrl-C again to abort)", flush=True)
 
     def restore(self):
-        signal.signal(signal.SIGINT, self.previous)
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
 
 
 # -----------------------------------------------------------------------------
@@ -420,11 +431,20 @@ def training_precision(requested, device_type, model, step):
 # what a resumed run may change (how long, how often, where, on what); the rest comes from its checkpoint
 RESUME_MAY_CHANGE = ("max_iters", "stop_at_iter", "eval_interval", "save_interval", "log_interval", "sample_tokens",
                      "eval_batch_size", "device", "dtype", "compile", "out_dir", "data_dir", "init_dir", "reward_dir")
+# the least value of each count a training stage may have (a key its config lacks is not checked)
+AT_LEAST = dict(max_iters=1, stop_at_iter=0, batch_size=1, grad_accum=1, eval_interval=1, eval_iters=1,
+                log_interval=1, save_interval=1, eval_batch_size=1, warmup_iters=0)
 
 
-def start_run(config, flags, stage, out_dir):
+def check_least(config, least):
+    """Each key of least that config has must be at least its value there: a ValueError naming the first that is not."""
+    for key in [k for k in least if k in config and config[k] < least[k]]:
+        raise ValueError(f"--{key}={config[key]} must be at least {least[key]}")
+
+
+def start_run(config, flags, stage, out_dir, least=AT_LEAST):
     """Before the model: processes, device, checks, --resume or --overwrite. A namespace: stage, rank, world, master,
-    device(_type), out_dir, ckpt_path, log_path, end_iter, resume (its config wins but RESUME_MAY_CHANGE; or None)."""
+    device(_type), out_dir, ckpt_path, log_path, lock, end_iter, resume (its config wins but RESUME_MAY_CHANGE)."""
     rank, world, device = setup_distributed(config)
     device_type = device.split(":")[0]
     resolve_dtype(config["dtype"], device_type)  # a bad name fails before any work
@@ -433,31 +453,68 @@ def start_run(config, flags, stage, out_dir):
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     resume = load_checkpoint(ckpt_path, stages={stage}) if "resume" in flags else None
     if resume is not None:
-        config.update({k: resume["config"].get(k, v) for k, v in config.items() if k not in RESUME_MAY_CHANGE})
+        kept = {k: v for k, v in resume["config"].items() if config.get(k, v) != v and k not in RESUME_MAY_CHANGE}
+        if kept and rank == 0:  # what the command line or the preset asked for differently, said, not silently dropped
+            print(f"resuming with {ckpt_path}'s own {', '.join(f'{k}={v!r}' for k, v in kept.items())} (not "
+                  f"{', '.join(repr(config[k]) for k in kept)}): a resumed run may change only "
+                  f"{', '.join(k for k in RESUME_MAY_CHANGE if k in config)}")
+        config.update(kept)
         if resume["resume"].get("world", world) != world:  # each process's data position is in the checkpoint
             raise ValueError(f"{ckpt_path} was saved by {resume['resume']['world']} process(es): "
                              f"resume it with the same number (now {world})")
     elif os.path.exists(ckpt_path) and "overwrite" not in flags:
         raise ValueError(f"{ckpt_path} already exists: pass --resume to continue it, "
                          f"or --overwrite to start over (it will be replaced)")
+    check_least(config, least)
     end_iter = min(config["stop_at_iter"] or config["max_iters"], config["max_iters"])
     return types.SimpleNamespace(stage=stage, rank=rank, world=world, master=rank == 0, device=device,
-                                 device_type=device_type, out_dir=out_dir, ckpt_path=ckpt_path,
+                                 device_type=device_type, out_dir=out_dir, ckpt_path=ckpt_path, lock=None,
                                  log_path=os.path.join(out_dir, "log.jsonl"), end_iter=end_iter, resume=resume)
 
 
+def claim_folder(out_dir):
+    """out_dir/run.lock, holding this process's id: while that process runs, another run on the folder refuses;
+    a killed run's lock (its process gone) is taken over. Returns the lock's path (end_run removes it)."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "run.lock")
+    while True:
+        with contextlib.suppress(FileExistsError):
+            with open(path, "x") as f:  # "x": created only where there is none, so of two runs one gets it
+                f.write(str(os.getpid()))
+            return path
+        owner = None
+        with contextlib.suppress(OSError, ValueError):  # removed meanwhile, or not yet written: no owner
+            with open(path) as f:
+                owner = int(f.read())
+        if owner not in (None, os.getpid()) and prepare_data.pid_alive(owner):
+            raise ValueError(f"{out_dir} is in use by another run (process {owner}, {path}): wait for it to end "
+                             f"or give another --out_dir")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)  # its run ended without removing it (killed): taken over
+
+
 def open_log(run, start_iter, summary, dtype, dtype_why):
-    """The start-up line; log.jsonl begun (a resumed run's cut at its checkpoint) with the precision."""
+    """The folder claimed (claim_folder); the start-up line; log.jsonl begun (a resumed run's cut at its checkpoint;
+    a new run's beside an older run's log, which it replaces at its first save_run) with the precision."""
     if not run.master:
         return
+    run.lock = claim_folder(run.out_dir)
     if run.resume is not None:
         truncate_log(run.log_path, start_iter)
         print(f"resuming {run.ckpt_path} at iteration {start_iter}")
-    else:
-        os.makedirs(run.out_dir, exist_ok=True)
-        open(run.log_path, "w").close()  # a new run starts an empty log
+    else:  # a new run starts an empty log, beside an older run's until its first save: a failed start loses nothing
+        run.log_path = os.path.join(run.out_dir, "log.new.jsonl" if os.path.exists(run.log_path) else "log.jsonl")
+        open(run.log_path, "w").close()
     print(f"{run.stage}: {summary}, {dtype} ({dtype_why})")
     append_jsonl(run.log_path, {"iter": start_iter, "dtype": dtype, "dtype_why": dtype_why})
+
+
+def save_run(run, checkpoint):
+    """save_checkpoint to run.ckpt_path; a new run's first save also puts its log in place of an older run's."""
+    save_checkpoint(checkpoint, run.ckpt_path)
+    if run.log_path != (log := os.path.join(run.out_dir, "log.jsonl")):
+        os.replace(run.log_path, log)
+        run.log_path = log
 
 
 def wrap_model(model, run, compile_batch=None, ctx=None):
@@ -535,9 +592,12 @@ class Progress:
                   f"done: {it} iterations in {format_eta(time.time() - self.t_start)}; checkpoint {self.run.ckpt_path}")
 
 
-def end_run(stopper):
-    """Ctrl-C's handler back, the process group gone (after the caller drops DDP: else gloo can hang)."""
+def end_run(run, stopper):
+    """Ctrl-C's handler back, the folder's lock removed, the process group gone (after the caller drops DDP: else
+    gloo can hang)."""
     stopper.restore()
+    if run.lock is not None and os.path.exists(run.lock):
+        os.remove(run.lock)
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -551,6 +611,9 @@ def run(config, flags=()):
     GPTConfig(**{k: config[k] for k in MODEL_KEYS})
     run = start_run(config, flags, STAGE, config["out_dir"] or os.path.join("out", config["config"], STAGE))
     data, tokenizer, meta = load_dataset(config)
+    if run.resume is not None and run.resume["tokenizer"] != tokenizer.to_dict():  # same ids, other tokens
+        raise ValueError(f"{os.path.join(config['data_dir'], config['dataset'], 'tokenizer.json')} is not the "
+                         f"tokenizer {run.ckpt_path} learned with (was the data rebuilt?): use its data or --overwrite")
 
     def batch(rows, generator):  # (x, y) on the device: `rows` windows of the train split
         return tuple(t.to(run.device) for t in get_batch(data["train"], config["block_size"], rows, generator))
@@ -569,7 +632,7 @@ def run(config, flags=()):
     it = 0
     if run.resume is not None:
         state = run.resume["resume"]
-        raw_model.load_state_dict(run.resume["model"])
+        load_weights(raw_model, run.resume["model"], run.ckpt_path)
         optimizer.load_state_dict(state["optimizer"])
         data_gen.set_state(state["data_rng"][run.rank])
         set_rng_state(state["rng"])
@@ -612,12 +675,12 @@ def run(config, flags=()):
                 if run.world > 1:  # every rank takes part; the master saves them all
                     dist.all_gather_object(data_states, data_gen.get_state())
                 if run.master:
-                    save_checkpoint({"stage": STAGE, "model_args": vars(model_config).copy(),
-                                     "model": clean_state_dict(raw_model), "tokenizer": tokenizer.to_dict(),
-                                     "config": dict(config, dtype=dtype), "parent": None, "metrics": metrics,
-                                     "data": {"dataset": config["dataset"], "meta": meta},
-                                     "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(),
-                                                "data_rng": data_states, "world": run.world}}, run.ckpt_path)
+                    save_run(run, {"stage": STAGE, "model_args": vars(model_config).copy(),
+                                   "model": clean_state_dict(raw_model), "tokenizer": tokenizer.to_dict(),
+                                   "config": dict(config, dtype=dtype), "parent": None, "metrics": metrics,
+                                   "data": {"dataset": config["dataset"], "meta": meta},
+                                   "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(),
+                                              "data_rng": data_states, "world": run.world}})
                 if run.master and at_eval and config["sample_tokens"] > 0:  # what the model writes now
                     start = torch.tensor([[tokenizer.special_ids[bpe.DOC_SEP]]], device=run.device)
                     with ctx:
@@ -629,21 +692,21 @@ def run(config, flags=()):
                     break
     finally:
         model = None  # the DDP wrapper goes before its process group
-        end_run(stopper)
+        end_run(run, stopper)
     progress.done(it, stopper.requested)
     return metrics
 
 
 def stage_main(run, argv, defaults, presets, prog, doc):
-    """A stage's command line: its config from argv (sys.argv when None), then run(config, flags). A
-    mistake of the user's is one error line and exit status 1, never a traceback."""
+    """A stage's command line: its config from argv (sys.argv when None), then run(config, flags). A mistake of
+    the user's, or of the machine's (OSError: a read-only folder, a full disk), is one error line and exit status 1."""
     try:
         config, flags = parse_config(sys.argv[1:] if argv is None else argv, defaults, presets, prog,
                                      doc.strip().splitlines()[0])
         with deterministic_algorithms(config.get("deterministic", False)):  # a stage with the key chooses
             run(config, flags)
-    except (ValueError, CheckpointError, FloatingPointError, prepare_data.DataError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    except (ValueError, CheckpointError, FloatingPointError, prepare_data.DataError, OSError) as e:
+        print(f"{prog}: error: {prepare_data.error_line(e)}", file=sys.stderr)
         return 1
     return 0
 

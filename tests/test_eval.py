@@ -524,6 +524,11 @@ def test_main_exit_codes_and_one_line_errors(world, tmp_path, capsys):
     assert err[-1].startswith("eval.py: error: no checkpoint could be evaluated")
     assert E.main(["--config", "nope"]) == 1
     assert capsys.readouterr().err.startswith("eval.py: error: unknown config 'nope'")
+    (tmp_path / "afile").write_text("")
+    assert E.main([f"--ckpts={rm}", f"--out={tmp_path / 'afile' / 'r'}", f"--data_dir={world['data_root']}",
+                   "--max_pairs=4"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("eval.py: error: ") and err.count("\n") == 1 and "afile/r: " in err, err
 
 
 def test_command_line_runs_in_a_subprocess(world, tmp_path):

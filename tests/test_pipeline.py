@@ -14,6 +14,7 @@ import sft
 import train
 from model import load_checkpoint
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_DATA = dict(megabytes=0.08, sft_train=80, sft_val=8, prefs_train=80, prefs_val=16, prompts_ppo=32,
                   prompts_eval=8, mc=8, quiet=True)
 
@@ -36,7 +37,7 @@ def test_whole_pipeline_on_tiny(tmp_path, monkeypatch):
     assert ckpts["rm"]["parent"]["sha256"] == prepare_data.sha256_file(paths["sft"])
     assert ckpts["ppo"]["parent"]["sha256"] == prepare_data.sha256_file(paths["sft"])
     assert ckpts["ppo"]["reward_parent"]["sha256"] == prepare_data.sha256_file(paths["rm"])
-    assert os.path.exists(os.path.join("out", "tiny", "ppo", "critic.pt"))
+    assert "critic" in ckpts["ppo"], "the critic travels in the policy's checkpoint"
 
     # the report has a row per stage, each evaluated
     with open(os.path.join("out", "tiny", "eval", "report.json")) as f:
@@ -45,3 +46,8 @@ def test_whole_pipeline_on_tiny(tmp_path, monkeypatch):
     assert set(rows) == {"pretrain", "sft", "rm", "ppo"}, rows.keys()
     assert all(row["status"] == "ok" for row in rows.values()), [(r["stage"], r.get("reason")) for r in rows.values()]
     assert os.path.exists(os.path.join("out", "tiny", "eval", "report.md"))
+
+
+def test_tests_start_in_an_empty_folder_never_the_repositorys():
+    """A default path (data/, out/) in a test is never the repository's own, whatever a user ran there (conftest)."""
+    assert os.path.realpath(os.getcwd()) != os.path.realpath(ROOT) and os.listdir(".") == []

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import bpe
+import model
 import ppo
 import tinyworld
 import prepare_data
@@ -512,8 +513,9 @@ def test_tiny_run_writes_its_checkpoints_logs_and_plots(world, tmp_path):
     assert ckpt["reward_parent"]["sha256"] == parent_record(os.path.join(world["rm"], "ckpt.pt"))["sha256"]
     assert ckpt["resume"]["iter"] == 4 and ckpt["model_args"] == world["args"]
     model_from_checkpoint(ckpt)  # loads like any GPT checkpoint
-    critic = load_checkpoint(str(out / "critic.pt"), stages={"critic"})
-    ppo.scalar_model_from_checkpoint(critic)
+    ppo.scalar_model_from_checkpoint(ckpt["critic"])  # the critic is saved with the policy, in one file
+    assert set(ckpt["critic"]) == {"model_args", "model"} and "critic_optimizer" in ckpt["resume"]
+    assert not (out / "critic.pt").exists()
     log = read_jsonl_log(str(out / "log.jsonl"))
     steps = [r for r in log if "rm_score" in r]
     evals = [r for r in log if "eval_gold" in r]
@@ -546,19 +548,23 @@ def test_exact_resume_is_bit_for_bit(world, tmp_path):
         return [{k: v for k, v in r.items() if k not in ("time", "tok_per_s")}  # clock readings differ
                 for r in read_jsonl_log(str(tmp_path / name / "log.jsonl")) if "rm_score" in r]
     assert len(steps("straight")) == 4 and steps("straight") == steps("resumed"), "2 + resume + 2 == 4"
-    for name in ("ckpt.pt", "critic.pt"):
-        a = load_checkpoint(str(tmp_path / "straight" / name))["model"]
-        b = load_checkpoint(str(tmp_path / "resumed" / name))["model"]
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "resumed"))
+    for part in ("model", "critic"):
+        x, y = (a["model"], b["model"]) if part == "model" else (a["critic"]["model"], b["critic"]["model"])
+        assert all(torch.equal(x[k], y[k]) for k in x), part
 
 
-def test_resume_refuses_a_critic_or_parent_of_another_run(world, tmp_path):
+def test_resume_refuses_an_older_layout_or_a_parent_of_another_run(world, tmp_path, capsys):
     out = tmp_path / "guarded"
     ppo.run(tiny_config(world, out, max_iters=1))
-    critic = load_checkpoint(str(out / "critic.pt"))
-    save_checkpoint(dict(critic, resume=dict(critic["resume"], iter=7)), str(out / "critic.pt"))
-    with pytest.raises(CheckpointError, match="critic.pt is at iteration 7 .* not saved together"):
-        ppo.run(tiny_config(world, out, max_iters=2), flags={"resume"})
+    ckpt = load_checkpoint(str(out))
+    save_checkpoint({k: v for k, v in ckpt.items() if k != "critic"}, str(out / "older" / "ckpt.pt"))
+    argv = ["--config", "tiny", f"--data_dir={world['data_dir']}", f"--init_dir={world['sft']}",
+            f"--reward_dir={world['rm']}", f"--out_dir={out / 'older'}", "--max_iters=2", "--resume"]
+    assert ppo.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "an older ppo.py's (its critic apart, in critic.pt" in err, err
+    assert ppo.main(argv[:-3] + [f"--out_dir={out}", "--max_iters=2", "--resume"]) == 0, "the new layout resumes"
     other_sft = tmp_path / "other_sft" / "ckpt.pt"
     save_checkpoint(dict(load_checkpoint(world["sft"]), metrics={"changed": 1}), str(other_sft))
     with pytest.raises(CheckpointError, match="changed since the run being resumed"):
@@ -607,6 +613,26 @@ def test_main_bad_inputs_give_one_line(world, tmp_path, capsys):
         assert err.startswith("ppo.py: error:") and message in err and err.count("\n") == 1, err
 
 
+def test_weights_that_turn_nan_stop_the_run_and_the_checkpoint_stays_finite(world, tmp_path, monkeypatch):
+    real_update = ppo.ppo_update
+    calls = []
+
+    def blows_up_at_the_third(policy, critic, *args, **kwargs):
+        stats = real_update(policy, critic, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                next(critic.parameters()).fill_(float("nan"))
+        return stats
+
+    monkeypatch.setattr(ppo, "ppo_update", blows_up_at_the_third)
+    out = tmp_path / "blown"
+    with pytest.raises(FloatingPointError, match="critic.* is not finite after iteration 3: stopping; the last good"):
+        ppo.run(tiny_config(world, out, max_iters=4, save_interval=2))
+    saved = torch.load(str(out / "ckpt.pt"), weights_only=True)
+    assert saved["resume"]["iter"] == 2 and model.nonfinite(saved) == []
+
+
 def test_existing_checkpoint_is_not_overwritten_without_a_flag(world, tmp_path):
     out = tmp_path / "keep"
     ppo.run(tiny_config(world, out, max_iters=1))
@@ -632,4 +658,4 @@ def test_ctrl_c_saves_and_exits_cleanly(world, tmp_path):
     assert "continue with --resume" in output
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["resume"]["iter"] >= 1
-    assert load_checkpoint(str(out / "critic.pt"))["resume"]["iter"] == ckpt["resume"]["iter"]
+    assert "critic" in ckpt, "the critic is saved with the policy"

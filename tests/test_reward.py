@@ -657,14 +657,16 @@ def test_resolve_paths_defaults():
     assert reward.resolve_paths(config) == ("a/b", "c")
 
 
-def test_stop_requested_sets_a_flag_on_ctrl_c():
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stop_requested_sets_a_flag_on_ctrl_c_and_sigterm(sig):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     stopper = reward.StopRequested()
     try:
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), sig)
         assert stopper.requested
     finally:
         stopper.restore()
-    assert signal.getsignal(signal.SIGINT) is stopper.previous
+    assert {s: signal.getsignal(s) for s in before} == before, "both handlers are put back"
 
 
 # --- the command line --------------------------------------------------------------------------------
@@ -746,5 +748,5 @@ def test_scalar_model_from_checkpoint_round_trip_and_error():
     x = torch.randint(0, 97, (2, 5))
     torch.testing.assert_close(back.eval()(x), rm.eval()(x))
     gpt_only = {"model_args": vars(rm.config).copy(), "model": GPT(head_config()).state_dict()}
-    with pytest.raises(CheckpointError, match="reward model"):
+    with pytest.raises(CheckpointError, match="weights do not fit its model_args .*ScalarHeadModel"):
         reward.scalar_model_from_checkpoint(gpt_only)

@@ -110,10 +110,22 @@ def test_cli_samples_and_rejects_bad_input(checkpoints, capsys):
         (["--ckpt", str(checkpoints / "rm")], "does not generate"),
         (["--ckpt", str(checkpoints / "pretrain"), "--interactive"], "needs a chat checkpoint"),
         (["--ckpt", str(checkpoints / "pretrain"), "--top-p", "1.5"], "--top-p"),
+        (["--ckpt", str(checkpoints / "pretrain"), "--temperature", "nan"], "--temperature must be a number >= 0"),
+        (["--ckpt", str(checkpoints / "pretrain"), "--top-k", "-3"], "--top-k must be at least 1"),
+        (["--ckpt", str(checkpoints / "pretrain"), "--prompt-file", str(checkpoints)], f"{checkpoints} is a folder"),
     ]:
         assert sample.main(argv) == 1
         err = capsys.readouterr().err
         assert err.startswith("sample.py: error:") and message in err and err.count("\n") == 1, err
+
+
+def test_answer_length_and_the_note_when_max_new_tokens_is_cut(checkpoints, capsys):
+    assert sample.answer_length(32, 12, 150) == 20 and sample.answer_length(32, 12, 5) == 5
+    assert sample.answer_length(32, 40, 150) == 8, "a quarter of the block at least"
+    argv = ["--ckpt", str(checkpoints / "pretrain"), "--prompt", "the dog", "--max-new-tokens", "100000"]
+    assert sample.main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("sample.py: note: --max-new-tokens 100000 cut to ") and "block holds 32 tokens" in err, err
 
 
 def test_interactive_mode_from_a_pipe(checkpoints):

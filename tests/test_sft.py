@@ -267,6 +267,10 @@ def test_bad_inputs_give_one_clear_line(world, tmp_path, capsys):
     assert "sft_train.jsonl line 2 is not valid JSON" in msg
     assert "longer than the model's block size" in error_of(*common, f"--init={world['init']}", "--block_size=4000")
     assert "unknown config key" in error_of(*common, "--learning_rat=1")
+    assert "--block_size=4 leaves no response token of any demonstration" in error_of(
+        *common, f"--init={world['init']}", "--block_size=4")
+    for key in ("eval_interval", "log_interval", "grad_accum", "batch_size"):
+        assert f"--{key}=0 must be at least 1" in error_of(*common, f"--init={world['init']}", f"--{key}=0")
 
 
 def test_existing_checkpoint_is_kept_without_a_flag(world, tmp_path):

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -97,6 +98,9 @@ def test_convert_value_types():
         convert_value("a", "maybe", True)
     with pytest.raises(ValueError, match="not a valid float"):
         convert_value("a", "fast", 1.0)
+    for text in ("nan", "inf", "-inf"):  # they would only fail later, or quietly
+        with pytest.raises(ValueError, match=f"--a='{text}' is not a valid float"):
+            convert_value("a", text, 1.0)
 
 
 def test_bad_override_names_the_presets_value_as_the_default():
@@ -114,9 +118,15 @@ def test_help_lists_presets_and_keys(capsys):
     assert "presets: tiny, small, gpt2" in out and "--learning_rate" in out
 
 
-def test_pick_device_and_dtype():
+def test_pick_device_and_dtype(monkeypatch):
     assert pick_device("cpu") == "cpu"
     assert pick_device("auto") in ("cuda", "mps", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("auto") == "cpu"
+    for name in ("cuda", "cuda:1", "mps", "tpu"):
+        with pytest.raises(ValueError, match=f"--device='{name}' is not available to this torch .it has cpu.: use"):
+            pick_device(name)
     assert resolve_dtype("auto", "cpu") == ("float32", "auto: nothing to measure")
     assert resolve_dtype("bfloat16", "cpu") == ("bfloat16", "as asked")
     with pytest.raises(ValueError, match="--dtype='fp8' is not one of auto, float32"):
@@ -420,6 +430,125 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def test_weights_that_turn_nan_are_never_saved(data_dir, tmp_path, capsys):
+    """A learning rate that blows the weights up: the run stops with one line; the checkpoint on disk is finite."""
+    out = tmp_path / "blown"
+    argv = ["--config", "tiny", f"--data_dir={data_dir}", "--dataset=toy", f"--out_dir={out}", "--learning_rate=1e6",
+            "--eval_interval=1", "--max_iters=6", "--sample_tokens=0", "--dtype=float32"]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not finite" in err and "last" in err, err
+    saved = torch.load(str(out / "ckpt.pt"), weights_only=True)
+    assert model.nonfinite(saved) == [], "the checkpoint kept is the last finite one"
+
+
+def test_a_full_disk_keeps_the_checkpoint_and_says_so_in_one_line(data_dir, tmp_path):
+    out = tmp_path / "full"
+    train.run(tiny_config(data_dir, out, max_iters=2, eval_interval=2))
+    before = prepare_data.sha256_file(str(out / "ckpt.pt"))
+
+    def small_disk():  # files may grow to 100 kB: the log and the plot fit, the next checkpoint does not
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    argv = ["--config", "tiny", f"--data_dir={data_dir}", "--dataset=toy", f"--out_dir={out}", "--max_iters=4",
+            "--resume", "--dtype=float32"]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], capture_output=True, text=True,
+                            timeout=120, preexec_fn=small_disk)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"train.py: error: {out / 'ckpt.pt'}: File too large (check that its folder")
+    assert prepare_data.sha256_file(str(out / "ckpt.pt")) == before, "what was saved before stays"
+    assert not [name for name in os.listdir(out) if ".tmp" in name], "no temporary file is left"
+
+
+def test_resume_with_weights_of_another_shape_is_one_line(data_dir, tmp_path, capsys):
+    out = tmp_path / "resized"
+    train.run(tiny_config(data_dir, out, max_iters=2, eval_interval=2))
+    ckpt = load_checkpoint(str(out))
+    ckpt["model"]["transformer.wpe.weight"] = torch.zeros(64, 32)  # a crafted or mixed-up checkpoint
+    model.save_checkpoint(ckpt, str(out / "ckpt.pt"))
+    argv = ["--config", "tiny", f"--data_dir={data_dir}", "--dataset=toy", f"--out_dir={out}", "--resume",
+            "--max_iters=4"]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ckpt.pt weights do not fit its model_args" in err, err
+
+
+def test_claim_folder_refuses_a_running_owner_and_takes_over_a_dead_ones(tmp_path):
+    folder = str(tmp_path / "run")
+    lock = train.claim_folder(folder)
+    assert lock == os.path.join(folder, "run.lock") and open(lock).read() == str(os.getpid())
+    assert train.claim_folder(folder) == lock, "this process may claim its own folder again"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(lock, "w") as f:
+            f.write(str(sleeper.pid))
+        with pytest.raises(ValueError, match=f"is in use by another run .process {sleeper.pid}"):
+            train.claim_folder(folder)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert train.claim_folder(folder) == lock and open(lock).read() == str(os.getpid()), "a killed run's is taken over"
+
+
+def test_a_second_run_on_a_folder_refuses_while_the_first_runs(data_dir, tmp_path, capsys):
+    out = tmp_path / "shared"
+    os.makedirs(out)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the first run
+    argv = ["--config", "tiny", f"--data_dir={data_dir}", "--dataset=toy", f"--out_dir={out}", "--max_iters=2",
+            "--sample_tokens=0", "--dtype=float32"]
+    try:
+        (out / "run.lock").write_text(str(sleeper.pid))
+        assert train.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"is in use by another run (process {sleeper.pid}" in err, err
+        assert os.listdir(out) == ["run.lock"], "the refused run wrote nothing"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert train.main(argv) == 0, "a killed run's lock does not stay in the way"
+    assert not (out / "run.lock").exists(), "a finished run removes its lock"
+
+
+def test_a_failed_overwrite_keeps_the_older_runs_log(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "older"
+    train.run(tiny_config(data_dir, out, max_iters=4, eval_interval=4, log_interval=1))
+    files = {name: (out / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
+    real_forward = GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, idx, targets=None: (
+        lambda logits, loss: (logits, loss * float("nan") if loss is not None and self.training else loss))(
+        *real_forward(self, idx, targets)))
+    with pytest.raises(FloatingPointError, match="loss is nan at iteration 0"):
+        train.run(tiny_config(data_dir, out, max_iters=4, eval_interval=4), flags={"overwrite"})
+    assert {name: (out / name).read_bytes() for name in files} == files, "nothing of the older run is lost"
+    monkeypatch.setattr(GPT, "forward", real_forward)
+    train.run(tiny_config(data_dir, out, max_iters=2, eval_interval=2, log_interval=1), flags={"overwrite"})
+    assert [r["iter"] for r in read_jsonl_log(str(out / "log.jsonl")) if "loss" in r] == [1, 2]
+    assert not (out / "log.new.jsonl").exists(), "the new run's log took the older one's place at its first save"
+
+
+def test_resume_refuses_a_rebuilt_tokenizer_and_says_which_options_it_keeps(data_dir, tmp_path, capsys):
+    out = tmp_path / "tok"
+    root = tmp_path / "data"
+    make_dataset(str(root / "toy"))
+    train.run(tiny_config(str(root), out, max_iters=2, eval_interval=2))
+    capsys.readouterr()
+    train.run(tiny_config(str(root), out, max_iters=3, eval_interval=3, n_embd=64), flags={"resume"})
+    said = capsys.readouterr().out
+    assert "'s own n_embd=32 (not 64): a resumed run may change only max_iters" in said, said
+    make_dataset(str(root / "toy"), n_words=5000)  # other text, other merges, the same vocabulary size
+    assert bpe.Tokenizer.load(str(root / "toy" / "tokenizer.json")).vocab_size == 300
+    with pytest.raises(ValueError, match="tokenizer.json is not the tokenizer .*ckpt.pt learned with"):
+        train.run(tiny_config(str(root), out, max_iters=4, eval_interval=4), flags={"resume"})
+
+
+def test_check_least_names_the_first_key_below_its_least():
+    train.check_least({"a": 1, "b": 0, "c": 2}, {"a": 1, "b": 0, "d": 5})  # d: not in the config
+    with pytest.raises(ValueError, match="--b=0 must be at least 1"):
+        train.check_least({"a": 1, "b": 0, "c": -1}, {"a": 1, "b": 1, "c": 0})
+
+
 def test_existing_checkpoint_is_not_overwritten_without_a_flag(data_dir, tmp_path):
     out = tmp_path / "keep"
     train.run(tiny_config(data_dir, out, max_iters=4, eval_interval=4))
@@ -431,7 +560,27 @@ def test_existing_checkpoint_is_not_overwritten_without_a_flag(data_dir, tmp_pat
 
 
 def test_main_bad_inputs_give_one_line(data_dir, tmp_path, capsys):
+    toy = [f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", "--max_iters=2"]
+    for name, change in [("empty", {"train.bin": b""}), ("cut", {"train.bin": b"abc"}),
+                         ("garbled", {"meta.json": b"[]"})]:
+        shutil.copytree(os.path.join(data_dir, "toy"), tmp_path / "data" / name)
+        for file, content in change.items():
+            (tmp_path / "data" / name / file).write_bytes(content)
+    (tmp_path / "afile").write_text("")
     cases = [
+        (["--config", "tiny", "--dataset=empty"] + toy, "train.bin is empty: rerun `python prepare_data.py"),
+        (["--config", "tiny", "--dataset=cut"] + toy, "train.bin is cut short: rerun `python prepare_data.py"),
+        (["--config", "tiny", "--dataset=garbled"] + toy, "garbled/meta.json: ValueError): run `python prepare_data"),
+        (["--config", "tiny", f"--data_dir={data_dir}", "--dataset=toy", f"--out_dir={tmp_path}/afile/x"],
+         "afile/x: Not a directory (check that its folder exists"),
+        (["--config", "tiny", f"--out_dir={tmp_path}/o", "--batch_size=0"], "--batch_size=0 must be at least 1"),
+        (["--config", "tiny", f"--out_dir={tmp_path}/o", "--eval_interval=0"], "--eval_interval=0 must be at least 1"),
+        (["--config", "tiny", f"--out_dir={tmp_path}/o", "--log_interval=0"], "--log_interval=0 must be at least 1"),
+        (["--config", "tiny", f"--out_dir={tmp_path}/o", "--eval_iters=0"], "--eval_iters=0 must be at least 1"),
+        (["--config", "tiny", f"--out_dir={tmp_path}/o", "--grad_accum=0"], "--grad_accum=0 must be at least 1"),
+        (["--config", "tiny", f"--out_dir={tmp_path}/o", "--max_iters=-5"], "--max_iters=-5 must be at least 1"),
+        (["--config", "tiny", "--learning_rate=nan"], "--learning_rate='nan' is not a valid float"),
+        (["--config", "tiny", f"--out_dir={tmp_path}/o", "--device=nodevice"], "--device='nodevice' is not available"),
         (["--config", "tiny", "--dataset=nothing", f"--data_dir={tmp_path}"], "is not prepared"),
         (["--config", "tiny", "--norm=batchnorm"], "norm='batchnorm'"),
         (["--config", "tiny", "--n_embd=33"], "divisible"),
@@ -445,7 +594,8 @@ def test_main_bad_inputs_give_one_line(data_dir, tmp_path, capsys):
         assert err.startswith("train.py: error:") and message in err and err.count("\n") == 1, err
 
 
-def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_and_exits_cleanly(data_dir, tmp_path, sig):
     out = tmp_path / "interrupted"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", "tiny", f"--data_dir={data_dir}",
            "--dataset=toy", f"--out_dir={out}", "--max_iters=100000", "--eval_interval=100000",
@@ -455,10 +605,10 @@ def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path):
     # the first training step is logged at iteration 5 (the log's first line is the chosen precision)
     while not any("loss" in r for r in read_jsonl_log(str(out / "log.jsonl"))) and time.time() < deadline:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
-    assert "continue with --resume" in output
+    assert "continue with --resume" in output and ("Ctrl-C: finishing" if sig == signal.SIGINT else "SIGTERM") in output
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["resume"]["iter"] >= 5
 
@@ -476,6 +626,13 @@ def test_jsonl_log_skips_torn_line_and_truncates(tmp_path):
     truncate_log(path, 2)
     assert [r["iter"] for r in read_jsonl_log(path)] == [1, 2]
     assert read_jsonl_log(str(tmp_path / "none.jsonl")) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="/dev/full (a device that is always full) is Linux's")
+def test_append_jsonl_on_a_full_disk_names_the_file():
+    with pytest.raises(OSError) as full:
+        train.append_jsonl("/dev/full", {"iter": 1})
+    assert full.value.filename == "/dev/full" and "No space left" in prepare_data.error_line(full.value)
 
 
 def test_plot_curves_writes_a_png(tmp_path):
