@@ -9,7 +9,8 @@ of the dataset each checkpoint was trained on. A generative model (pretrain, sft
 gets loss and bits per byte, multiple choice (cloze), and greedy answers to held-out
 prompts graded by the simulated labeler and scored by the reward model; the reward model
 pairwise accuracy by the noisy and the gold labels; PPO against SFT the gold win rate,
-KL(PPO || SFT), and from ppo/log.jsonl proxy and gold scores against sqrt(KL).
+KL(PPO || SFT), and from ppo/log.jsonl proxy and gold scores against sqrt(KL). Every chat model's
+alignment tax: its bits per byte and cloze accuracy against the pretrained model it was tuned from.
 """
 
 import contextlib
@@ -410,6 +411,49 @@ def plot_accuracy(rows, path):
         _finish(ax, "accuracy per stage", "")
 
 
+def alignment_tax(rows):
+    """What each chat model (sft, ppo) paid for its chat: val bits per byte and cloze accuracy against its base
+    model, the pretrained checkpoint its parents lead to, when that was evaluated too. {label: tax}, tax =
+    {"base", "bpb_base", "bpb", "bpb_ratio", "cloze_base", "cloze", "cloze_change"} or {"reason"}."""
+    by_file = {os.path.abspath(r["file"]): r for r in rows if r["status"] == "ok"}
+    taxes = {}
+    for row in [r for r in by_file.values() if r["stage"] in ("sft", "ppo")]:
+        base = row
+        while base is not None and base["stage"] != "pretrain":
+            parent = base.get("parent") or {}
+            base = by_file.get(parent.get("path"))
+            if base is not None and prepare_data.sha256_file(base["file"]) != parent.get("sha256"):
+                base = None  # retrained since: not the model this one was tuned from
+        if base is None or "val" not in base["metrics"] or "val" not in row["metrics"]:
+            taxes[row["label"]] = {"reason": "its pretrained base model (or its bits per byte) is not among the "
+                                             "evaluated checkpoints: add it to --ckpts"}
+            continue
+        (bpb_base, bpb), (cloze_base, cloze) = ([r["metrics"][m][k] if m in r["metrics"] else None for r in (base, row)]
+                                                for m, k in (("val", "bpb"), ("mc", "accuracy")))
+        taxes[row["label"]] = {"base": base["label"], "bpb_base": bpb_base, "bpb": bpb, "bpb_ratio": bpb / bpb_base,
+                               "cloze_base": cloze_base, "cloze": cloze,
+                               "cloze_change": None if cloze is None or cloze_base is None else cloze - cloze_base}
+    return taxes
+
+
+def plot_alignment_tax(taxes, path):
+    """Left: val bits per byte of each chat model beside its base model's; right: cloze accuracy, the same."""
+    taxes = {label: t for label, t in taxes.items() if "reason" not in t}
+    with _figure(path, 1, 2, figsize=(9, 3.8)) as axes:
+        for ax, key, title in zip(axes, ("bpb", "cloze"), ("val bits per byte (lower is better)", "cloze accuracy")):
+            for i, (label, t) in enumerate(taxes.items()):
+                if t[key] is not None:
+                    for x, value, color, who in ((3 * i, t[key + "_base"], "tab:blue", "base model"),
+                                                 (3 * i + 1, t[key], "tab:orange", "chat model")):
+                        ax.bar(x, value, color=color, label=who if i == 0 else None)
+                    ratio = f"{t['bpb_ratio']:.2f}x" if key == "bpb" else f"{100 * t['cloze_change']:+.1f} pts"
+                    ax.text(3 * i + 1, t[key], ratio, ha="center", va="bottom", fontsize=8)
+            ax.set_xticks([3 * i + j for i in range(len(taxes)) for j in (0, 1)])
+            ax.set_xticklabels([n for label, t in taxes.items() for n in (t["base"], label)], fontsize=8)
+            _finish(ax, title, "")
+        axes[0].figure.suptitle("alignment tax: each chat model against its base model", fontsize=10)
+
+
 def _fmt(value, kind="f3"):
     return "-" if value is None else {"pct": f"{100 * value:.1f}%", "signed": f"{value:+.3f}"}.get(kind, f"{value:.3f}")
 
@@ -454,6 +498,19 @@ def markdown_report(report):
     if hs:
         lines += ["## HellaSwag", ""] + [f"- {label}: {_fmt(h['accuracy'], 'pct')} (per token "
                                          f"{_fmt(h['accuracy_norm'], 'pct')}) on {h['n']} items" for label, h in hs]
+        lines.append("")
+    taxes = report.get("alignment_tax", {})
+    if taxes:
+        lines += ["## Alignment tax", "", "What each chat model lost of its base model's language: val bits per byte "
+                  "and cloze accuracy (sum), before -> after.", "", "| model | base | val bits/byte | ratio | cloze "
+                  "| change |", "|---|---|---|---|---|---|"]
+        for label, t in taxes.items():
+            if "reason" in t:
+                lines.append(f"| {label} | - | {t['reason']} | | | |")
+                continue
+            change = "-" if t["cloze_change"] is None else f"{100 * t['cloze_change']:+.1f} pts"
+            lines.append(f"| {label} | {t['base']} | {_fmt(t['bpb_base'])} -> {_fmt(t['bpb'])} | {t['bpb_ratio']:.2f}x "
+                         f"| {_fmt(t['cloze_base'], 'pct')} -> {_fmt(t['cloze'], 'pct')} | {change} |")
         lines.append("")
     lines += ["## PPO against SFT", ""]
     if c.get("status") == "ok":
@@ -535,7 +592,7 @@ def run(config, log=None):
             log(f"ppo vs sft skipped ({comparison['reason']})")
     finally:
         torch.set_num_threads(threads)  # leave the process as it was (a test, a notebook)
-    # 4. the plots: every stage's log, the accuracies, PPO's log
+    # 4. the plots: every stage's log, the accuracies, PPO's log, the alignment tax
     out_dir, plots = config["out"] or os.path.join(config["out_root"], config["config"], "eval"), []
     os.makedirs(out_dir, exist_ok=True)
     logs = {r["label"]: read_jsonl_log(os.path.join(os.path.dirname(r["file"]), "log.jsonl"))
@@ -553,9 +610,13 @@ def run(config, log=None):
         plots.append("ppo.png")
     elif ppo_log:
         notes.append(f"ppo/log.jsonl has none of the keys {tuple(PPO_LOG_KEYS.values())}: no PPO plot")
+    taxes = alignment_tax(rows)
+    if any("reason" not in t for t in taxes.values()):
+        plot_alignment_tax(taxes, os.path.join(out_dir, "alignment_tax.png"))
+        plots.append("alignment_tax.png")
     # 5. report.json and report.md
     report = {"config": dict(config), "device": device, "rows": rows, "ppo_vs_sft": comparison, "ppo_log": ppo_log,
-              "notes": notes, "plots": plots, "time_s": time.time() - t_start}
+              "alignment_tax": taxes, "notes": notes, "plots": plots, "time_s": time.time() - t_start}
     prepare_data.atomic_write(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1))
     prepare_data.atomic_write(os.path.join(out_dir, "report.md"), markdown_report(report))
     log(f"done in {report['time_s']:.1f}s: {out_dir}/report.md, report.json, {', '.join(plots) or 'no plots'}")

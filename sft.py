@@ -19,6 +19,12 @@ the closing <|end|> included: a model that never sees <|end|> as a target never
 learns to stop. Prompt tokens are context, not targets (mask 0), and padding is
 never a target either (target id -1, which cross_entropy ignores).
 
+Fine-tuning every weight on chat alone overwrites the language the base model learned (the "alignment
+tax", measured by eval.py). With pretrain_rows, every micro-batch of demonstrations is followed by one of
+windows of the pretraining corpus, and the step's loss is the mean of the two: the chat loss teaches the
+turns while the next-token loss on the windows keeps the language (InstructGPT's PPO-ptx mixes
+pretraining gradients into RLHF for the same reason).
+
 Every eval_interval steps: the loss on held-out responses, and greedy answers to held-out
 prompts graded by tinyworld.py's simulated labeler (accuracy per task type, end-of-turn rate).
 The first evaluation is the base model prompted with the template: SFT buys the difference.
@@ -33,9 +39,9 @@ import tinyworld
 import prepare_data
 from model import (answer_prompts, clean_state_dict, load_checkpoint, model_from_checkpoint, parent_record,
                    tokenizer_from_checkpoint)
-from train import (append_jsonl, configure_optimizer, end_run, forward_backward, open_log, optimizer_step,
-                   plot_curves, Progress, read_jsonl_log, rng_state, save_run, scheduled_lr, set_rng_state,
-                   stage_main, start_run, StopRequested, training_precision, wrap_model)
+from train import (append_jsonl, configure_optimizer, end_run, forward_backward, get_batch, load_dataset, open_log,
+                   optimizer_step, plot_curves, Progress, read_jsonl_log, rng_state, save_run, scheduled_lr,
+                   set_rng_state, stage_main, start_run, StopRequested, training_precision, wrap_model)
 
 STAGE = "sft"
 
@@ -50,6 +56,9 @@ DEFAULTS = dict(
     block_size=0,               # longest example in tokens; 0 = the model's block size
     pack=False,                 # pack several examples into each row of block_size tokens
     dropout=0.0,                # dropout while fine-tuning (the model's own setting is ignored)
+    # pretraining windows (block_size tokens of data/<dataset>/train.bin) per micro-step, beside the chat rows:
+    # their next-token loss, added to the chat loss, keeps the language the base model learned (0: chat only)
+    pretrain_rows=0,
     # a gentler learning rate than pretraining: the model already knows the language
     max_iters=600, learning_rate=3e-4, min_lr_ratio=0.1, warmup_iters=30,
     weight_decay=0.0, beta1=0.9, beta2=0.95, grad_clip=1.0,
@@ -183,6 +192,22 @@ def batch_indices(n_rows, batch_size, epoch, cursor, seed):
     return out, epoch, cursor
 
 
+def step_batches(rows, pretrain, block_size, config, it, epoch, cursor, rank=0, world=1):
+    """One optimizer step's micro-batches [(x, y), ...] for this process, the targets they hold (all processes),
+    and (epoch, cursor) after them. With pretrain_rows, each micro-batch of chat rows is followed by one of
+    pretrain_rows windows of the pretraining tokens, so the step's loss is the mean of the chat loss and the
+    pretraining loss; the windows are drawn from the seed and it, so a resumed run draws the same."""
+    window_gen = torch.Generator().manual_seed(config["seed"] * 1_000_000 + it * world + rank)
+    micro_batches, targets = [], 0
+    for _ in range(config["grad_accum"] // world):
+        indices, epoch, cursor = batch_indices(len(rows), config["batch_size"] * world, epoch, cursor, config["seed"])
+        micro_batches.append(collate([rows[i] for i in indices[rank::world]]))
+        if config["pretrain_rows"]:
+            micro_batches.append(get_batch(pretrain, block_size, config["pretrain_rows"], window_gen))
+    targets = sum(int((y != -1).sum()) for _, y in micro_batches) * world
+    return micro_batches, targets, epoch, cursor
+
+
 # -----------------------------------------------------------------------------
 # Evaluation
 
@@ -250,6 +275,13 @@ def run(config, flags=()):
     if block_size > model_args["block_size"]:
         raise ValueError(f"--block_size={block_size} is longer than the model's block size {model_args['block_size']}")
     data, truncated = load_sft_data(config, tokenizer, block_size)
+    pretrain = None  # with pretrain_rows: the base model's own corpus, in its token ids
+    if config["pretrain_rows"]:
+        tokens, pretrain_tokenizer, _ = load_dataset(dict(config, block_size=block_size))
+        if pretrain_tokenizer.to_dict() != base["tokenizer"]:
+            raise ValueError(f"data/{config['dataset']} has another tokenizer than {parent['path']}'s: give the "
+                             f"--dataset its base model was pretrained on, or --pretrain_rows=0")
+        pretrain = tokens["train"]
     if not any(any(mask[1:]) for _, mask in data["train"]):  # the loss would be a mean over no tokens
         raise ValueError(f"--block_size={block_size} leaves no response token of any demonstration (the prompts "
                          f"fill it): use a larger --block_size, or 0 for the model's")
@@ -290,15 +322,12 @@ def run(config, flags=()):
     stopper = StopRequested()
     try:
         while it < run.end_iter:
-            # 3. one optimizer step on the response tokens; each process takes its slice of every global batch
+            # 3. one optimizer step on the response tokens (and pretraining windows, if mixed in); each process
+            # takes its slice of every global batch
             lr = scheduled_lr(optimizer, it, config)
-            micro_batches, targets = [], 0
-            for _ in range(config["grad_accum"] // run.world):
-                indices, epoch, cursor = batch_indices(len(data["train"]), config["batch_size"] * run.world, epoch,
-                                                       cursor, config["seed"])
-                x, y = collate([data["train"][i] for i in indices[run.rank::run.world]])
-                targets += int((y != -1).sum()) * run.world
-                micro_batches.append((x.to(run.device), y.to(run.device)))
+            micro_batches, targets, epoch, cursor = step_batches(data["train"], pretrain, block_size, config, it,
+                                                                 epoch, cursor, run.rank, run.world)
+            micro_batches = [(x.to(run.device), y.to(run.device)) for x, y in micro_batches]
             loss = forward_backward(model, micro_batches, ctx, scaler)
             loss, grad_norm = optimizer_step(raw_model, optimizer, loss, scaler, config["grad_clip"], run, it)
             it += 1

@@ -442,6 +442,38 @@ def test_markdown_report_has_one_row_per_stage():
     assert "skipped: needs both" in md
 
 
+def tax_rows(tmp_path):
+    """Hand-made rows of a pretrain -> sft -> ppo chain, each with a file on disk that its child names."""
+    rows, parent = [], None
+    for stage, bpb, cloze in (("pretrain", 0.25, 0.8), ("sft", 0.5, 0.6), ("ppo", 0.3, 0.9)):
+        path = tmp_path / stage / "ckpt.pt"
+        os.makedirs(path.parent, exist_ok=True)
+        path.write_bytes(stage.encode())
+        rows.append({"label": stage, "stage": stage, "status": "ok", "file": str(path), "parent": parent,
+                     "metrics": {"val": {"bpb": bpb}, "mc": {"accuracy": cloze}}})
+        parent = {"path": str(path.resolve()), "sha256": prepare_data.sha256_file(str(path))}
+    return rows
+
+
+def test_alignment_tax_against_the_base_model_of_each_chat_model(tmp_path):
+    rows = tax_rows(tmp_path)
+    taxes = E.alignment_tax(rows + [{"label": "rm", "stage": "rm", "status": "ok", "file": "x", "metrics": {}}])
+    assert set(taxes) == {"sft", "ppo"}, "a tax for each chat model, none for the base or the reward model"
+    assert taxes["sft"] == pytest.approx({"base": "pretrain", "bpb_base": 0.25, "bpb": 0.5, "bpb_ratio": 2.0,
+                                          "cloze_base": 0.8, "cloze": 0.6, "cloze_change": -0.2})
+    assert taxes["ppo"]["base"] == "pretrain", "ppo's base is found through sft"
+    assert taxes["ppo"]["bpb_ratio"] == pytest.approx(1.2) and taxes["ppo"]["cloze_change"] == pytest.approx(0.1)
+    assert "add it to --ckpts" in E.alignment_tax(rows[1:])["sft"]["reason"], "no base evaluated: said, not guessed"
+    (tmp_path / "pretrain" / "ckpt.pt").write_bytes(b"retrained")
+    assert "reason" in E.alignment_tax(rows)["sft"], "a base retrained since the tuning is not its base"
+    report = {"config": {"config": ""}, "device": "cpu", "time_s": 1.0, "notes": [], "plots": [], "ppo_log": None,
+              "ppo_vs_sft": {"status": "skipped", "reason": "-"}, "rows": rows, "alignment_tax": taxes}
+    md = E.markdown_report(report)
+    assert "| sft | pretrain | 0.250 -> 0.500 | 2.00x | 80.0% -> 60.0% | -20.0 pts |" in md
+    E.plot_alignment_tax(taxes, str(tmp_path / "tax.png"))
+    assert is_png(tmp_path / "tax.png")
+
+
 # --- the whole run -----------------------------------------------------------------------
 
 def test_run_evaluates_every_stage_and_compares_ppo_with_sft(world):
@@ -470,6 +502,7 @@ def test_run_evaluates_every_stage_and_compares_ppo_with_sft(world):
                                        [a["gold"] for a in rows["sft"]["answers"]])
     assert c["kl_samples"] == 8 and math.isfinite(c["kl"])
     assert report["ppo_log"]["keys"] == {"proxy": "rm_score", "gold": "gold", "kl": "kl"}
+    assert set(report["alignment_tax"]) == {"sft", "ppo"}, "fake checkpoints name no parent: the reason is given"
     for name in ("report.json", "report.md", "loss_curves.png", "accuracy.png", "ppo.png"):
         assert os.path.exists(os.path.join(folder, name)), name
     with open(os.path.join(folder, "report.json")) as f:

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,6 +152,28 @@ def test_batch_indices_visit_every_row_once_per_epoch():
     assert a + b == seen[:8]
 
 
+def test_step_batches_mix_pretraining_windows_without_touching_the_chat_rows():
+    rows = [([5, 6, 7, 8], [0, 0, 1, 1]), ([5, 9, 10], [0, 1, 1]), ([5, 11], [0, 1])]
+    pretrain = np.arange(100, 200, dtype=np.uint16)
+    config = dict(sft.DEFAULTS, batch_size=2, grad_accum=2, seed=3)
+    chat_only, n_chat, epoch, cursor = sft.step_batches(rows, pretrain, 8, dict(config, pretrain_rows=0), 4, 0, 0)
+    mixed, n_mixed, epoch_m, cursor_m = sft.step_batches(rows, pretrain, 8, dict(config, pretrain_rows=3), 4, 0, 0)
+    assert len(chat_only) == 2 and len(mixed) == 4, "one micro-batch of windows after each of chat rows"
+    for (x, y), (xm, ym) in zip(chat_only, mixed[0::2]):
+        assert torch.equal(x, xm) and torch.equal(y, ym), "the chat rows and their masked targets are unchanged"
+    assert (epoch, cursor) == (epoch_m, cursor_m) == (1, 1), "the windows take no chat rows"
+    for x, y in mixed[1::2]:
+        assert x.shape == y.shape == (3, 8), "pretrain_rows windows of block_size tokens"
+        assert torch.equal(y[:, :-1], x[:, 1:]) and bool((y == x + 1).all()), "every token is a next-token target"
+    assert n_mixed == n_chat + 2 * 3 * 8, "the targets count the windows' tokens"
+    again, _, _, _ = sft.step_batches(rows, pretrain, 8, dict(config, pretrain_rows=3), 4, 0, 0)
+    later, _, _, _ = sft.step_batches(rows, pretrain, 8, dict(config, pretrain_rows=3), 5, 0, 0)
+    assert torch.equal(again[1][0], mixed[1][0]), "the same step draws the same windows (an exact resume)"
+    assert not torch.equal(later[1][0], mixed[1][0]), "another step draws others"
+    rank1, _, _, _ = sft.step_batches(rows, pretrain, 8, dict(config, pretrain_rows=3), 4, 0, 0, rank=1, world=2)
+    assert not torch.equal(rank1[1][0], mixed[1][0]), "each process draws its own windows"
+
+
 # --- data files -------------------------------------------------------------------------
 
 def test_load_records_errors_name_the_line(tmp_path):
@@ -221,14 +244,14 @@ def test_tiny_sft_run_lowers_response_loss_and_writes_its_files(world, tmp_path)
     assert stage == "sft" and tokenizer.vocab_size == world["tok"].vocab_size
 
 
-def test_exact_resume_is_bit_for_bit(world, tmp_path):
+@pytest.mark.parametrize("pretrain_rows", [0, 2])
+def test_exact_resume_is_bit_for_bit(world, tmp_path, pretrain_rows):
     straight = tmp_path / "straight"
-    sft.run(tiny_config(world, straight, max_iters=12, eval_interval=100, eval_prompts=0, log_interval=1))
+    options = dict(max_iters=12, eval_interval=100, eval_prompts=0, log_interval=1, pretrain_rows=pretrain_rows)
+    sft.run(tiny_config(world, straight, **options))
     split = tmp_path / "split"
-    sft.run(tiny_config(world, split, max_iters=12, stop_at_iter=5, eval_interval=100, eval_prompts=0,
-                        log_interval=1))
-    sft.run(tiny_config(world, split, max_iters=12, eval_interval=100, eval_prompts=0, log_interval=1),
-            {"resume"})
+    sft.run(tiny_config(world, split, stop_at_iter=5, **options))
+    sft.run(tiny_config(world, split, **options), {"resume"})
     losses = [[r["loss"] for r in map(json.loads, open(p / "log.jsonl")) if "loss" in r] for p in (straight, split)]
     assert losses[0] == losses[1] and len(losses[0]) == 12
     a, b = load_checkpoint(str(straight)), load_checkpoint(str(split))
@@ -271,6 +294,12 @@ def test_bad_inputs_give_one_clear_line(world, tmp_path, capsys):
         *common, f"--init={world['init']}", "--block_size=4")
     for key in ("eval_interval", "log_interval", "grad_accum", "batch_size"):
         assert f"--{key}=0 must be at least 1" in error_of(*common, f"--init={world['init']}", f"--{key}=0")
+    other = load_checkpoint(world["init"])  # the same weights on a tokenizer that splits text otherwise
+    other["tokenizer"] = dict(other["tokenizer"], pattern=bpe.GPT2_PATTERN
+                              if other["tokenizer"]["pattern"] != bpe.GPT2_PATTERN else bpe.GPT4_PATTERN)
+    other_path = str(tmp_path / "other" / "ckpt.pt")
+    save_checkpoint(other, other_path)
+    assert "has another tokenizer than" in error_of(*common, f"--init={other_path}", "--pretrain_rows=2")
 
 
 def test_existing_checkpoint_is_kept_without_a_flag(world, tmp_path):
