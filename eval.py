@@ -450,7 +450,8 @@ def plot_alignment_tax(taxes, path):
                     ax.text(3 * i + 1, t[key], ratio, ha="center", va="bottom", fontsize=8)
             ax.set_xticks([3 * i + j for i in range(len(taxes)) for j in (0, 1)])
             ax.set_xticklabels([n for label, t in taxes.items() for n in (t["base"], label)], fontsize=8)
-            _finish(ax, title, "")
+            ax.margins(y=0.15)  # room above the bars for their labels
+            _finish(ax, title, "", legend_loc="lower center")
         axes[0].figure.suptitle("alignment tax: each chat model against its base model", fontsize=10)
 
 
