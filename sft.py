@@ -6,8 +6,8 @@ sft.py: supervised fine-tuning, from a base model to one that answers in turns.
     python sft.py --config small --resume            # continue out/small/sft/ckpt.pt
     torchrun --standalone --nproc_per_node=8 sft.py --config gpt2
 
-Reads out/<config>/pretrain/ckpt.pt (the base model) and data/<dataset>/sft_{train,val}.jsonl
-(prompt/response demonstrations), writes out/<config>/sft/{ckpt.pt, log.jsonl, loss.png, accuracy.png}.
+Reads out/<config>/pretrain/ckpt.pt (the base model), data/<dataset>/sft_{train,val}.jsonl
+(prompt/response demonstrations) and, with pretrain_rows, data/<dataset>/train.bin; writes out/<config>/sft/{ckpt.pt, log.jsonl, loss.png, accuracy.png}.
 
 Every demonstration is laid out in the one chat template (bpe.Tokenizer.encode_chat):
 
