@@ -14,6 +14,7 @@ alignment tax: its bits per byte and cloze accuracy against the pretrained model
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -416,20 +417,21 @@ def alignment_tax(rows):
     model, the pretrained checkpoint its parents lead to, when that was evaluated too. {label: tax}, tax =
     {"base", "bpb_base", "bpb", "bpb_ratio", "cloze_base", "cloze", "cloze_change"} or {"reason"}."""
     by_file = {os.path.abspath(r["file"]): r for r in rows if r["status"] == "ok"}
+    sha256 = functools.lru_cache(maxsize=None)(prepare_data.sha256_file)  # a base shared by sft and ppo: read once
     taxes = {}
     for row in [r for r in by_file.values() if r["stage"] in ("sft", "ppo")]:
         base = row
         while base is not None and base["stage"] != "pretrain":
             parent = base.get("parent") or {}
             base = by_file.get(parent.get("path"))
-            if base is not None and prepare_data.sha256_file(base["file"]) != parent.get("sha256"):
+            if base is not None and sha256(base["file"]) != parent.get("sha256"):
                 base = None  # retrained since: not the model this one was tuned from
         if base is None or "val" not in base["metrics"] or "val" not in row["metrics"]:
             taxes[row["label"]] = {"reason": "its pretrained base model (or its bits per byte) is not among the "
                                              "evaluated checkpoints: add it to --ckpts"}
             continue
-        (bpb_base, bpb), (cloze_base, cloze) = ([r["metrics"][m][k] if m in r["metrics"] else None for r in (base, row)]
-                                                for m, k in (("val", "bpb"), ("mc", "accuracy")))
+        bpb_base, bpb = base["metrics"]["val"]["bpb"], row["metrics"]["val"]["bpb"]
+        cloze_base, cloze = (r["metrics"].get("mc", {}).get("accuracy") for r in (base, row))
         taxes[row["label"]] = {"base": base["label"], "bpb_base": bpb_base, "bpb": bpb, "bpb_ratio": bpb / bpb_base,
                                "cloze_base": cloze_base, "cloze": cloze,
                                "cloze_change": None if cloze is None or cloze_base is None else cloze - cloze_base}

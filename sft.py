@@ -7,7 +7,8 @@ sft.py: supervised fine-tuning, from a base model to one that answers in turns.
     torchrun --standalone --nproc_per_node=8 sft.py --config gpt2
 
 Reads out/<config>/pretrain/ckpt.pt (the base model), data/<dataset>/sft_{train,val}.jsonl
-(prompt/response demonstrations) and, with pretrain_rows, data/<dataset>/train.bin; writes out/<config>/sft/{ckpt.pt, log.jsonl, loss.png, accuracy.png}.
+(prompt/response demonstrations) and, with pretrain_rows, data/<dataset>/train.bin;
+writes out/<config>/sft/{ckpt.pt, log.jsonl, loss.png, accuracy.png}.
 
 Every demonstration is laid out in the one chat template (bpe.Tokenizer.encode_chat):
 
@@ -19,11 +20,11 @@ the closing <|end|> included: a model that never sees <|end|> as a target never
 learns to stop. Prompt tokens are context, not targets (mask 0), and padding is
 never a target either (target id -1, which cross_entropy ignores).
 
-Fine-tuning every weight on chat alone overwrites the language the base model learned (the "alignment
-tax", measured by eval.py). With pretrain_rows, every micro-batch of demonstrations is followed by one of
-windows of the pretraining corpus, and the step's loss is the mean of the two: the chat loss teaches the
-turns while the next-token loss on the windows keeps the language (InstructGPT's PPO-ptx mixes
-pretraining gradients into RLHF for the same reason).
+Fine-tuning every weight on chat alone overwrites the language the base model learned (the
+"alignment tax", measured by eval.py). With pretrain_rows, every micro-batch of demonstrations is
+followed by one of pretrain_rows windows of the pretraining corpus, and the step's loss is the mean of
+the two: the chat loss teaches the turns while the next-token loss on the windows keeps the language
+(InstructGPT's PPO-ptx mixes pretraining gradients into RLHF for the same reason).
 
 Every eval_interval steps: the loss on held-out responses, and greedy answers to held-out
 prompts graded by tinyworld.py's simulated labeler (accuracy per task type, end-of-turn rate).
@@ -199,7 +200,7 @@ def step_batches(rows, pretrain, block_size, config, it, epoch, cursor, rank=0, 
     pretrain_rows windows of the pretraining tokens, so the step's loss is the mean of the chat loss and the
     pretraining loss; the windows are drawn from the seed and it, so a resumed run draws the same."""
     window_gen = torch.Generator().manual_seed(config["seed"] * 1_000_000 + it * world + rank)
-    micro_batches, targets = [], 0
+    micro_batches = []
     for _ in range(config["grad_accum"] // world):
         indices, epoch, cursor = batch_indices(len(rows), config["batch_size"] * world, epoch, cursor, config["seed"])
         micro_batches.append(collate([rows[i] for i in indices[rank::world]]))
