@@ -433,7 +433,7 @@ RESUME_MAY_CHANGE = ("max_iters", "stop_at_iter", "eval_interval", "save_interva
                      "eval_batch_size", "device", "dtype", "compile", "out_dir", "data_dir", "init_dir", "reward_dir")
 # the least value of each count a training stage may have (a key its config lacks is not checked)
 AT_LEAST = dict(max_iters=1, stop_at_iter=0, batch_size=1, grad_accum=1, eval_interval=1, eval_iters=1,
-                log_interval=1, save_interval=1, eval_batch_size=1, warmup_iters=0)
+                log_interval=1, save_interval=1, eval_batch_size=1, warmup_iters=0, pretrain_rows=0)
 
 
 def check_least(config, least):

@@ -294,6 +294,7 @@ def test_bad_inputs_give_one_clear_line(world, tmp_path, capsys):
         *common, f"--init={world['init']}", "--block_size=4")
     for key in ("eval_interval", "log_interval", "grad_accum", "batch_size"):
         assert f"--{key}=0 must be at least 1" in error_of(*common, f"--init={world['init']}", f"--{key}=0")
+    assert "--pretrain_rows=-1 must be at least 0" in error_of(*common, f"--init={world['init']}", "--pretrain_rows=-1")
     other = load_checkpoint(world["init"])  # the same weights on a tokenizer that splits text otherwise
     other["tokenizer"] = dict(other["tokenizer"], pattern=bpe.GPT2_PATTERN
                               if other["tokenizer"]["pattern"] != bpe.GPT2_PATTERN else bpe.GPT4_PATTERN)
