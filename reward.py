@@ -374,7 +374,8 @@ def run(config, flags=()):
     # 2. the init's GPT as the body, a fresh scalar head; the precision, measured before the optimizer exists
     torch.manual_seed(config["seed"])
     model = ScalarHeadModel(model_config)
-    load_weights(model.gpt, init["model"], init_file).to(run.device)
+    load_weights(model.gpt, init["model"], init_file)
+    model.to(run.device)  # the head too, not only the body
 
     def step(ctx):
         with ctx:

@@ -636,6 +636,19 @@ def test_existing_checkpoint_is_kept_without_a_flag(world, tmp_path):
     reward.run(tiny_config(root, out, max_iters=2, eval_interval=2, norm_prompts=0), flags={"overwrite"})
 
 
+def test_the_whole_model_goes_to_the_device_head_included(world, tmp_path, monkeypatch):
+    # a GPU run once crashed at its first evaluation: only the body was moved, the fresh head stayed on the CPU
+    moved, module_to = [], torch.nn.Module.to
+
+    def recording_to(self, *args, **kwargs):
+        moved.append(type(self).__name__)
+        return module_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", recording_to)
+    reward.run(tiny_config(world[0], tmp_path / "rm", max_iters=1, eval_interval=1, norm_prompts=0))
+    assert "ScalarHeadModel" in moved, f"reward.run moved only {sorted(set(moved))} to the device, not the head"
+
+
 def test_init_may_be_pretrain_but_not_rm_or_ppo(world, tmp_path):
     root, tok = world
     save_lm_checkpoint(tmp_path / "pre" / "ckpt.pt", tok, stage="pretrain")
