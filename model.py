@@ -1,18 +1,15 @@
-"""
-model.py: the GPT and its parts, the KV cache, sampling, and the checkpoint format every stage reads and writes.
+"""model.py: the GPT and its parts, the KV cache, sampling, and the checkpoint format every stage reads and writes.
 A decoder-only transformer in the nanoGPT / GPT-2 lineage:
 
     ids (B, T) -> token embedding (+ learned position embedding)
                -> n_layer x Block:  x = x + attn(norm(x));  x = x + mlp(norm(x))
                -> final norm -> linear head tied to the token embedding -> logits (B, T, V)
 
-The design choices the lectures discuss are switches in GPTConfig, GPT-2's
-choices being the defaults:
+The design choices the lectures discuss are switches in GPTConfig, GPT-2's choices being the defaults:
     norm       "layernorm" | "rmsnorm"
     mlp        "gelu"      | "swiglu"
     pos        "learned"   | "rope"      (rotary embeddings rotate q and k instead)
-    attention  "sdpa"      | "explicit"  (F.scaled_dot_product_attention, or the
-                                          scores / causal mask / softmax / sum by hand)
+    attention  "sdpa"      | "explicit"  (F.scaled_dot_product_attention, or scores / mask / softmax / sum by hand)
 
 A checkpoint is a plain dict loaded with torch.load(weights_only=True): see "Checkpoints" at the bottom.
 """
@@ -48,9 +45,8 @@ class GPTConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
-        choices = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
-                   "pos": ("learned", "rope"), "attention": ("sdpa", "explicit")}
-        for name, allowed in choices.items():
+        for name, allowed in {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
+                              "pos": ("learned", "rope"), "attention": ("sdpa", "explicit")}.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model option {name}={getattr(self, name)!r} is not one of {allowed}")
         if self.n_embd % self.n_head:
@@ -85,22 +81,18 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(config):
-    if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
+    return RMSNorm(config.n_embd) if config.norm == "rmsnorm" else nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 def rope_tables(head_size, max_len, theta=10000.0):
-    """cos and sin tables for rotary embeddings, each (max_len, head_size // 2).
-    Pair i of a head's channels is rotated by angle pos * theta^(-2i / head_size)."""
+    """Rotary cos and sin tables (max_len, head_size // 2): channel pair i turns by pos * theta^(-2i / head_size)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate channel pairs (x1, x2) of x (B, H, T, D) by the angles in cos/sin
-    (T, D/2), or (B, 1, T, D/2) when each row has its own positions."""
+    """Rotate channel pairs (x1, x2) of x (B, H, T, D) by cos/sin (T, D/2), or (B, 1, T, D/2) for per-row positions."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
 
@@ -112,8 +104,7 @@ def causal_mask(q_len, k_len, device):
 
 
 def explicit_attention(q, k, v, mask, dropout_p=0.0, training=False):
-    """The lecture's attention, step by step. q (B, H, Tq, D), k and v (B, H, Tk, D),
-    mask (Tq, Tk) boolean. Returns (B, H, Tq, D)."""
+    """The lecture's attention, step by step: q (B, H, Tq, D), k, v (B, H, Tk, D), mask (Tq, Tk) -> (B, H, Tq, D)."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))   # (B, H, Tq, Tk)
     scores = scores.masked_fill(~mask, float("-inf"))               # no peeking at the future
     weights = F.softmax(scores.float(), dim=-1).type_as(q)
@@ -122,12 +113,10 @@ def explicit_attention(q, k, v, mask, dropout_p=0.0, training=False):
 
 
 class KVCache:
-    """Keys and values of every layer for the positions generated so far, so that
-    each new token costs one position of work instead of the whole context."""
+    """Every layer's keys and values so far, so each new token costs one position of work, not the whole context."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        head_size = config.n_embd // config.n_head
-        shape = (batch_size, config.n_head, max_len, head_size)
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0  # positions filled so far
@@ -140,11 +129,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer_index):
         super().__init__()
-        self.n_head = config.n_head
-        self.head_size = config.n_embd // config.n_head
-        self.attention = config.attention
-        self.dropout = config.dropout
-        self.layer_index = layer_index
+        self.n_head, self.head_size = config.n_head, config.n_embd // config.n_head
+        self.attention, self.dropout, self.layer_index = config.attention, config.dropout, layer_index
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -153,13 +139,10 @@ class CausalSelfAttention(nn.Module):
         """attn_mask: (B, 1, T, T) boolean, True where a query may see a key, in
         place of the causal mask (several sequences packed in one row: reward.py)."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)
-        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        qkv = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_size).transpose(1, 2) for t in qkv)  # (B, H, T, D) each
         if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             end, i = cache.pos + T, self.layer_index
             cache.k[i][:, :, cache.pos:end], cache.v[i][:, :, cache.pos:end] = k, v
@@ -187,17 +170,14 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU: proj(gelu(fc(x))), 4x wide. SwiGLU: proj(silu(gate(x)) * up(x)),
-    about 8/3x wide so that both have about the same number of parameters."""
+    """GELU: proj(gelu(fc(x))), 4x wide. SwiGLU: proj(silu(gate(x)) * up(x)), 8/3x wide for as many parameters."""
 
     def __init__(self, config):
         super().__init__()
         self.kind = config.mlp
+        hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64) if self.kind == "swiglu" else 4 * config.n_embd
         if self.kind == "swiglu":
-            hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)
             self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        else:
-            hidden = 4 * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -239,15 +219,12 @@ class GPT(nn.Module):
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         else:
             cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
-            # not saved in checkpoints: recomputed from the config
-            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_cos", cos, persistent=False)  # not in checkpoints: recomputed from the config
             self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying: the output head reads logits with the input embedding matrix
-        self.lm_head.weight = self.transformer.wte.weight
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying: logits read with the input embedding
         self.apply(self._init_weights)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), since each
-        # block adds two of them to the residual stream
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), as each block adds two to the residual stream
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -296,13 +273,11 @@ class GPT(nn.Module):
             return logits, None
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
-    # --- generation ----------------------------------------------------------------
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  stop_token=None, seed=None, use_cache=True):
-        """Continue each row of idx (B, T) by up to max_new_tokens tokens; temperature 0 is greedy. A row that
-        has produced stop_token is finished: its later positions are filled with stop_token, and generation
-        ends when every row is finished. Returns (B, T + number of new tokens)."""
+        """Continue each row of idx (B, T) by up to max_new_tokens tokens (temperature 0: greedy) -> (B, T + new).
+        A row that produced stop_token is finished (stop_token fills its later places); generation ends when all are."""
         if idx.size(1) + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt of {idx.size(1)} tokens + {max_new_tokens} new tokens exceeds "
                              f"block_size {self.config.block_size}")
@@ -312,16 +287,15 @@ class GPT(nn.Module):
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         cache = KVCache(self.config, idx.size(0), idx.size(1) + max_new_tokens, idx.device,
                         self.transformer.wte.weight.dtype) if use_cache else None
-        out = next_input = idx  # the cache has seen nothing yet: feed the whole prompt first
+        out = idx
         for _ in range(max_new_tokens):
-            # without a cache, recompute the whole context every step
-            h = self.hidden_states(next_input, cache) if use_cache else self.hidden_states(out)
+            # feed the cache only what it has not seen (the whole prompt first); without one, the whole context
+            h = self.hidden_states(out[:, cache.pos:], cache) if use_cache else self.hidden_states(out)
             next_id = sample_next_token(self.lm_head(h[:, -1, :]), temperature, top_k, top_p, generator)
             if stop_token is not None:
                 next_id = torch.where(finished, torch.full_like(next_id, stop_token), next_id)
                 finished |= next_id == stop_token
             out = torch.cat([out, next_id[:, None]], dim=1)
-            next_input = next_id[:, None]
             if stop_token is not None and bool(finished.all()):
                 break
         self.train(was_training)
@@ -360,8 +334,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
@@ -375,13 +348,11 @@ def generate_responses(model, prompts, max_new_tokens, stop_token, temperature=0
     by_length = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
-    device = next(model.parameters()).device
     results, group = [None] * len(prompts), 0
-    for length in sorted(by_length):
-        indices = by_length[length]
+    for length, indices in sorted(by_length.items()):
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
-            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
+            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=next(model.parameters()).device)
             out = model.generate(idx, max_new_tokens, temperature=temperature, stop_token=stop_token,
                                  seed=None if seed is None else seed + group)
             group += 1
@@ -401,9 +372,7 @@ def answer_prompts(model, tokenizer, prompts, max_new_tokens, temperature=0.0, s
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints
-#
-# A checkpoint is a dict of plain values and tensors:
+# Checkpoints: a dict of plain values and tensors
 #   format, version     "stagegpt-ckpt", CHECKPOINT_VERSION
 #   stage               "pretrain" | "sft" | "rm" | "ppo" | ...
 #   model_args          GPTConfig as a dict
@@ -425,8 +394,7 @@ class CheckpointError(ValueError):
 
 
 def clean_state_dict(model):
-    """The state_dict of model, unwrapped from DDP and torch.compile, so the
-    keys are the same whichever way it was trained."""
+    """The state_dict of model unwrapped from DDP and torch.compile: the same keys whichever way it was trained."""
     while True:
         if isinstance(getattr(model, "module", None), nn.Module):        # DDP
             model = model.module
@@ -458,8 +426,7 @@ def nonfinite(tree, name=""):
 
 
 def save_checkpoint(checkpoint, path):
-    """Saved atomically (prepare_data.atomic_write): a crash leaves the old file or the new one. A diverged run's
-    NaN or inf is never saved: the file keeps its last finite save."""
+    """Saved atomically: a crash leaves the old file or the new one; a diverged run's NaN or inf is never saved."""
     if missing := [k for k in REQUIRED_KEYS if k not in checkpoint]:
         raise CheckpointError(f"cannot save {path}: checkpoint lacks {missing}")
     if bad := nonfinite(checkpoint):
@@ -470,8 +437,7 @@ def save_checkpoint(checkpoint, path):
 
 
 def load_checkpoint(path, stages=None, map_location="cpu"):
-    """Load and check a checkpoint. `stages`: the stage names the caller accepts
-    (None accepts any). Every problem is one CheckpointError line naming the file."""
+    """Load and check a checkpoint of one of `stages` (None: any); a problem is one CheckpointError naming the file."""
     file = checkpoint_file(path)
     if not os.path.isfile(file):
         raise CheckpointError(f"folder {path} holds no ckpt.pt: give a checkpoint file, or run the stage that writes it"
