@@ -6,29 +6,25 @@ sft.py: supervised fine-tuning, from a base model to one that answers in turns.
     python sft.py --config small --resume            # continue out/small/sft/ckpt.pt
     torchrun --standalone --nproc_per_node=8 sft.py --config gpt2
 
-Reads out/<config>/pretrain/ckpt.pt (the base model), data/<dataset>/sft_{train,val}.jsonl
-(prompt/response demonstrations) and, with pretrain_rows, data/<dataset>/train.bin;
-writes out/<config>/sft/{ckpt.pt, log.jsonl, loss.png, accuracy.png}.
+Reads out/<config>/pretrain/ckpt.pt (the base model), data/<dataset>/sft_{train,val}.jsonl (demonstrations) and,
+with pretrain_rows, data/<dataset>/train.bin; writes out/<config>/sft/{ckpt.pt, log.jsonl, loss.png, accuracy.png}.
 
 Every demonstration is laid out in the one chat template (bpe.Tokenizer.encode_chat):
 
     <|user|> prompt <|end|> <|assistant|> response <|end|>
     mask:  0    0     0        0          1 ... 1    1
 
-The loss is the next-token cross-entropy on the response tokens only (mask 1),
-the closing <|end|> included: a model that never sees <|end|> as a target never
-learns to stop. Prompt tokens are context, not targets (mask 0), and padding is
-never a target either (target id -1, which cross_entropy ignores).
+The loss is the next-token cross-entropy on the response tokens only (mask 1), the closing <|end|> included:
+a model that never sees <|end|> as a target never learns to stop. Prompt tokens are context, not targets
+(mask 0), and padding is never a target either (target id -1, which cross_entropy ignores).
 
-Fine-tuning every weight on chat alone overwrites the language the base model learned (the
-"alignment tax", measured by eval.py). With pretrain_rows, every micro-batch of demonstrations is
-followed by one of pretrain_rows windows of the pretraining corpus, and the step's loss is the mean of
-the two: the chat loss teaches the turns while the next-token loss on the windows keeps the language
-(InstructGPT's PPO-ptx mixes pretraining gradients into RLHF for the same reason).
+Fine-tuning every weight on chat alone overwrites the language the base model learned (the "alignment tax",
+measured by eval.py). With pretrain_rows, every micro-batch of demonstrations is followed by one of pretrain_rows
+windows of the pretraining corpus, and the step's loss is the mean of the two: the chat loss teaches the turns,
+the windows' next-token loss keeps the language (InstructGPT's PPO-ptx mixes pretraining gradients into RLHF).
 
-Every eval_interval steps: the loss on held-out responses, and greedy answers to held-out
-prompts graded by tinyworld.py's simulated labeler (accuracy per task type, end-of-turn rate).
-The first evaluation is the base model prompted with the template: SFT buys the difference.
+Every eval_interval steps: the loss on held-out responses, and greedy answers to held-out prompts graded by
+tinyworld.py's simulated labeler (accuracy per task type, end-of-turn rate); the first grades the base model.
 """
 
 import os
@@ -57,32 +53,24 @@ DEFAULTS = dict(
     block_size=0,               # longest example in tokens; 0 = the model's block size
     pack=False,                 # pack several examples into each row of block_size tokens
     dropout=0.0,                # dropout while fine-tuning (the model's own setting is ignored)
-    # pretraining windows (block_size tokens of data/<dataset>/train.bin) per micro-step, beside the chat rows:
-    # their next-token loss, added to the chat loss, keeps the language the base model learned (0: chat only)
-    pretrain_rows=0,
-    # a gentler learning rate than pretraining: the model already knows the language
-    max_iters=600, learning_rate=3e-4, min_lr_ratio=0.1, warmup_iters=30,
-    weight_decay=0.0, beta1=0.9, beta2=0.95, grad_clip=1.0,
-    eval_interval=200,
-    eval_prompts=200,           # held-out prompts answered greedily at each evaluation (0 = none)
+    pretrain_rows=0,            # windows of train.bin (block_size tokens) per micro-step beside the chat rows; 0: none
+    max_iters=600, learning_rate=3e-4,  # gentler than pretraining: the model already knows the language
+    min_lr_ratio=0.1, warmup_iters=30, weight_decay=0.0, beta1=0.9, beta2=0.95, grad_clip=1.0,
+    eval_interval=200, eval_prompts=200,  # eval_prompts: held-out prompts answered greedily per evaluation (0: none)
     max_new_tokens=48,          # answer length limit in those evaluations
     log_interval=10, stop_at_iter=0,  # stop (and save) after stop_at_iter iterations; 0 = run to max_iters
-    device="auto", dtype="auto",
-    compile=False, seed=1337,   # compile: torch.compile, best with pack=True (every batch the same shape)
+    device="auto", dtype="auto", compile=False, seed=1337,  # compile: torch.compile, best with pack=True (fixed shapes)
 )
 
 PRESETS = {
-    # seconds, for tests
     "tiny": dict(batch_size=8, max_iters=30, warmup_iters=3, learning_rate=1e-3, eval_interval=15,
-                 eval_prompts=8, max_new_tokens=12, log_interval=5),
-    # a 2-core laptop CPU, after train.py --config small; half of every step is pretraining windows, so
-    # the chat is learnt without the language being forgotten (docs/log.md has the recipes tried)
+                 eval_prompts=8, max_new_tokens=12, log_interval=5),  # seconds, for tests
+    # a 2-core laptop CPU, after train.py --config small; half of every step is pretraining windows (docs/log.md)
     "small": dict(batch_size=32, pretrain_rows=16, max_iters=1350, warmup_iters=30, learning_rate=2e-3,
                   eval_interval=675, eval_prompts=200),
     # GPT-2 124M on GPUs, after train.py --config gpt2
-    "gpt2": dict(dataset="alpaca", batch_size=16, grad_accum=8, block_size=512, pack=True, max_iters=1500,
-                 learning_rate=3e-5, warmup_iters=50, eval_interval=250, eval_prompts=200,
-                 max_new_tokens=128, compile=True),
+    "gpt2": dict(dataset="alpaca", batch_size=16, grad_accum=8, block_size=512, pack=True, max_iters=1500, compile=True,
+                 learning_rate=3e-5, warmup_iters=50, eval_interval=250, eval_prompts=200, max_new_tokens=128),
 }
 
 
@@ -90,31 +78,27 @@ PRESETS = {
 # Examples: ids and the loss mask
 
 def response_mask(n_prompt, n_response):
-    """1 for each token that is a training target, 0 for context: the prompt
-    (with its turn markers) is 0, the response and its end-of-turn token are 1."""
+    """1 for each training target (the response and its end-of-turn token), 0 for context (the prompt, markers too)."""
     return [0] * n_prompt + [1] * n_response
 
 
 def make_example(tokenizer, prompt, response, block_size):
-    """A demonstration -> (ids, mask, truncated). ids and mask have the same
-    length, at most block_size + 1 (inputs and targets are that shifted by one);
-    a longer example loses its end, ids and mask together."""
+    """A demonstration -> (ids, mask, truncated). ids and mask have the same length, at most block_size + 1
+    (inputs and targets are that shifted by one); a longer example loses its end, ids and mask together."""
     prompt_ids, response_ids = tokenizer.encode_chat(prompt, response)
     ids, mask = prompt_ids + response_ids, response_mask(len(prompt_ids), len(response_ids))
     return ids[:block_size + 1], mask[:block_size + 1], len(ids) > block_size + 1
 
 
 def shift_targets(ids, mask):
-    """(ids, mask) of one row -> (inputs, targets), each len(ids) - 1: the model
-    at position t predicts ids[t + 1], which is a target only where mask[t + 1]
-    is 1; elsewhere the target is -1 (ignored by the loss)."""
+    """(ids, mask) of one row -> (inputs, targets), each len(ids) - 1: the model at position t predicts
+    ids[t + 1], which is a target only where mask[t + 1] is 1; elsewhere the target is -1 (ignored by the loss)."""
     return ids[:-1], [tok if m else -1 for tok, m in zip(ids[1:], mask[1:])]
 
 
 def collate(rows, pad_id=0):
-    """Rows [(ids, mask), ...] -> x, y (B, T) long, padded on the right to the
-    longest row. Padding inputs get pad_id (any id: they come after the real
-    tokens, so the causal mask hides them) and padding targets get -1."""
+    """Rows [(ids, mask), ...] -> x, y (B, T) long, padded on the right to the longest row. Padding inputs get
+    pad_id (any id: they come after the real tokens, so the causal mask hides them) and padding targets get -1."""
     shifted = [shift_targets(ids, mask) for ids, mask in rows]
     T = max(len(inputs) for inputs, _ in shifted)
     x, y = (torch.full((len(rows), T), fill, dtype=torch.long) for fill in (pad_id, -1))
@@ -125,10 +109,8 @@ def collate(rows, pad_id=0):
 
 
 def pack_examples(examples, block_size):
-    """Pack examples [(ids, mask), ...] in order into rows of at most
-    block_size + 1 tokens (fewer rows, less padding). Each example keeps its own
-    mask, so the loss is the same set of targets; the next example's prompt
-    starts right after the previous <|end|>."""
+    """Pack examples [(ids, mask), ...] in order into rows of at most block_size + 1 tokens (less padding).
+    Each keeps its own mask, so the loss has the same targets; the next prompt starts right after the last <|end|>."""
     rows, ids, mask = [], [], []
     for e_ids, e_mask in examples:
         if ids and len(ids) + len(e_ids) > block_size + 1:
@@ -141,18 +123,15 @@ def pack_examples(examples, block_size):
 
 
 def masked_lm_loss(logits, targets):
-    """Mean cross-entropy over the positions whose target is not -1 (the
-    response tokens). logits (B, T, V), targets (B, T)."""
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                             ignore_index=-1)
+    """Mean cross-entropy over the targets that are not -1 (the response tokens). logits (B, T, V), targets (B, T)."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-1)
 
 
 # -----------------------------------------------------------------------------
 # Data
 
 def load_records(path):
-    """The demonstrations of a sft_*.jsonl file, each checked for a non-empty
-    prompt and a string response; a bad one is an error naming its line."""
+    """The demonstrations of a sft_*.jsonl file, each checked for a non-empty prompt and a string response."""
     records = prepare_data.read_jsonl(path)
     if not records:
         raise prepare_data.DataError(f"{path} has no records: rerun prepare_data.py")
@@ -165,8 +144,7 @@ def load_records(path):
 
 
 def load_sft_data(config, tokenizer, block_size):
-    """Training rows, validation rows and held-out records, and the count of
-    truncated training examples."""
+    """Training rows, validation rows and held-out records, and the count of truncated examples per split."""
     folder = prepare_data.ensure_prepared(config["dataset"], config["data_dir"])  # builds tinyworld if missing
     data, truncated = {}, {}
     for split in ("train", "val"):
@@ -180,9 +158,8 @@ def load_sft_data(config, tokenizer, block_size):
 
 
 def batch_indices(n_rows, batch_size, epoch, cursor, seed):
-    """The next batch of row indices: rows are visited in a fresh random order
-    each epoch (drawn from seed and epoch, so a resumed run draws the same).
-    Returns (indices, epoch, cursor) after the batch."""
+    """The next batch of row indices, and (epoch, cursor) after it: rows are visited in a fresh random order each
+    epoch (drawn from seed and epoch, so a resumed run draws the same)."""
     out = []
     while len(out) < batch_size:
         order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
@@ -195,10 +172,9 @@ def batch_indices(n_rows, batch_size, epoch, cursor, seed):
 
 
 def step_batches(rows, pretrain, block_size, config, it, epoch, cursor, rank=0, world=1):
-    """One optimizer step's micro-batches [(x, y), ...] for this process, the targets they hold (all processes),
-    and (epoch, cursor) after them. With pretrain_rows, each micro-batch of chat rows is followed by one of
-    pretrain_rows windows of the pretraining tokens, so the step's loss is the mean of the chat loss and the
-    pretraining loss; the windows are drawn from the seed and it, so a resumed run draws the same."""
+    """One optimizer step's micro-batches [(x, y), ...] for this process, the targets they hold (all processes), and
+    (epoch, cursor) after them. With pretrain_rows, each micro-batch of chat rows is followed by one of pretrain_rows
+    windows of the pretraining tokens, drawn from the seed and it so that a resumed run draws the same."""
     window_gen = torch.Generator().manual_seed(config["seed"] * 1_000_000 + it * world + rank)
     micro_batches = []
     for _ in range(config["grad_accum"] // world):
@@ -255,22 +231,17 @@ def format_metrics(metrics):
 # The run
 
 def resolve_paths(config):
-    init = config["init"] or os.path.join("out", config["config"], "pretrain", "ckpt.pt")
-    out_dir = config["out_dir"] or os.path.join("out", config["config"], STAGE)
-    return init, out_dir
+    return (config["init"] or os.path.join("out", config["config"], "pretrain", "ckpt.pt"),
+            config["out_dir"] or os.path.join("out", config["config"], STAGE))
 
 
 def run(config, flags=()):
-    """Fine-tune; returns the metrics of the final evaluation (with the base
-    model's under "base")."""
+    """Fine-tune; returns the metrics of the final evaluation (with the base model's under "base")."""
     # 1. processes, device, --resume or --overwrite; the base model (pretrained, or SFT to fine-tune further)
     init_path, out_dir = resolve_paths(config)
     run = start_run(config, flags, STAGE, out_dir)
-    if run.resume is not None:
-        base, parent = run.resume, run.resume["parent"]
-    else:
-        base = load_checkpoint(init_path, stages={"pretrain", "sft"})
-        parent = parent_record(init_path)
+    base = run.resume if run.resume is not None else load_checkpoint(init_path, stages={"pretrain", "sft"})
+    parent = base["parent"] if run.resume is not None else parent_record(init_path)
     model_args = dict(base["model_args"], dropout=config["dropout"])
     tokenizer = tokenizer_from_checkpoint(base)
     block_size = config["block_size"] or model_args["block_size"]
@@ -301,11 +272,9 @@ def run(config, flags=()):
         state = run.resume["resume"]
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
-        it, epoch, cursor = state["iter"], state["epoch"], state["cursor"]
-        metrics = dict(run.resume["metrics"])
+        it, epoch, cursor, metrics = state["iter"], state["epoch"], state["cursor"], dict(run.resume["metrics"])
     compile_batch = tuple(t.to(run.device) for t in collate(data["train"][:config["batch_size"]]))
     model = wrap_model(raw_model, run, compile_batch if config["compile"] else None, ctx)
-
     open_log(run, it, f"from {parent['path']} ({raw_model.num_params() / 1e6:.2f}M parameters), "
              f"{len(data['train_records'])} demonstrations in {len(data['train'])} rows"
              f"{' (packed)' if config['pack'] else ''}, {truncated['train']} truncated to {block_size + 1} tokens; "
@@ -324,8 +293,7 @@ def run(config, flags=()):
     stopper = StopRequested()
     try:
         while it < run.end_iter:
-            # 3. one optimizer step on the response tokens (and pretraining windows, if mixed in); each process
-            # takes its slice of every global batch
+            # 3. one optimizer step on the response tokens (and any pretraining windows), each process on its own slice
             lr = scheduled_lr(optimizer, it, config)
             micro_batches, targets, epoch, cursor = step_batches(data["train"], pretrain, block_size, config, it,
                                                                  epoch, cursor, run.rank, run.world)
@@ -333,8 +301,7 @@ def run(config, flags=()):
             loss = forward_backward(model, micro_batches, ctx, scaler)
             loss, grad_norm = optimizer_step(raw_model, optimizer, loss, scaler, config["grad_clip"], run, it)
             it += 1
-            progress.update(it, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "epoch": epoch}, targets,
-                            f"epoch {epoch}")
+            progress.update(it, dict(loss=loss, lr=lr, grad_norm=grad_norm, epoch=epoch), targets, f"epoch {epoch}")
 
             # 4. now and then: held-out loss and graded answers, a checkpoint, the plots
             at_eval = it % config["eval_interval"] == 0 or it == run.end_iter
