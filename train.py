@@ -1,5 +1,4 @@
-"""
-train.py: pretraining, the next-token objective on a corpus of token ids.
+"""train.py: pretraining, the next-token objective on a corpus of token ids.
 
     python train.py --config small                  # a 2-core laptop CPU, minutes
     python train.py --config small --max_iters=500  # any key can be overridden
@@ -46,8 +45,7 @@ DEFAULTS = dict(
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
     # evaluation, logging, saving; sample_tokens=0: no sample at evaluations; stop_at_iter=0: run to max_iters
     eval_interval=250, eval_iters=20, log_interval=10, sample_tokens=64, stop_at_iter=0,
-    # system: device auto | cpu | cuda | cuda:1 | mps; dtype auto | float32 | bfloat16 | float16;
-    # deterministic: the same run twice gives the same numbers on one machine (deterministic_algorithms)
+    # system: device auto | cpu | cuda[:N] | mps; dtype auto | float32 | bfloat16 | float16; deterministic: repeatable
     device="auto", dtype="auto", compile=False, deterministic=True, seed=1337,
 )
 
@@ -86,10 +84,9 @@ def load_dataset(config):
 
 def get_batch(data, block_size, batch_size, generator):
     """batch_size random windows: inputs x and targets y = x shifted by one, each (batch_size, block_size)."""
-    # one read of block_size + 1 tokens per window: x is all but its last token, y all but its first
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
     windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
-    return windows[:, :-1], windows[:, 1:]
+    return windows[:, :-1], windows[:, 1:]  # one read per window: x all but its last token, y all but its first
 
 
 def token_byte_lengths(tokenizer):
@@ -104,8 +101,7 @@ def bits_per_byte(total_nats, total_bytes):
 
 @torch.no_grad()
 def evaluate(model, data, config, byte_lengths, ctx, device):
-    """Mean loss and bits per byte on eval_iters fixed batches of each split, drawn from their
-    own generator: evaluation never disturbs the training data order, and each sees the same."""
+    """Mean loss and bits per byte of each split on eval_iters fixed batches (own generator: data order untouched)."""
     model.eval()
     out = {}
     for split in ("train", "val"):
@@ -131,7 +127,8 @@ def parse_config(argv, defaults, presets, prog, description=""):
     a known key parsed as its default's type; flags `--resume`, `--overwrite` apart; a mistake is one ValueError."""
     if "-h" in argv or "--help" in argv:
         print(f"usage: python {prog} --config NAME [--key=value ...] [--resume] [--overwrite]\n\n{description}\n\n"
-              f"presets: {', '.join(presets)}\n" + "".join(f"  {name}: {', '.join(f'{k}={v}' for k, v in p.items())}\n" for name, p in presets.items())
+              f"presets: {', '.join(presets)}\n"
+              + "".join(f"  {name}: {', '.join(f'{k}={v}' for k, v in p.items())}\n" for name, p in presets.items())
               + "\nkeys (default):\n" + "".join(f"  --{k}={v!r}\n" for k, v in defaults.items()))
         raise SystemExit(0)
     config, flags, overrides, args = dict(defaults), set(), [], list(argv)
@@ -297,13 +294,12 @@ def append_jsonl(path, record):
 def read_jsonl_log(path):
     """The records of a log.jsonl, up to a torn last line from a crash."""
     records = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break
+    with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as f:  # no log yet: no records
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
     return records
 
 
@@ -337,8 +333,7 @@ def format_eta(seconds):
 
 
 class StopRequested:
-    """Ctrl-C, or SIGTERM (what docker, slurm and Kubernetes send), sets a flag; the loop saves at the end of the
-    current step and exits."""
+    """Ctrl-C or SIGTERM (what docker, slurm and Kubernetes send) sets a flag: the loop saves after this step, exits."""
 
     def __init__(self):
         self.requested = False
@@ -379,7 +374,6 @@ def measure_bf16_speedup(step, device_type, repeats=3, timer=time.perf_counter):
         step(autocast_context(device_type, dtype))
         wait()
         return timer() - start
-
     warm32, warm16 = timed("float32"), timed("bfloat16")
     if warm16 > 3 * warm32:
         return warm32 / warm16
@@ -478,14 +472,12 @@ def claim_folder(out_dir):
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "run.lock")
     while True:
-        with contextlib.suppress(FileExistsError):
-            with open(path, "x") as f:  # "x": created only where there is none, so of two runs one gets it
-                f.write(str(os.getpid()))
+        with contextlib.suppress(FileExistsError), open(path, "x") as f:  # "x": made only if absent, so one run wins
+            f.write(str(os.getpid()))
             return path
         owner = None
-        with contextlib.suppress(OSError, ValueError):  # removed meanwhile, or not yet written: no owner
-            with open(path) as f:
-                owner = int(f.read())
+        with contextlib.suppress(OSError, ValueError), open(path) as f:  # gone meanwhile or not yet written: no owner
+            owner = int(f.read())
         if owner not in (None, os.getpid()) and prepare_data.pid_alive(owner):
             raise ValueError(f"{out_dir} is in use by another run (process {owner}, {path}): wait for it to end "
                              f"or give another --out_dir")
@@ -494,15 +486,14 @@ def claim_folder(out_dir):
 
 
 def open_log(run, start_iter, summary, dtype, dtype_why):
-    """The folder claimed (claim_folder); the start-up line; log.jsonl begun (a resumed run's cut at its checkpoint;
-    a new run's beside an older run's log, which it replaces at its first save_run) with the precision."""
+    """The folder claimed (claim_folder); the start-up line; log.jsonl begun with the precision (cut on resume)."""
     if not run.master:
         return
     run.lock = claim_folder(run.out_dir)
     if run.resume is not None:
         truncate_log(run.log_path, start_iter)
         print(f"resuming {run.ckpt_path} at iteration {start_iter}")
-    else:  # a new run starts an empty log, beside an older run's until its first save: a failed start loses nothing
+    else:  # a new run's log sits beside an older run's until its first save_run: a failed start loses nothing
         run.log_path = os.path.join(run.out_dir, "log.new.jsonl" if os.path.exists(run.log_path) else "log.jsonl")
         open(run.log_path, "w").close()
     print(f"{run.stage}: {summary}, {dtype} ({dtype_why})")
@@ -593,8 +584,7 @@ class Progress:
 
 
 def end_run(run, stopper):
-    """Ctrl-C's handler back, the folder's lock removed, the process group gone (after the caller drops DDP: else
-    gloo can hang)."""
+    """Ctrl-C's handler back, the lock removed, the process group gone (after the caller drops DDP, else gloo hangs)."""
     stopper.restore()
     if run.lock is not None and os.path.exists(run.lock):
         os.remove(run.lock)
@@ -627,8 +617,7 @@ def run(config, flags=()):
                                                        lambda c: forward_backward(raw_model, [timing_batch], c))
     optimizer = configure_optimizer(raw_model, config["learning_rate"], config["weight_decay"],
                                     (config["beta1"], config["beta2"]), run.device_type)
-    # the data order: a generator per process, so that ranks see different windows
-    data_gen = torch.Generator().manual_seed(config["seed"] * 1000 + run.rank)
+    data_gen = torch.Generator().manual_seed(config["seed"] * 1000 + run.rank)  # per process: ranks see other windows
     it = 0
     if run.resume is not None:
         state = run.resume["resume"]
@@ -662,6 +651,10 @@ def run(config, flags=()):
             # 4. now and then: train/val loss and bits per byte, the loss plot, a checkpoint, a sample
             at_eval = it % config["eval_interval"] == 0 or it == run.end_iter
             if at_eval or stopper.requested:
+                # the checkpoint holds what an exact resume needs: optimizer, RNG, and every rank's data position
+                data_states = [data_gen.get_state()] * run.world
+                if run.world > 1:  # every rank takes part; the master saves them all
+                    dist.all_gather_object(data_states, data_gen.get_state())
                 if run.master:
                     metrics = dict(evaluate(raw_model, data, config, byte_lengths, ctx, run.device), iter=it)
                     print(f"eval {it}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
@@ -670,23 +663,18 @@ def run(config, flags=()):
                     plot_curves(read_jsonl_log(run.log_path), [("train (per step)", "loss"), ("train", "train_loss"),
                                                               ("val", "val_loss")],
                                 os.path.join(run.out_dir, "loss.png"), f"pretraining loss ({config['config']})")
-                # weights, tokenizer, config, and what an exact resume needs: optimizer, RNG, every data position
-                data_states = [data_gen.get_state()] * run.world
-                if run.world > 1:  # every rank takes part; the master saves them all
-                    dist.all_gather_object(data_states, data_gen.get_state())
-                if run.master:
                     save_run(run, {"stage": STAGE, "model_args": vars(model_config).copy(),
                                    "model": clean_state_dict(raw_model), "tokenizer": tokenizer.to_dict(),
                                    "config": dict(config, dtype=dtype), "parent": None, "metrics": metrics,
                                    "data": {"dataset": config["dataset"], "meta": meta},
                                    "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(),
                                               "data_rng": data_states, "world": run.world}})
-                if run.master and at_eval and config["sample_tokens"] > 0:  # what the model writes now
-                    start = torch.tensor([[tokenizer.special_ids[bpe.DOC_SEP]]], device=run.device)
-                    with ctx:
-                        out = raw_model.generate(start, min(config["sample_tokens"], config["block_size"] - 1),
-                                                 temperature=0.8, top_k=50, seed=config["seed"])
-                    print("sample:", repr(tokenizer.decode(out[0, 1:].tolist())))
+                    if at_eval and config["sample_tokens"] > 0:  # what the model writes now
+                        start = torch.tensor([[tokenizer.special_ids[bpe.DOC_SEP]]], device=run.device)
+                        with ctx:
+                            out = raw_model.generate(start, min(config["sample_tokens"], config["block_size"] - 1),
+                                                     temperature=0.8, top_k=50, seed=config["seed"])
+                        print("sample:", repr(tokenizer.decode(out[0, 1:].tolist())))
                 progress.pause(it)
                 if stopper.requested:
                     break
