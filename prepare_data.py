@@ -12,12 +12,10 @@ Every later stage learns from the files this script writes into data/NAME/:
     prompts_ppo/eval.jsonl  prompts with references                (ppo.py, eval.py)
     mc.jsonl                4-way multiple choice, HellaSwag-style (eval.py)
 
-The default, `python prepare_data.py`, is tinyworld (tinyworld.py: generated offline from a seed,
-answers a program can check). The others are real corpora, downloaded once and parsed into the same
-files: tinyshakespeare and TinyStories (pretraining), Alpaca (SFT), Anthropic HH-RLHF (preferences),
-HellaSwag (multiple choice); or any text file with --input. Raw pretraining text is curated as the
-lectures teach it: exact de-duplication of documents and of repeated lines, boilerplate lines, C4-style
-quality filters, MinHash near-duplicates, privacy.
+With no arguments: tinyworld (tinyworld.py: generated offline from a seed, answers a program can check). Real corpora
+are downloaded once and parsed into the same files: tinyshakespeare and TinyStories (pretraining), Alpaca (SFT),
+Anthropic HH-RLHF (preferences), HellaSwag (multiple choice); or any text file (--input). Raw text is curated as the
+lectures teach it: exact duplicates, repeated and boilerplate lines, C4-style quality, MinHash near-duplicates, privacy.
 
 Read top to bottom: configuration, the real corpora, curation, tokenization, the build, the command line.
 """
@@ -63,11 +61,13 @@ DATASETS = {
 }
 INPUT_SPEC = {"kind": "pretrain", "vocab_size": 1024, "val_fraction": 0.10}   # --input FILE
 REAL_SIZES = {"prompts_eval": 200, "prompts_ppo": 1000, "sft_val": 500, "prefs_val": 2000}  # real sets; rest: *_train
+SIZE_FIELDS = list(tinyworld.SPLIT_SIZES) + ["mc"]  # instruction files' sizes: no flags, tests build small datasets
+PRETRAIN_FILES = ["tokenizer.json", "train.bin", "val.bin", "train.txt", "val.txt"]
+CHUNK_CHARS = 4000  # long texts (shakespeare, --input) are cut into documents of about this size
 
-# Where the real corpora come from: sha256 pinned where known, else recorded at the first download.
 GITHUB, HUGGINGFACE = "https://raw.githubusercontent.com/", "https://huggingface.co/datasets/"
 HH = HUGGINGFACE + "Anthropic/hh-rlhf/resolve/main/helpful-base/"
-SOURCES = {  # name: {url, the cache's file name, sha256 where pinned}
+SOURCES = {  # name: {url, the cache's file name, sha256 where pinned, else recorded at the first download}
     "shakespeare": {"url": GITHUB + "karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
                     "filename": "tinyshakespeare.txt",
                     "sha256": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"},
@@ -80,23 +80,16 @@ SOURCES = {  # name: {url, the cache's file name, sha256 where pinned}
 }
 DOWNLOAD_TIMEOUT_S, DOWNLOAD_RETRIES, DOWNLOAD_BACKOFF_S = 30.0, 3, 1.0  # backoff: 1 s, 2 s, 4 s ... between tries
 
-CHUNK_CHARS = 4000         # long texts (shakespeare, --input) are cut into documents of about this size
-
 # Curation
 NEAR_DUP_THRESHOLD = 0.8   # MinHash estimate of Jaccard similarity above which a document is dropped
-SHINGLE_WORDS = 5          # word 5-grams
-MINHASH_PERMS = 64         # signature length
-MINHASH_BANDS = 16         # LSH bands (4 rows each): candidate pairs share a band
-MIN_WORDS = 5              # quality filter: documents need at least this many words,
-MIN_SENTENCES = 2          #   this many sentences,
-MIN_LETTER_FRACTION = 0.6  #   and this share of letters among non-space characters
+SHINGLE_WORDS, MINHASH_PERMS, MINHASH_BANDS = 5, 64, 16  # word 5-grams; signature length; LSH bands of 4 rows
+MIN_WORDS, MIN_SENTENCES, MIN_LETTER_FRACTION = 5, 2, 0.6  # quality: a document's least words, sentences, letter share
 MIN_DUP_LINE_CHARS = 50    # only lines at least this long count as repeated lines
 BOILERPLATE_LINE_PHRASES = ["javascript", "cookie policy", "privacy policy", "terms of use",
                             "all rights reserved", "subscribe to", "click here"]
 BOILERPLATE_DOC_PHRASES = ["lorem ipsum"]
 
 # Small helpers used everywhere
-
 class DataError(Exception):
     """A problem with the input that the user can fix: reported as one line."""
 
@@ -120,17 +113,15 @@ def pid_alive(pid):
 
 
 def atomic_write(path, data):
-    """Bytes, str (UTF-8) or a writer f(file) -> path via a synced temporary file renamed over it, then the folder
-    synced: never half a file. Temporaries that killed writers left are removed; a failure is an OSError naming path."""
+    """Bytes, str (UTF-8) or a writer f(file) -> path via a synced temporary renamed over it: never half a file."""
     if callable(data):  # the writer fills memory first: a full disk is then an OSError (torch.save reports its own)
-        buffer = io.BytesIO()
-        data(buffer)
+        data(buffer := io.BytesIO())
         data = buffer.getvalue()
     data = data.encode("utf-8") if isinstance(data, str) else data
     folder, tmp = os.path.dirname(os.path.abspath(path)), f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(folder, exist_ok=True)
-        for stale in glob.glob(glob.escape(path) + ".tmp*"):
+        for stale in glob.glob(glob.escape(path) + ".tmp*"):  # temporaries that killed writers left
             if stale[len(path) + 4:].isdigit() and not pid_alive(int(stale[len(path) + 4:])):
                 os.remove(stale)
         with open(tmp, "wb") as f:
@@ -150,8 +141,7 @@ def atomic_write(path, data):
 
 
 def error_line(e):
-    """The one line a user's error is reported as: its message, or for an OSError (a read-only folder, a full
-    disk, a missing file) the file, what went wrong and what to check."""
+    """A user's error as one line: its message, or for an OSError the file, what went wrong and what to check."""
     if not isinstance(e, OSError):
         return str(e)
     return (f"{e.filename or 'a file'}: {e.strerror or e} (check that its folder exists, is writable and has room; "
@@ -206,12 +196,10 @@ def read_checksums(folder):
 
 def download(url, path, sha256=None, timeout=DOWNLOAD_TIMEOUT_S, retries=DOWNLOAD_RETRIES,
              backoff=DOWNLOAD_BACKOFF_S, quiet=False):
-    """Fetch `url` into `path` once and return `path`; no network when `path` matches its sha256 (pinned, or
-    recorded in checksums.json at the first download). Streamed to a temporary file, renamed when complete.
-    Network errors, timeouts, 5xx answers and cut transfers are retried after backoff, 2 x backoff, ...
-    seconds; 4xx (404) are not. Every failure is a DataError naming the URL and how to place the file by hand."""
+    """Fetch `url` into `path` once, written whole, and return `path`; no network when `path` matches its sha256
+    (pinned, or recorded in checksums.json). Network errors, timeouts, 5xx and cut transfers are retried after backoff,
+    2 x backoff, ... seconds; 4xx (404) are not. A failure is a DataError naming the URL and how to fetch it by hand."""
     folder, filename = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     sums = read_checksums(folder)
     expected = sha256 or sums.get(filename)
     if os.path.exists(path):
@@ -220,26 +208,18 @@ def download(url, path, sha256=None, timeout=DOWNLOAD_TIMEOUT_S, retries=DOWNLOA
         log(f"{path} does not match its sha256; downloading it again", quiet)
         os.remove(path)
     by_hand = f"if you are offline, download {url} by hand and save it as {path}"
-    tmp = f"{path}.part{os.getpid()}"
-    error, digest = None, None
+    error, body = None, None
     for attempt in range(1, retries + 1):
         log(f"downloading {url} (try {attempt}/{retries})", quiet)
         try:  # the plain body (no gzip), to check its length against Content-Length
-            h, n_bytes = hashlib.sha256(), 0
             with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
                 r.raise_for_status()
                 announced = int(r.headers.get("Content-Length") or 0)
-                with open(tmp, "wb") as f:
-                    for chunk in r.iter_content(chunk_size=1 << 16):
-                        f.write(chunk)
-                        h.update(chunk)
-                        n_bytes += len(chunk)
-                    f.flush()
-                    os.fsync(f.fileno())
-            if not announced or n_bytes == announced:
-                digest = h.hexdigest()
+                data = b"".join(r.iter_content(chunk_size=1 << 16))
+            if not announced or len(data) == announced:
+                body = data
                 break
-            error = f"got {n_bytes} of {announced} bytes"  # the server closed the connection early
+            error = f"got {len(data)} of {announced} bytes"  # the server closed the connection early
         except requests.HTTPError as e:
             status = e.response.status_code if e.response is not None else 0
             error = f"HTTP {status}"
@@ -249,22 +229,19 @@ def download(url, path, sha256=None, timeout=DOWNLOAD_TIMEOUT_S, retries=DOWNLOA
             error = f"no answer within {timeout:g} s"
         except requests.RequestException as e:
             error = type(e).__name__
-        finally:
-            if digest is None and os.path.exists(tmp):
-                os.remove(tmp)
         if attempt < retries:
             time.sleep(backoff * 2 ** (attempt - 1))
-    if digest is None:
+    if body is None:
         raise DataError(f"could not download {url} ({error}); {by_hand}")
+    digest = hashlib.sha256(body).hexdigest()
     if expected and digest != expected:
-        os.remove(tmp)
         raise DataError(f"checksum mismatch for {url}: sha256 {digest}, expected {expected}; "
                         f"the download was deleted. Check the URL, or {by_hand}")
-    os.replace(tmp, path)
+    atomic_write(path, body)
     if not sha256:
         sums[filename] = digest
         atomic_write(os.path.join(folder, CHECKSUMS_FILE), json.dumps(sums, indent=2, sort_keys=True) + "\n")
-    log(f"saved {path} ({n_bytes:,} bytes, sha256 {digest[:12]}...)", quiet)
+    log(f"saved {path} ({len(body):,} bytes, sha256 {digest[:12]}...)", quiet)
     return path
 
 
@@ -339,8 +316,7 @@ def split_hh_turns(dialogue):
 
 
 def parse_hh(text):
-    """Anthropic HH-RLHF JSONL ({"chosen": dialogue, "rejected": dialogue}) -> {prompt, chosen, rejected}
-    of the single-turn dialogues (one Human, one Assistant turn): stagegpt's chat template has one turn."""
+    """HH-RLHF JSONL -> {prompt, chosen, rejected} of single-turn dialogues: stagegpt's chat template has one turn."""
     pairs = []
     for item in map(json.loads, filter(str.strip, text.splitlines())):
         chosen, rejected = split_hh_turns(item["chosen"]), split_hh_turns(item["rejected"])
@@ -363,12 +339,10 @@ def parse_hellaswag(text):
 
 def dedup_documents(docs):
     """Exact duplicates (ignoring surrounding whitespace): keep the first copy."""
-    seen, out = set(), []
-    for d in docs:
-        key = hashlib.sha256(d.strip().encode("utf-8")).digest()
-        if key not in seen:
-            seen.add(key)
-            out.append(d)
+    first = {}
+    for d in docs:  # keyed by the text's hash: the corpus is not held twice
+        first.setdefault(hashlib.sha256(d.strip().encode("utf-8")).digest(), d)
+    out = list(first.values())
     return out, {"step": "dedup_documents", "removed_docs": len(docs) - len(out)}
 
 
@@ -431,9 +405,8 @@ def shingles(text, n=SHINGLE_WORDS):
 
 
 def minhash_signature(shingle_set, num_perm=MINHASH_PERMS, seed=0):
-    """The MinHash signature of a set, shape (num_perm,) uint64: for each of num_perm hash functions, the
-    smallest hash over the set's elements. Two sets agree at one position with probability equal to their
-    Jaccard similarity. h(x) = ((a*x + b) mod 2^64) >> 32: multiply-add-shift of 32-bit keys."""
+    """The MinHash signature of a set, shape (num_perm,) uint64: per hash function, the smallest hash over the set; two
+    sets agree at a position with probability = their Jaccard similarity. h(x) = ((a*x + b) mod 2^64) >> 32."""
     g = np.random.default_rng(seed)
     a = g.integers(1, 1 << 63, size=num_perm, dtype=np.uint64) | np.uint64(1)  # odd multipliers
     b = g.integers(0, 1 << 63, size=num_perm, dtype=np.uint64)
@@ -537,12 +510,9 @@ def encode_documents(tokenizer, docs, dtype):
     eot = tokenizer.special_ids[bpe.DOC_SEP]
     return np.concatenate([np.array(ids + [eot], dtype=dtype) for ids in tokenizer.encode_batch(docs)])
 
-PRETRAIN_FILES = ["tokenizer.json", "train.bin", "val.bin", "train.txt", "val.txt"]
-
 
 def write_pretraining_files(cfg, docs):
-    """Curated documents -> train/val split, tokenizer.json (trained on the training split, or
-    cfg.tokenizer), train/val .bin and .txt in cfg.out; returns the meta.json fields."""
+    """Documents -> tokenizer.json (trained on the train split, or cfg.tokenizer), .bin and .txt; the meta fields."""
     train_docs, val_docs = split_train_val(docs, dataset_spec(cfg)["val_fraction"])
     t0 = time.time()
     try:
@@ -575,11 +545,7 @@ def write_pretraining_files(cfg, docs):
 
 
 # -----------------------------------------------------------------------------
-# The build: one function per kind of dataset, a meta.json at the end. Its arguments (cfg) are the
-# command line's, plus the sizes of the instruction files (no flags: tests build small datasets).
-
-SIZE_FIELDS = list(tinyworld.SPLIT_SIZES) + ["mc"]
-
+# The build: one function per kind of dataset, a meta.json at the end. cfg: the command line, plus SIZE_FIELDS.
 
 def dataset_spec(cfg):
     return INPUT_SPEC if cfg.input else DATASETS[cfg.dataset]
@@ -593,8 +559,7 @@ def dataset_name(cfg):
 
 
 def resolve_config(cfg=None, **overrides):
-    """A copy of cfg (default: the command line's defaults) with the overrides and the dataset's
-    defaults filled in, every value checked. Raises DataError (one line: the value and the fix)."""
+    """A copy of cfg (default: the command line's) with the overrides and dataset defaults, every value checked."""
     cfg = argparse.Namespace(**vars(cfg or make_parser().parse_args([])))
     if unknown := [key for key in overrides if key not in vars(cfg)]:
         raise TypeError(f"unknown build argument {unknown[0]!r}")
@@ -772,9 +737,8 @@ BUILDERS = {"generated": build_tinyworld, "pretrain": build_pretrain, "sft": bui
 
 
 def prepare(cfg=None, **overrides):
-    """Build a dataset folder (or find it up to date) and return its path. cfg: the
-    parsed command line; from Python, keyword overrides of its defaults work too:
-    prepare(dataset="tinyworld", megabytes=0.2, data_root="/tmp/d", sft_train=80)."""
+    """Build a dataset folder (or find it up to date) and return its path. cfg: the parsed command line; from Python,
+    keyword overrides of its defaults work too: prepare(dataset="tinyworld", megabytes=0.2, sft_train=80)."""
     cfg = resolve_config(cfg, **overrides)
     if cfg.input:
         read_text(cfg.input)  # a bad input fails here, before anything is touched
@@ -782,9 +746,7 @@ def prepare(cfg=None, **overrides):
     build = {"format_version": FORMAT_VERSION, "dataset": dataset_name(cfg), "kind": dataset_spec(cfg)["kind"]}
     build.update((k, v) for k, v in vars(cfg).items()
                  if k not in ("dataset", "out", "data_root", "mirror", "force", "quiet"))
-    for name in ("input", "tokenizer"):
-        if getattr(cfg, name):
-            build[f"{name}_sha256"] = sha256_file(getattr(cfg, name))
+    build.update({f"{n}_sha256": sha256_file(getattr(cfg, n)) for n in ("input", "tokenizer") if getattr(cfg, n)})
     if not cfg.force and is_up_to_date(cfg.out, build):
         log(f"{cfg.out} is up to date (same arguments, files unchanged); --force rebuilds it", cfg.quiet)
         return cfg.out
@@ -803,8 +765,7 @@ def prepare(cfg=None, **overrides):
 
 
 # -----------------------------------------------------------------------------
-# Command line: `python prepare_data.py --dataset=NAME --key=value ...`, in the training stages' style
-# (underscore keys; --data-root is read as --data_root).
+# Command line: `python prepare_data.py --dataset=NAME --key=value`, underscore keys as in training (--data-root works).
 
 def make_parser():
     p = argparse.ArgumentParser(prog="prepare_data.py", allow_abbrev=False, description="Build a dataset folder "
