@@ -1,17 +1,10 @@
-"""
-eval.py: what did each stage buy? Numbers and pictures for every checkpoint.
+"""eval.py: what did each stage buy? Numbers and pictures for every checkpoint.
 
     python eval.py --config small                        # out/small/{pretrain,sft,rm,ppo}/ckpt.pt
     python eval.py --ckpts=out/small/sft,out/small/ppo   # given checkpoints, files or folders
 
-Writes out/<config>/eval/{report.json, report.md, *.png} (or --out=FOLDER), on the data
-of the dataset each checkpoint was trained on. A generative model (pretrain, sft, ppo)
-gets loss and bits per byte, multiple choice (cloze), and greedy answers to held-out
-prompts graded by the simulated labeler and scored by the reward model; the reward model
-pairwise accuracy by the noisy and the gold labels; PPO against SFT the gold win rate,
-KL(PPO || SFT), and from ppo/log.jsonl proxy and gold scores against sqrt(KL). Every chat model's
-alignment tax: its bits per byte and cloze accuracy against the pretrained model it was tuned from.
-"""
+Writes out/<config>/eval/{report.json, report.md, *.png}, each checkpoint on its dataset: loss, bits per byte, cloze
+accuracy, greedy answers graded by the simulated labeler, scored by the RM; RM accuracy; PPO vs SFT; alignment tax."""
 
 import contextlib
 import functools
@@ -38,23 +31,18 @@ from reward import pad_right, pair_accuracy, reward_input, scalar_model_from_che
 # Configuration: defaults, then a preset (--config NAME), then --key=value overrides.
 
 DEFAULTS = dict(
-    config="",                 # evaluate out_root/<config>/{pretrain,sft,rm,ppo}
-    ckpts="",                  # or these checkpoints instead, comma-separated files or folders
+    config="", ckpts="",       # out_root/<config>/{pretrain,sft,rm,ppo}, or these comma-separated files or folders
     out_root="out", data_dir="data", out="",   # out: the report folder; "" means out_root/<config>/eval
     val_tokens=16384,          # tokens of val.bin for loss and bits per byte; 0 = all of it
-    max_mc=200,                # multiple-choice items (each of mc.jsonl and hellaswag); 0 = all
-    max_prompts=200,           # held-out prompts answered by each generative model; 0 = all
+    max_mc=200, max_prompts=200,   # multiple-choice items (of mc.jsonl, of hellaswag), held-out prompts; 0 = all
     max_pairs=0,               # held-out preference pairs for the reward model; 0 = all, the set reward.py reports on
-    kl_prompts=100,            # PPO samples for the KL(PPO || SFT) estimate; 0 skips it
-    max_new_tokens=64, batch_size=32, seed=1337,
-    device="auto",             # auto | cpu | cuda | mps
-    dtype="auto",              # auto | float32 | bfloat16 | float16
+    kl_prompts=100, max_new_tokens=64, batch_size=32, seed=1337,  # kl_prompts: PPO samples for KL(PPO || SFT), 0 skips
+    device="auto", dtype="auto",   # auto | cpu | cuda | mps; auto | float32 | bfloat16 | float16
 )
 
 PRESETS = {
-    # seconds, for tests
     "tiny": dict(val_tokens=2048, max_mc=16, max_prompts=16, max_pairs=32, kl_prompts=8, max_new_tokens=16,
-                 batch_size=16),
+                 batch_size=16),  # seconds, for tests
     # a 2-core CPU
     "small": dict(val_tokens=16384, max_mc=200, max_prompts=200, kl_prompts=100, max_new_tokens=64, batch_size=32),
     # a GPU: the whole HellaSwag validation set and more of everything
@@ -71,12 +59,9 @@ PPO_LOG_KEYS = {"proxy": "rm_score", "gold": "gold", "kl": "kl"}   # what ppo.py
 
 @torch.no_grad()
 def evaluate_loss(model, tokens, batch_size, max_tokens, byte_lengths):
-    """Loss over consecutive windows of `tokens` (1-D ids): window i predicts tokens[i*T+1 : i*T+T+1]
-    from tokens[i*T : i*T+T], T = block_size, so each token is predicted once, with a context that
-    restarts at every window; max_tokens > 0 caps the predicted tokens (whole windows, at least one).
-    -> {"loss" (nats/token), "perplexity", "bpb" (bits per byte), "tokens"}."""
-    device = next(model.parameters()).device
-    T = min(model.config.block_size, len(tokens) - 1)
+    """Loss (nats/token) and bits per byte of `tokens` (1-D ids) in consecutive windows of block_size: each token is
+    predicted once, its context restarting at every window; max_tokens > 0 caps them (whole windows, at least one)."""
+    device, T = next(model.parameters()).device, min(model.config.block_size, len(tokens) - 1)
     if T < 1:
         raise ValueError(f"only {len(tokens)} validation tokens: need at least 2")
     n_windows = (len(tokens) - 1) // T
@@ -97,9 +82,7 @@ def evaluate_loss(model, tokens, batch_size, max_tokens, byte_lengths):
 
 @torch.no_grad()
 def continuation_logprobs(model, prefixes, continuations, batch_size=32):
-    """For each (prefix, continuation) pair of id lists: the sum over the
-    continuation's tokens of log p(token | everything before it). A pair longer
-    than block_size + 1 loses its oldest (prefix) tokens. -> list of floats."""
+    """Each continuation's sum of log p(token | all before it) after its prefix; pairs keep their last block_size+1."""
     device, block = next(model.parameters()).device, model.config.block_size
     # batches of similar lengths waste less on padding; the results go back in the pairs' order
     order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]) + len(continuations[i]))
@@ -115,25 +98,19 @@ def continuation_logprobs(model, prefixes, continuations, batch_size=32):
         logits, _ = model(ids[:, :-1])                   # (B, T-1, V): position t predicts token t+1
         logp = F.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
         # the continuation's tokens sit at positions len-n .. len-1, predicted at len-n-1 .. len-2
-        pos = torch.arange(logp.size(1), device=device)[None, :]
-        lengths, n_cont = lengths[:, None], torch.tensor(n_cont, device=device)[:, None]
-        mask = (pos >= lengths - n_cont - 1) & (pos < lengths - 1)
+        pos, last = torch.arange(logp.size(1), device=device)[None, :], lengths[:, None] - 1   # (1, T-1), (B, 1)
+        mask = (pos >= last - torch.tensor(n_cont, device=device)[:, None]) & (pos < last)
         for i, value in zip(chunk, (logp * mask).sum(1).tolist()):
             out[i] = value
     return out
 
 
 def multiple_choice_accuracy(model, tokenizer, items, batch_size=32):
-    """HellaSwag-style accuracy on items {"context", "endings", "label"}: the model picks the ending
-    with the highest log-likelihood given the context (after the document separator, as every
-    pretraining document starts), summed ("accuracy") or per token ("accuracy_norm", which does not
-    favour short endings). -> {"n", "accuracy", "accuracy_norm"}."""
-    prefixes, endings = [], []
-    for item in items:
-        context = [tokenizer.special_ids[bpe.DOC_SEP]] + tokenizer.encode(item["context"])
-        for ending in item["endings"]:
-            prefixes.append(context)
-            endings.append(tokenizer.encode(ending))
+    """HellaSwag-style accuracy: for each item, the ending likeliest after the document separator (as every pretraining
+    document starts) and context, summed ("accuracy") or per token ("accuracy_norm", not favouring short endings)."""
+    contexts = [[tokenizer.special_ids[bpe.DOC_SEP]] + tokenizer.encode(item["context"]) for item in items]
+    prefixes = [context for context, item in zip(contexts, items) for _ in item["endings"]]
+    endings = [tokenizer.encode(ending) for item in items for ending in item["endings"]]
     sums = continuation_logprobs(model, prefixes, endings, batch_size)
     right_sum = right_norm = k = 0
     for item in items:
@@ -146,20 +123,16 @@ def multiple_choice_accuracy(model, tokenizer, items, batch_size=32):
 
 
 def kl_on_samples(policy, reference, prompts_ids, responses_ids, batch_size=32):
-    """Per-sample estimate of KL(policy || reference) from responses sampled
-    from the policy: sum over response tokens of log p_policy - log p_reference."""
-    lp_policy = continuation_logprobs(policy, prompts_ids, responses_ids, batch_size)
-    lp_reference = continuation_logprobs(reference, prompts_ids, responses_ids, batch_size)
-    return [a - b for a, b in zip(lp_policy, lp_reference)]
+    """Per-sample KL(policy || reference) on responses sampled from the policy: sum of log p_policy - log p_ref."""
+    return [a - b for a, b in zip(continuation_logprobs(policy, prompts_ids, responses_ids, batch_size),
+                                  continuation_logprobs(reference, prompts_ids, responses_ids, batch_size))]
 
 
 # -----------------------------------------------------------------------------
 # Chat answers graded by the simulated labeler; the reward model's accuracy; PPO against SFT
 
 def evaluate_chat(model, tokenizer, records, max_new_tokens, batch_size=32):
-    """Greedy answers to prompt records, graded with tinyworld.grade_answers.
-    -> (grades {"n", "accuracy", "gold", "end_rate", "words", "by_task"},
-        answers [{"prompt", "task", "text", "ended", "gold"}])."""
+    """Greedy answers to prompt records -> (tinyworld's grades, [{"prompt", "task", "text", "ended", "gold"}])."""
     texts = answer_prompts(model, tokenizer, [r["prompt"] for r in records], max_new_tokens, batch_size=batch_size)
     answers = [{"prompt": r["prompt"], "task": r.get("task"), "text": text, "ended": ended,
                 "gold": tinyworld.gold_score(r, text, ended)} for r, (text, ended) in zip(records, texts)]
@@ -167,10 +140,7 @@ def evaluate_chat(model, tokenizer, records, max_new_tokens, batch_size=32):
 
 
 def reward_accuracy(rm, tokenizer, records, normalizer=None, batch_size=32):
-    """Held-out pairwise accuracy of a reward model on preference records
-    {"prompt", "chosen", "rejected", ...}, by the noisy labels it was trained on
-    and by the noiseless gold verdict ("gold_prefers_chosen"), ties half.
-    -> {"pairs", "accuracy_noisy", "accuracy_gold", "margin", "mean", "std"}."""
+    """A reward model's pairwise accuracy on held-out preference records, by noisy labels and by gold, ties half."""
     if not records:
         return {"pairs": 0, "accuracy_noisy": None, "accuracy_gold": None, "margin": None, "mean": None, "std": None}
     seqs = [reward_input(tokenizer, r["prompt"], r[side], r.get(f"{side}_ended", True), rm.config.block_size)
@@ -194,8 +164,7 @@ def win_rate(gold_a, gold_b):
 
 
 def compare_ppo_sft(rows, models, config, ctx, log=print):
-    """Gold win rate of PPO's greedy answers over SFT's, their reward-model
-    scores, and KL(PPO || SFT) on PPO's samples at KL_TEMPERATURE."""
+    """Gold win rate of PPO's greedy answers over SFT's, their RM scores, and KL(PPO || SFT) at KL_TEMPERATURE."""
     by_stage = {r["stage"]: r for r in rows if r["status"] == "ok"}
     missing = [s for s in ("sft", "ppo") if s not in by_stage]
     if missing:
@@ -229,10 +198,8 @@ def compare_ppo_sft(rows, models, config, ctx, log=print):
 # One checkpoint: every metric of its kind
 
 def load_eval_data(dataset, data_dir):
-    """What data/<dataset>/ offers for evaluation: {"folder", "tokenizer", "val",
-    "mc", "prompts", "prefs", "hellaswag", "missing": {part: reason}}. A missing
-    part is None with its reason; the embedded tinyworld is built when absent."""
-    folder = prepare_data.ensure_prepared(dataset, data_dir)  # builds tinyworld if missing
+    """What data/<dataset>/ offers (tinyworld is built when absent): each part, or None and its reason in "missing"."""
+    folder = prepare_data.ensure_prepared(dataset, data_dir)
     data = {"folder": folder, "tokenizer": None, "val": None, "missing": {}}
     fix = f"run `python prepare_data.py --dataset {dataset}`"
     paths = [os.path.join(folder, name) for name in ("meta.json", "val.bin", "tokenizer.json")]
@@ -252,9 +219,7 @@ def load_eval_data(dataset, data_dir):
 
 
 def evaluate_checkpoint(path, label, config, device, ctx, data_cache, log=print):
-    """Every metric that applies to one checkpoint (label None: named by its stage) -> (row, model, tokenizer);
-    row = {"label", "path", "stage", "status", "metrics", "skipped": {metric: reason}, ...}.
-    A missing file is a "missing" row, an unreadable one an "error" row."""
+    """Every metric that applies to one checkpoint (label None: named by its stage) -> (row, model, tokenizer)."""
     file = checkpoint_file(path)
     named, label = label is not None, label or os.path.basename(os.path.normpath(path))
     row = {"label": label, "path": path, "stage": label, "status": "ok", "metrics": {}, "skipped": {}}
@@ -284,18 +249,17 @@ def evaluate_checkpoint(path, label, config, device, ctx, data_cache, log=print)
         row["skipped"][metric] = reason
         log(f"{label}: {metric} skipped ({reason})")
 
-    def measure(metric, part, fn):
-        """metrics[metric] = fn(the data part), or skipped when the dataset lacks it. -> fn's result."""
+    def measure(metric, part, fn):  # metrics[metric] = fn(data[part]), or skipped when the dataset lacks it
         if data[part] is None:
             return skip(metric, data["missing"][part])
         t0 = time.time()
         with ctx:
             result = fn(data[part])
-        m = metrics[metric] = result[0] if metric == "chat" else result
-        figures = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float)))
+        if metric == "chat":  # (grades, answers): the reward model scores the answers later
+            result, row["answers"] = result
+        metrics[metric] = result
+        figures = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, (int, float)))
         log(f"{label}: {metric} {figures} ({time.time() - t0:.1f}s)")
-        return result
-
     if stage == "rm":
         for metric in ("val", "mc", "chat"):
             skip(metric, "a 'rm' checkpoint does not generate text")
@@ -310,10 +274,8 @@ def evaluate_checkpoint(path, label, config, device, ctx, data_cache, log=print)
     for metric in ("mc", "hellaswag") if data["hellaswag"] else ("mc",):  # HellaSwag when prepared (run() notes it)
         measure(metric, metric, lambda items: multiple_choice_accuracy(
             model, tokenizer, items[:config["max_mc"] or None], config["batch_size"]))
-    answered = measure("chat", "prompts", lambda records: evaluate_chat(
+    measure("chat", "prompts", lambda records: evaluate_chat(
         model, tokenizer, records[:config["max_prompts"] or None], config["max_new_tokens"], config["batch_size"]))
-    if answered:
-        row["answers"] = answered[1]
     skip("rm", f"a '{stage}' checkpoint has no reward head")
     return row, model, tokenizer
 
@@ -333,16 +295,13 @@ def ppo_log_keys(records):
 
 @contextlib.contextmanager
 def _figure(path, *args, **kwargs):
-    """The axes of a new figure, written to path (atomically) when the block ends."""
-    import matplotlib
-    matplotlib.use("Agg")  # no screen needed
     import matplotlib.pyplot as plt
+    plt.switch_backend("Agg")  # no screen needed
     fig, axes = plt.subplots(*args, **kwargs)
     yield axes
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
+    prepare_data.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 def _finish(ax, title, xlabel, legend_loc="best"):
@@ -353,9 +312,7 @@ def _finish(ax, title, xlabel, legend_loc="best"):
 
 
 def plot_ppo(records, keys, path):
-    """Left: proxy and gold scores and KL per iteration. Right: proxy and gold
-    against sqrt(KL to the reference): the proxy keeps rising with KL while the
-    gold score stalls or falls when the policy over-optimises the reward model."""
+    """Scores and KL per iteration; proxy and gold against sqrt(KL): over-optimised, the proxy rises as gold stalls."""
     with _figure(path, 1, 2, figsize=(11, 4)) as (left, right):
         series = [(f"{name} ({keys[name]})", keys[name]) for name in ("proxy", "gold") if keys[name]]
         for label, key in series + [("eval_rm", "eval_rm"), ("eval_gold", "eval_gold")]:  # + the held-out prompts
@@ -375,8 +332,7 @@ def plot_ppo(records, keys, path):
 
 
 def plot_loss_curves(logs, path):
-    """One panel per stage: every numeric key of its log.jsonl whose name ends in
-    "loss", against the iteration. logs: {label: records}."""
+    """One panel per stage ({label: records}): every numeric key of its log.jsonl ending in "loss", per iteration."""
     logs = {k: v for k, v in logs.items() if v}
     with _figure(path, 1, max(1, len(logs)), figsize=(4.5 * max(1, len(logs)), 3.8), squeeze=False) as axes:
         for ax, (label, records) in zip(axes[0], logs.items()):
@@ -399,8 +355,7 @@ def accuracy_bars(rows):
 
 def plot_accuracy(rows, path):
     """Grouped bars: each measure, one bar per stage."""
-    bars = accuracy_bars(rows)
-    labels = [r["label"] for r in rows if r["status"] == "ok"]
+    bars, labels = accuracy_bars(rows), [r["label"] for r in rows if r["status"] == "ok"]
     width = 0.8 / max(1, len(labels))
     with _figure(path, figsize=(8, 4)) as ax:
         for i, label in enumerate(labels):
@@ -413,9 +368,7 @@ def plot_accuracy(rows, path):
 
 
 def alignment_tax(rows):
-    """What each chat model (sft, ppo) paid for its chat: val bits per byte and cloze accuracy against its base
-    model, the pretrained checkpoint its parents lead to, when that was evaluated too. {label: tax}, tax =
-    {"base", "bpb_base", "bpb", "bpb_ratio", "cloze_base", "cloze", "cloze_change"} or {"reason"}."""
+    """What each chat model (sft, ppo) paid for chat: bits per byte and cloze accuracy against its pretrained base."""
     by_file = {os.path.abspath(r["file"]): r for r in rows if r["status"] == "ok"}
     sha256 = functools.lru_cache(maxsize=None)(prepare_data.sha256_file)  # a base shared by sft and ppo: read once
     taxes = {}
@@ -445,9 +398,8 @@ def plot_alignment_tax(taxes, path):
         for ax, key, title in zip(axes, ("bpb", "cloze"), ("val bits per byte (lower is better)", "cloze accuracy")):
             for i, (label, t) in enumerate(taxes.items()):
                 if t[key] is not None:
-                    for x, value, color, who in ((3 * i, t[key + "_base"], "tab:blue", "base model"),
-                                                 (3 * i + 1, t[key], "tab:orange", "chat model")):
-                        ax.bar(x, value, color=color, label=who if i == 0 else None)
+                    ax.bar(3 * i, t[key + "_base"], color="tab:blue", label="base model" if i == 0 else None)
+                    ax.bar(3 * i + 1, t[key], color="tab:orange", label="chat model" if i == 0 else None)
                     ratio = f"{t['bpb_ratio']:.2f}x" if key == "bpb" else f"{100 * t['cloze_change']:+.1f} pts"
                     ax.text(3 * i + 1, t[key], ratio, ha="center", va="bottom", fontsize=8)
             ax.set_xticks([3 * i + j for i in range(len(taxes)) for j in (0, 1)])
@@ -457,34 +409,27 @@ def plot_alignment_tax(taxes, path):
         axes[0].figure.suptitle("alignment tax: each chat model against its base model", fontsize=10)
 
 
-def _fmt(value, kind="f3"):
-    return "-" if value is None else {"pct": f"{100 * value:.1f}%", "signed": f"{value:+.3f}"}.get(kind, f"{value:.3f}")
-
-
-TABLE_COLUMNS = ["stage", "val loss", "val bits/byte", "mc acc (sum / per token)", "task acc", "gold",
-                 "end rate", "words", "RM score", "RM acc (gold / noisy)", "win vs SFT", "KL to SFT"]
-
-
 def markdown_report(report):
-    """report.md: the table (one row per stage), accuracy per task, PPO vs SFT,
-    what was skipped and why, the plots."""
+    """report.md: the table (one row per stage), accuracy per task, PPO vs SFT, what was skipped and why, the plots."""
+    def fmt(value, spec=".3f"):
+        return "-" if value is None else format(value, spec)
     rows, c = report["rows"], report["ppo_vs_sft"]
+    columns = ["stage", "val loss", "val bits/byte", "mc acc (sum / per token)", "task acc", "gold", "end rate",
+               "words", "RM score", "RM acc (gold / noisy)", "win vs SFT", "KL to SFT"]
     lines = [f"# Evaluation{' of ' + report['config']['config'] if report['config']['config'] else ''}", "",
-             "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         if row["status"] != "ok":
-            cells = [row["label"], row["status"] + ": " + row.get("reason", "")] + [""] * (len(TABLE_COLUMNS) - 2)
+            cells = [row["label"], row["status"] + ": " + row.get("reason", "")] + [""] * (len(columns) - 2)
         else:
             val, mc, chat, rm = (row["metrics"].get(m, {}) for m in ("val", "mc", "chat", "rm"))
             cmp = c if row["stage"] == "ppo" and c.get("status") == "ok" else {}
-            cells = [row["label"], _fmt(val.get("loss")), _fmt(val.get("bpb")),
-                     f"{_fmt(mc.get('accuracy'), 'pct')} / {_fmt(mc.get('accuracy_norm'), 'pct')}" if mc else "-",
-                     _fmt(chat.get("accuracy"), "pct"), _fmt(chat.get("gold"), "signed"),
-                     _fmt(chat.get("end_rate"), "pct"), f"{chat['words']:.1f}" if chat else "-",
-                     _fmt(row.get("rm_score"), "signed"),
-                     f"{_fmt(rm.get('accuracy_gold'), 'pct')} / {_fmt(rm.get('accuracy_noisy'), 'pct')}" if rm else "-",
-                     _fmt(cmp.get("win_rate", {}).get("win_rate"), "pct") if cmp else "-",
-                     _fmt(cmp.get("kl")) if cmp else "-"]
+            cells = [row["label"], fmt(val.get("loss")), fmt(val.get("bpb")),
+                     f"{fmt(mc.get('accuracy'), '.1%')} / {fmt(mc.get('accuracy_norm'), '.1%')}" if mc else "-",
+                     fmt(chat.get("accuracy"), ".1%"), fmt(chat.get("gold"), "+.3f"), fmt(chat.get("end_rate"), ".1%"),
+                     f"{chat['words']:.1f}" if chat else "-", fmt(row.get("rm_score"), "+.3f"),
+                     f"{fmt(rm.get('accuracy_gold'), '.1%')} / {fmt(rm.get('accuracy_noisy'), '.1%')}" if rm else "-",
+                     fmt(cmp.get("win_rate", {}).get("win_rate"), ".1%"), fmt(cmp.get("kl"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "mc: the embedded cloze set, each context after the document separator; task acc, gold, end rate "
               "and words: greedy answers to held-out prompts in the chat template, graded by the simulated labeler; "
@@ -495,34 +440,33 @@ def markdown_report(report):
     if tasks:
         lines += ["## Task accuracy per task type", "", "| stage | " + " | ".join(tasks) + " |",
                   "|---|" + "---|" * len(tasks)]
-        lines += [f"| {label} | " + " | ".join(_fmt(by[t]["accuracy"], "pct") if t in by else "-" for t in tasks)
+        lines += [f"| {label} | " + " | ".join(fmt(by[t]["accuracy"], ".1%") if t in by else "-" for t in tasks)
                   + " |" for label, by in chats] + [""]
     hs = [(r["label"], r["metrics"]["hellaswag"]) for r in rows if "hellaswag" in r.get("metrics", {})]
     if hs:
-        lines += ["## HellaSwag", ""] + [f"- {label}: {_fmt(h['accuracy'], 'pct')} (per token "
-                                         f"{_fmt(h['accuracy_norm'], 'pct')}) on {h['n']} items" for label, h in hs]
+        lines += ["## HellaSwag", ""] + [f"- {label}: {fmt(h['accuracy'], '.1%')} (per token "
+                                         f"{fmt(h['accuracy_norm'], '.1%')}) on {h['n']} items" for label, h in hs]
         lines.append("")
-    taxes = report.get("alignment_tax", {})
-    if taxes:
+    if report.get("alignment_tax"):
         lines += ["## Alignment tax", "", "What each chat model lost of its base model's language: val bits per byte "
                   "and cloze accuracy (sum), before -> after.", "", "| model | base | val bits/byte | ratio | cloze "
                   "| change |", "|---|---|---|---|---|---|"]
-        for label, t in taxes.items():
+        for label, t in report["alignment_tax"].items():
             if "reason" in t:
                 lines.append(f"| {label} | - | {t['reason']} | | | |")
                 continue
             change = "-" if t["cloze_change"] is None else f"{100 * t['cloze_change']:+.1f} pts"
-            lines.append(f"| {label} | {t['base']} | {_fmt(t['bpb_base'])} -> {_fmt(t['bpb'])} | {t['bpb_ratio']:.2f}x "
-                         f"| {_fmt(t['cloze_base'], 'pct')} -> {_fmt(t['cloze'], 'pct')} | {change} |")
+            lines.append(f"| {label} | {t['base']} | {fmt(t['bpb_base'])} -> {fmt(t['bpb'])} | {t['bpb_ratio']:.2f}x "
+                         f"| {fmt(t['cloze_base'], '.1%')} -> {fmt(t['cloze'], '.1%')} | {change} |")
         lines.append("")
     lines += ["## PPO against SFT", ""]
     if c.get("status") == "ok":
         w = c["win_rate"]
-        lines.append(f"- gold win rate of PPO over SFT: {_fmt(w['win_rate'], 'pct')} ({w['wins']} wins, "
+        lines.append(f"- gold win rate of PPO over SFT: {fmt(w['win_rate'], '.1%')} ({w['wins']} wins, "
                      f"{w['ties']} ties, {w['losses']} losses on {w['n']} prompts); mean gold "
-                     f"{_fmt(c['gold_ppo'], 'signed')} vs {_fmt(c['gold_sft'], 'signed')}")
+                     f"{fmt(c['gold_ppo'], '+.3f')} vs {fmt(c['gold_sft'], '+.3f')}")
         if c.get("rm_ppo") is not None:
-            lines.append(f"- reward-model score: PPO {_fmt(c['rm_ppo'], 'signed')}, SFT {_fmt(c['rm_sft'], 'signed')}")
+            lines.append(f"- reward-model score: PPO {fmt(c['rm_ppo'], '+.3f')}, SFT {fmt(c['rm_sft'], '+.3f')}")
         if c.get("kl") is not None:
             lines.append(f"- KL(PPO || SFT) on {c['kl_samples']} PPO samples (temperature {c['kl_temperature']}): "
                          f"{c['kl']:.3f} nats per response")
@@ -544,8 +488,7 @@ def markdown_report(report):
 # The run
 
 def stage_paths(config):
-    """[(label, path)]: the --ckpts checkpoints (label None: named later by their
-    stage), or the ckpt.pt of each of the four stage folders of the config."""
+    """[(label, path)]: the --ckpts checkpoints (label None: named later by their stage), or the config's 4 stages."""
     if config["ckpts"]:
         return [(None, p) for p in config["ckpts"].split(",") if p]
     return [(stage, os.path.join(config["out_root"], config["config"], stage, "ckpt.pt")) for stage in STAGES]
@@ -555,12 +498,9 @@ def run(config, log=None):
     """Evaluate every checkpoint, compare them, write report.json, report.md and the plots; return the report."""
     log = log or (lambda text: print(f"eval: {text}", flush=True))
     t_start, device = time.time(), pick_device(config["device"])
-    device_type = device.split(":")[0]
+    device_type, threads = device.split(":")[0], torch.get_num_threads()
     ctx = autocast_context(device_type, resolve_dtype(config["dtype"], device_type)[0])
-    threads = torch.get_num_threads()
-    if device_type == "cpu":
-        # small matrix products (answers are decoded a token at a time): one thread is faster than two
-        torch.set_num_threads(1)
+    torch.set_num_threads(1 if device_type == "cpu" else threads)  # token-by-token decoding: 1 CPU thread beats 2
     torch.manual_seed(config["seed"])
     notes, data_cache, rows, models = [], {}, [], {}
     hellaswag = os.path.join(config["data_dir"], "hellaswag", "mc.jsonl")
@@ -571,7 +511,7 @@ def run(config, log=None):
         # 1. every checkpoint, each metric of its kind
         for label, path in stage_paths(config):
             row, model, tokenizer = evaluate_checkpoint(path, label, config, device, ctx, data_cache, log)
-            if row["label"] in [r["label"] for r in rows]:  # two --ckpts of one stage
+            if row["label"] in models:  # two --ckpts of one stage
                 row["label"] = f"{row['label']} ({path})"
             rows.append(row)
             models[row["label"]] = (model, tokenizer)
@@ -602,21 +542,18 @@ def run(config, log=None):
             for r in rows if r["status"] == "ok"}
     ppo_records = next((logs[r["label"]] for r in rows if r["status"] == "ok" and r["stage"] == "ppo"), None)
     ppo_log = {"records": len(ppo_records), "keys": ppo_log_keys(ppo_records)} if ppo_records else None
-    if any(logs.values()):
-        plot_loss_curves(logs, os.path.join(out_dir, "loss_curves.png"))
-        plots.append("loss_curves.png")
-    if accuracy_bars(rows):
-        plot_accuracy(rows, os.path.join(out_dir, "accuracy.png"))
-        plots.append("accuracy.png")
-    if ppo_log and any(ppo_log["keys"].values()):
-        plot_ppo(ppo_records, ppo_log["keys"], os.path.join(out_dir, "ppo.png"))
-        plots.append("ppo.png")
-    elif ppo_log:
+    if ppo_log and not any(ppo_log["keys"].values()):
         notes.append(f"ppo/log.jsonl has none of the keys {tuple(PPO_LOG_KEYS.values())}: no PPO plot")
     taxes = alignment_tax(rows)
-    if any("reason" not in t for t in taxes.values()):
-        plot_alignment_tax(taxes, os.path.join(out_dir, "alignment_tax.png"))
-        plots.append("alignment_tax.png")
+    for name, wanted, plot in (  # each figure: is there anything to draw, and how
+            ("loss_curves.png", any(logs.values()), lambda p: plot_loss_curves(logs, p)),
+            ("accuracy.png", accuracy_bars(rows), lambda p: plot_accuracy(rows, p)),
+            ("ppo.png", ppo_log and any(ppo_log["keys"].values()), lambda p: plot_ppo(ppo_records, ppo_log["keys"], p)),
+            ("alignment_tax.png", any("reason" not in t for t in taxes.values()),
+             lambda p: plot_alignment_tax(taxes, p))):
+        if wanted:
+            plot(os.path.join(out_dir, name))
+            plots.append(name)
     # 5. report.json and report.md
     report = {"config": dict(config), "device": device, "rows": rows, "ppo_vs_sft": comparison, "ppo_log": ppo_log,
               "alignment_tax": taxes, "notes": notes, "plots": plots, "time_s": time.time() - t_start}
