@@ -138,9 +138,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope=None, cache=None, attn_mask=None):
         """attn_mask: (B, 1, T, T) boolean, True where a query may see a key, in
         place of the causal mask (several sequences packed in one row: reward.py)."""
-        B, T, C = x.size()
-        qkv = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_size).transpose(1, 2) for t in qkv)  # (B, H, T, D) each
+        B, T, _ = x.size()
+        # heads counted from the width (-1): under tensor parallelism (train.py) a rank holds only its heads
+        qkv = self.c_attn(x).chunk(3, dim=2)
+        q, k, v = (t.view(B, T, -1, self.head_size).transpose(1, 2) for t in qkv)  # (B, H, T, D) each
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -152,7 +153,7 @@ class CausalSelfAttention(nn.Module):
                 y = self.attend(q.float(), k.float(), v.float(), attn_mask).to(q.dtype)
         else:
             y = self.attend(q, k, v, attn_mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
     def attend(self, q, k, v, attn_mask=None):

@@ -23,6 +23,7 @@ import types
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import distribute_tensor, DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
@@ -47,6 +48,7 @@ DEFAULTS = dict(
     eval_interval=250, eval_iters=20, log_interval=10, sample_tokens=64, stop_at_iter=0,
     # system: device auto | cpu | cuda[:N] | mps; dtype auto | float32 | bfloat16 | float16; deterministic: repeatable
     device="auto", dtype="auto", compile=False, deterministic=True, seed=1337,
+    parallel="ddp",  # under torchrun: ddp | fsdp | tp (README, "Past one GPU's memory")
 )
 
 PRESETS = {
@@ -215,6 +217,8 @@ def configure_optimizer(model, learning_rate, weight_decay, betas=(0.9, 0.95), d
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if any(isinstance(p, DTensor) for p in params):  # sharded (fsdp, tp): the fused kernels take plain tensors only
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, foreach=False)
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
 
@@ -244,6 +248,18 @@ def forward_backward(model, micro_batches, ctx, scaler=None):
 
 def clip_gradients(model, max_norm):
     """Scale all gradients down together to global L2 norm <= max_norm (0: never); the norm before."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if any(isinstance(g, DTensor) for g in grads):  # fsdp, tp: each rank holds pieces of some gradients
+        pieces = [g.to_local() for g in grads if isinstance(g, DTensor) and g.placements[0].is_shard()]
+        whole = [g.to_local() if isinstance(g, DTensor) else g for g in grads
+                 if not (isinstance(g, DTensor) and g.placements[0].is_shard())]
+        squares = sum((g.float() ** 2).sum() for g in pieces) + torch.zeros((), device=grads[0].device)
+        dist.all_reduce(squares)  # the pieces' squares add up across ranks; a whole gradient counts once
+        norm = torch.sqrt(squares + sum((g.float() ** 2).sum() for g in whole))
+        if max_norm > 0:
+            for g in grads:
+                g.mul_(min(1.0, max_norm / (norm.item() + 1e-6)))  # clip_grad_norm_'s rule
+        return norm
     if max_norm <= 0:
         return torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
     return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -420,11 +436,103 @@ def training_precision(requested, device_type, model, step):
 
 
 # -----------------------------------------------------------------------------
+# Past one GPU's memory (under torchrun): sharded data parallel (fsdp) and tensor parallel (tp)
+
+PARALLEL = ("ddp", "fsdp", "tp")
+
+
+def qkv_rows(n_embd, world):
+    """The row order of c_attn's [q; k; v] that puts each rank's heads together, [q_0; k_0; v_0; q_1; ...], so that
+    splitting the rows into world equal blocks (column-wise parallel) gives rank r the q, k and v of its heads."""
+    return torch.arange(3 * n_embd).view(3, world, n_embd // world).transpose(0, 1).flatten()
+
+
+def shard_model(model, parallel, world, device_type, dtype="float32"):
+    """Split a GPT's weights across the world's ranks, in place; every rank must hold the same whole weights first.
+    fsdp (ZeRO-3): each block's parameters split in dim 0, gathered whole just before the block's forward (and again
+    for its backward), freed after; gradients reduce-scattered to the shards; the optimizer keeps only the shards.
+    tp (Megatron): in every block q/k/v and the MLP's input layers split by output features (a rank computes its
+    heads, its hidden units), the output projections by input features (partial sums, added across ranks);
+    embeddings, norms and the head stay whole on every rank, and every rank sees the same batch."""
+    config = model.config
+    if parallel == "tp" and (config.n_head % world or (4 * config.n_embd) % world):
+        raise ValueError(f"--parallel=tp splits the n_head={config.n_head} heads across {world} processes: "
+                         f"use a number of processes that divides n_head")
+    from torch.distributed.device_mesh import init_device_mesh  # loaded only where a model is sharded
+    mesh = init_device_mesh(device_type, (world,))
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+        # on a GPU the gathered weights are cast to bf16 for compute, the gradients reduced in float32
+        bf16 = device_type == "cuda" and dtype == "bfloat16"
+        policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        return fully_shard(model, mesh=mesh, mp_policy=policy)
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module, RowwiseParallel
+    rows = qkv_rows(config.n_embd, world)
+    inputs = ("c_fc", "c_gate") if config.mlp == "swiglu" else ("c_fc",)
+    plan = {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(), "mlp.c_proj": RowwiseParallel(),
+            **{f"mlp.{name}": ColwiseParallel() for name in inputs}}
+    for block in model.transformer.h:
+        with torch.no_grad():
+            for p in block.attn.c_attn.parameters():
+                p.copy_(p[rows])
+        parallelize_module(block, mesh, plan)
+    return model
+
+
+def whole_tensor(tensor, name, run):
+    """A tensor as one process holds it: a shard gathered (all ranks take part), c_attn's rows in their own order."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    whole = tensor.full_tensor()
+    return whole[torch.argsort(qkv_rows(whole.size(0) // 3, run.world))] if run.parallel == "tp" and \
+        "c_attn" in name and whole.dim() else whole
+
+
+def shard_like(whole, param, name, run):
+    """The inverse of whole_tensor: this rank's piece of a whole tensor, laid out like the parameter param."""
+    if not isinstance(param, DTensor) or whole.dim() == 0:
+        return whole
+    if run.parallel == "tp" and "c_attn" in name:
+        whole = whole[qkv_rows(whole.size(0) // 3, run.world)]
+    return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements)
+
+
+def whole_model_state(model, run):
+    """The checkpoint's weights: whole tensors under every mode (fsdp and tp gather: call it on all ranks)."""
+    return {name: whole_tensor(t, name, run).detach() for name, t in clean_state_dict(model).items()}
+
+
+def parameter_names(optimizer, model):
+    """[(parameter, name)] in the optimizer's order, the order its state_dict numbers them."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [(p, names[id(p)]) for group in optimizer.param_groups for p in group["params"]]
+
+
+def whole_optimizer_state(optimizer, model, run):
+    """optimizer.state_dict() with whole tensors, as one process would save it (fsdp and tp gather: all ranks)."""
+    state, params = optimizer.state_dict(), parameter_names(optimizer, model)
+    moments = {i: {key: whole_tensor(t, params[i][1], run) for key, t in kept.items()}
+               for i, kept in state["state"].items()}
+    return {"state": moments, "param_groups": state["param_groups"]}
+
+
+def load_optimizer_state(optimizer, model, state, run):
+    """optimizer.load_state_dict of a saved whole state, each tensor cut to this rank's piece of its parameter."""
+    params = parameter_names(optimizer, model)
+    moments = {i: {key: shard_like(t, *params[i], run) for key, t in kept.items()}
+               for i, kept in state["state"].items()}
+    optimizer.load_state_dict({"state": moments, "param_groups": state["param_groups"]})
+
+
+# -----------------------------------------------------------------------------
 # One training run's frame, the same in every training stage: start, log, step, save, end
 
 # what a resumed run may change (how long, how often, where, on what); the rest comes from its checkpoint
 RESUME_MAY_CHANGE = ("max_iters", "stop_at_iter", "eval_interval", "save_interval", "log_interval", "sample_tokens",
-                     "eval_batch_size", "device", "dtype", "compile", "out_dir", "data_dir", "init_dir", "reward_dir")
+                     "eval_batch_size", "device", "dtype", "compile", "out_dir", "data_dir", "init_dir", "reward_dir",
+                     "parallel")
 # the least value of each count a training stage may have (a key its config lacks is not checked)
 AT_LEAST = dict(max_iters=1, stop_at_iter=0, batch_size=1, grad_accum=1, eval_interval=1, eval_iters=1,
                 log_interval=1, save_interval=1, eval_batch_size=1, warmup_iters=0, pretrain_rows=0)
@@ -442,7 +550,14 @@ def start_run(config, flags, stage, out_dir, least=AT_LEAST):
     rank, world, device = setup_distributed(config)
     device_type = device.split(":")[0]
     resolve_dtype(config["dtype"], device_type)  # a bad name fails before any work
-    if config.get("grad_accum", 1) % world:
+    parallel = config.get("parallel", "ddp")
+    if parallel not in PARALLEL:
+        raise ValueError(f"--parallel={parallel!r} is not one of {', '.join(PARALLEL)}")
+    if parallel != "ddp" and "RANK" not in os.environ:
+        raise ValueError(f"--parallel={parallel} splits the model across processes: start it with torchrun, e.g. "
+                         f"torchrun --standalone --nproc_per_node=2 train.py --parallel={parallel} ...")
+    data_ranks = 1 if parallel == "tp" else world  # tp: every rank sees the same batch
+    if config.get("grad_accum", 1) % data_ranks:
         raise ValueError(f"grad_accum={config['grad_accum']} must be divisible by the number of processes ({world})")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     resume = load_checkpoint(ckpt_path, stages={stage}) if "resume" in flags else None
@@ -463,7 +578,8 @@ def start_run(config, flags, stage, out_dir, least=AT_LEAST):
     end_iter = min(config["stop_at_iter"] or config["max_iters"], config["max_iters"])
     return types.SimpleNamespace(stage=stage, rank=rank, world=world, master=rank == 0, device=device,
                                  device_type=device_type, out_dir=out_dir, ckpt_path=ckpt_path, lock=None,
-                                 log_path=os.path.join(out_dir, "log.jsonl"), end_iter=end_iter, resume=resume)
+                                 log_path=os.path.join(out_dir, "log.jsonl"), end_iter=end_iter, resume=resume,
+                                 parallel=parallel, data_ranks=data_ranks)
 
 
 def claim_folder(out_dir):
@@ -508,11 +624,14 @@ def save_run(run, checkpoint):
         run.log_path = log
 
 
-def wrap_model(model, run, compile_batch=None, ctx=None):
-    """The model the loop calls: compiled on compile_batch if given, in DDP under torchrun (even one process)."""
+def wrap_model(model, run, compile_batch=None, ctx=None, parallel="ddp", dtype="float32"):
+    """The model the loop calls: sharded in place (fsdp, tp: before the optimizer sees its parameters), compiled on
+    compile_batch if given, in DDP under torchrun with ddp (even one process)."""
+    if parallel != "ddp":
+        shard_model(model, parallel, run.world, run.device_type, dtype)
     if compile_batch is not None:
         model = compile_or_fall_back(model, compile_batch, ctx, run.master)
-    if dist.is_initialized():
+    if dist.is_initialized() and parallel == "ddp":
         model = DDP(model, device_ids=[int(run.device.split(":")[1])] if run.device_type == "cuda" else None)
     return model
 
@@ -608,27 +727,30 @@ def run(config, flags=()):
     def batch(rows, generator):  # (x, y) on the device: `rows` windows of the train split
         return tuple(t.to(run.device) for t in get_batch(data["train"], config["block_size"], rows, generator))
 
-    # 2. the model, its precision (measured on a few windows of the run's own shape) and the optimizer
-    torch.manual_seed(config["seed"] + run.rank)
+    # 2. the model (whole on every rank: fsdp and tp shard the same weights), its precision (measured on a few
+    # windows of the run's own shape), the model the loop calls, and the optimizer over its (sharded) parameters
+    torch.manual_seed(config["seed"] + (run.rank if run.parallel == "ddp" else 0))
     model_config = GPTConfig(vocab_size=tokenizer.vocab_size, **{k: config[k] for k in MODEL_KEYS})
     raw_model = GPT(model_config).to(run.device)
+    if run.resume is not None:
+        load_weights(raw_model, run.resume["model"], run.ckpt_path)
     timing_batch = batch(min(4, config["batch_size"]), torch.Generator().manual_seed(0))
     dtype, dtype_why, ctx, scaler = training_precision(config["dtype"], run.device_type, raw_model,
                                                        lambda c: forward_backward(raw_model, [timing_batch], c))
+    # compiled on a batch laid out like the loop's (x, y: views of one window array): another layout recompiles
+    model = wrap_model(raw_model, run, batch(config["batch_size"], torch.Generator().manual_seed(0))
+                       if config["compile"] else None, ctx, run.parallel, dtype)
     optimizer = configure_optimizer(raw_model, config["learning_rate"], config["weight_decay"],
                                     (config["beta1"], config["beta2"]), run.device_type)
-    data_gen = torch.Generator().manual_seed(config["seed"] * 1000 + run.rank)  # per process: ranks see other windows
+    # per process, so that ranks see other windows; tp's ranks share one batch
+    data_gen = torch.Generator().manual_seed(config["seed"] * 1000 + (run.rank if run.parallel != "tp" else 0))
     it = 0
     if run.resume is not None:
         state = run.resume["resume"]
-        load_weights(raw_model, run.resume["model"], run.ckpt_path)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, raw_model, state["optimizer"], run)
         data_gen.set_state(state["data_rng"][run.rank])
         set_rng_state(state["rng"])
         it = state["iter"]
-    # compiled on a batch laid out like the loop's (x, y: views of one window array): another layout recompiles
-    model = wrap_model(raw_model, run, batch(config["batch_size"], torch.Generator().manual_seed(0))
-                       if config["compile"] else None, ctx)
 
     n_params = raw_model.num_params()
     tokens_per_iter = config["grad_accum"] * config["batch_size"] * config["block_size"]
@@ -642,7 +764,7 @@ def run(config, flags=()):
         while it < run.end_iter:
             # 3. one optimizer step: grad_accum windows in all, each process its share, summed gradients
             lr = scheduled_lr(optimizer, it, config)
-            micro_batches = [batch(config["batch_size"], data_gen) for _ in range(config["grad_accum"] // run.world)]
+            micro_batches = [batch(config["batch_size"], data_gen) for _ in range(config["grad_accum"] // run.data_ranks)]
             loss = forward_backward(model, micro_batches, ctx, scaler)
             loss, grad_norm = optimizer_step(raw_model, optimizer, loss, scaler, config["grad_clip"], run, it)
             it += 1
@@ -655,8 +777,12 @@ def run(config, flags=()):
                 data_states = [data_gen.get_state()] * run.world
                 if run.world > 1:  # every rank takes part; the master saves them all
                     dist.all_gather_object(data_states, data_gen.get_state())
-                if run.master:
+                sharded = run.parallel != "ddp"  # a sharded model's forward and gathers need every rank
+                if run.master or sharded:
                     metrics = dict(evaluate(raw_model, data, config, byte_lengths, ctx, run.device), iter=it)
+                weights = whole_model_state(raw_model, run)
+                optimizer_whole = whole_optimizer_state(optimizer, raw_model, run)
+                if run.master:
                     print(f"eval {it}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
                           f"val {metrics['val_bpb']:.3f} bits/byte")
                     append_jsonl(run.log_path, metrics)
@@ -664,12 +790,12 @@ def run(config, flags=()):
                                                               ("val", "val_loss")],
                                 os.path.join(run.out_dir, "loss.png"), f"pretraining loss ({config['config']})")
                     save_run(run, {"stage": STAGE, "model_args": vars(model_config).copy(),
-                                   "model": clean_state_dict(raw_model), "tokenizer": tokenizer.to_dict(),
+                                   "model": weights, "tokenizer": tokenizer.to_dict(),
                                    "config": dict(config, dtype=dtype), "parent": None, "metrics": metrics,
                                    "data": {"dataset": config["dataset"], "meta": meta},
-                                   "resume": {"optimizer": optimizer.state_dict(), "iter": it, "rng": rng_state(),
+                                   "resume": {"optimizer": optimizer_whole, "iter": it, "rng": rng_state(),
                                               "data_rng": data_states, "world": run.world}})
-                    if at_eval and config["sample_tokens"] > 0:  # what the model writes now
+                    if at_eval and config["sample_tokens"] > 0 and not sharded:  # what the model writes now
                         start = torch.tensor([[tokenizer.special_ids[bpe.DOC_SEP]]], device=run.device)
                         with ctx:
                             out = raw_model.generate(start, min(config["sample_tokens"], config["block_size"] - 1),
