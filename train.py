@@ -755,8 +755,9 @@ def run(config, flags=()):
     n_params = raw_model.num_params()
     tokens_per_iter = config["grad_accum"] * config["batch_size"] * config["block_size"]
     open_log(run, it, f"{n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, dataset {config['dataset']} "
-             f"({len(data['train']):,} train tokens), {tokens_per_iter:,} tokens/iter, device {run.device} "
-             f"x{run.world}{', compiled' if config['compile'] else ''}", dtype, dtype_why)
+             f"({len(data['train']):,} train tokens), {tokens_per_iter:,} tokens/iter, device {run.device} x{run.world}"
+             f"{'' if run.parallel == 'ddp' else ' ' + run.parallel}{', compiled' if config['compile'] else ''}",
+             dtype, dtype_why)
     progress = Progress(run, it, run.end_iter, config["log_interval"], "tok", flops_per_token(model_config, n_params),
                         torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device_type)
     byte_lengths, metrics, stopper = token_byte_lengths(tokenizer), {}, StopRequested()
@@ -764,7 +765,8 @@ def run(config, flags=()):
         while it < run.end_iter:
             # 3. one optimizer step: grad_accum windows in all, each process its share, summed gradients
             lr = scheduled_lr(optimizer, it, config)
-            micro_batches = [batch(config["batch_size"], data_gen) for _ in range(config["grad_accum"] // run.data_ranks)]
+            micro_batches = [batch(config["batch_size"], data_gen)
+                             for _ in range(config["grad_accum"] // run.data_ranks)]
             loss = forward_backward(model, micro_batches, ctx, scaler)
             loss, grad_norm = optimizer_step(raw_model, optimizer, loss, scaler, config["grad_clip"], run, it)
             it += 1

@@ -840,7 +840,8 @@ def _sharded_steps(model, batches, parallel, world, rank):
     losses = []
     for x, y in batches:
         if parallel == "fsdp":
-            x, y = x[rank * len(x) // world:(rank + 1) * len(x) // world], y[rank * len(y) // world:(rank + 1) * len(y) // world]
+            share = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+            x, y = x[share], y[share]
         loss = train.forward_backward(model, [(x, y)], contextlib.nullcontext())
         train.clip_gradients(model, 0.5)  # the norm of sharded gradients must be the whole model's
         optimizer.step()
