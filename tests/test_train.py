@@ -864,7 +864,8 @@ def _sharded_worker(rank, world, port, path, parallel):
     weights = train.whole_model_state(gpt, run)
     if rank == 0:
         torch.save({"losses": losses, "weights": weights}, path)
-    torch.distributed.barrier()
+    del gpt  # the sharded parameters (and their device mesh) go before the process group, as in train.end_run
+    torch.distributed.barrier()  # neither process leaves while the other still talks to it (a gloo abort otherwise)
     torch.distributed.destroy_process_group()
 
 
