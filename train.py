@@ -257,8 +257,9 @@ def clip_gradients(model, max_norm):
         dist.all_reduce(squares)  # the pieces' squares add up across ranks; a whole gradient counts once
         norm = torch.sqrt(squares + sum((g.float() ** 2).sum() for g in whole))
         if max_norm > 0:
+            scale = min(1.0, max_norm / (norm.item() + 1e-6))  # clip_grad_norm_'s rule, one sync a step
             for g in grads:
-                g.mul_(min(1.0, max_norm / (norm.item() + 1e-6)))  # clip_grad_norm_'s rule
+                g.mul_(scale)
         return norm
     if max_norm <= 0:
         return torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
@@ -486,8 +487,9 @@ def whole_tensor(tensor, name, run):
     if not isinstance(tensor, DTensor):
         return tensor
     whole = tensor.full_tensor()
-    return whole[torch.argsort(qkv_rows(whole.size(0) // 3, run.world))] if run.parallel == "tp" and \
-        "c_attn" in name and whole.dim() else whole
+    if run.parallel == "tp" and "c_attn" in name:  # back to [q; k; v]
+        whole = whole[torch.argsort(qkv_rows(whole.size(0) // 3, run.world))]
+    return whole
 
 
 def shard_like(whole, param, name, run):
@@ -782,8 +784,8 @@ def run(config, flags=()):
                 sharded = run.parallel != "ddp"  # a sharded model's forward and gathers need every rank
                 if run.master or sharded:
                     metrics = dict(evaluate(raw_model, data, config, byte_lengths, ctx, run.device), iter=it)
-                weights = whole_model_state(raw_model, run)
-                optimizer_whole = whole_optimizer_state(optimizer, raw_model, run)
+                    weights = whole_model_state(raw_model, run)
+                    optimizer_whole = whole_optimizer_state(optimizer, raw_model, run)
                 if run.master:
                     print(f"eval {it}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
                           f"val {metrics['val_bpb']:.3f} bits/byte")

@@ -58,6 +58,12 @@ def data_dir(tmp_path_factory):
     return str(root)
 
 
+def free_port():
+    with socket.socket() as probe:  # a port that is free right now, not a guessed one
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def tiny_config(data_dir, out_dir, **overrides):
     config = dict(train.DEFAULTS)
     config.update(train.PRESETS["tiny"])
@@ -241,9 +247,7 @@ def _dtype_worker(rank, world, port, path):
 
 
 def test_auto_dtype_under_torchrun_is_rank_zeros_choice(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     path = str(tmp_path / "choice")
     torch.multiprocessing.spawn(_dtype_worker, args=(2, port, path), nprocs=2, join=True)
     rank0, rank1 = torch.load(f"{path}.0"), torch.load(f"{path}.1")
@@ -363,9 +367,7 @@ def _ddp_worker(rank, world, port, path):
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
-    with socket.socket() as probe:  # a port that is free right now, not a guessed one
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     path = str(tmp_path / "grads.pt")
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=True)
     ddp_grads = torch.load(path)
@@ -798,12 +800,6 @@ def test_progress_prints_every_interval_with_rate_and_eta(tmp_path, capsys):
 
 
 # --- past one GPU's memory: fsdp and tp (2 gloo processes) ------------------------------
-
-def free_port():
-    with socket.socket() as probe:  # a port that is free right now, not a guessed one
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def test_qkv_rows_put_each_ranks_heads_together():
     # n_embd 4, 2 ranks: q rows 0-3, k 4-7, v 8-11; rank 0 takes q0 q1 k0 k1 v0 v1, rank 1 the rest
