@@ -22,7 +22,7 @@ import bpe
 import tinyworld
 import prepare_data
 from model import (answer_prompts, checkpoint_file, CheckpointError, generate_responses, load_checkpoint,
-                   model_from_checkpoint, tokenizer_from_checkpoint)
+                   model_from_checkpoint, quantize_model, QUANTIZE, tokenizer_from_checkpoint, weight_bytes)
 from train import (autocast_context, bits_per_byte, check_least, parse_config, pick_device, read_jsonl_log,
                    resolve_dtype, token_byte_lengths)
 from reward import pad_right, pair_accuracy, reward_input, scalar_model_from_checkpoint, score_sequences
@@ -38,6 +38,7 @@ DEFAULTS = dict(
     max_pairs=0,               # held-out preference pairs for the reward model; 0 = all, the set reward.py reports on
     kl_prompts=100, max_new_tokens=64, batch_size=32, seed=1337,  # kl_prompts: PPO samples for KL(PPO || SFT), 0 skips
     device="auto", dtype="auto",   # auto | cpu | cuda | mps; auto | float32 | bfloat16 | float16
+    quantize="none",           # e.g. int8,int4: every text model again with its weights in those bits, beside float
 )
 
 PRESETS = {
@@ -139,6 +140,20 @@ def evaluate_chat(model, tokenizer, records, max_new_tokens, batch_size=32):
     return tinyworld.grade_answers(records, texts), answers
 
 
+def generation_speed(model, tokenizer, device, new_tokens=64, repeats=3):
+    """Tokens/s of a greedy continuation of the document separator (batch 1, KV cache): the fastest of `repeats`
+    after a short warm-up (a busy machine only ever slows a run down)."""
+    start = torch.tensor([[tokenizer.special_ids[bpe.DOC_SEP]]], device=device)
+    new_tokens = min(new_tokens, model.config.block_size - 1)
+    model.generate(start, 4, temperature=0)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.generate(start, new_tokens, temperature=0)
+        times.append(time.perf_counter() - t0)
+    return new_tokens / min(times)
+
+
 def reward_accuracy(rm, tokenizer, records, normalizer=None, batch_size=32):
     """A reward model's pairwise accuracy on held-out preference records, by noisy labels and by gold, ties half."""
     if not records:
@@ -218,8 +233,9 @@ def load_eval_data(dataset, data_dir):
     return data
 
 
-def evaluate_checkpoint(path, label, config, device, ctx, data_cache, log=print):
-    """Every metric that applies to one checkpoint (label None: named by its stage) -> (row, model, tokenizer)."""
+def evaluate_checkpoint(path, label, config, device, ctx, data_cache, log=print, quantize="none"):
+    """Every metric that applies to one checkpoint (label None: named by its stage), its text model's weights
+    quantized if asked (model.quantize_model) -> (row, model, tokenizer)."""
     file = checkpoint_file(path)
     named, label = label is not None, label or os.path.basename(os.path.normpath(path))
     row = {"label": label, "path": path, "stage": label, "status": "ok", "metrics": {}, "skipped": {}}
@@ -241,6 +257,11 @@ def evaluate_checkpoint(path, label, config, device, ctx, data_cache, log=print)
     label, dataset = (label if named else stage), (ckpt["config"].get("dataset") or "tinyworld")
     row.update(label=label, stage=stage, file=file, parent=ckpt.get("parent"), dataset=dataset,
                params=sum(p.numel() for p in model.parameters()), reward_norm=ckpt.get("reward_norm"))
+    if stage != "rm" and config["quantize"] != "none":  # the figures --quantize compares: size and speed
+        model = quantize_model(model, quantize)
+        row.update(label=label + ("" if quantize == "none" else f" {quantize}"), quantize=quantize,
+                   weight_bytes=weight_bytes(model), tokens_per_s=generation_speed(model, tokenizer, device))
+        label = row["label"]
     if dataset not in data_cache:
         data_cache[dataset] = load_eval_data(dataset, config["data_dir"])
     data, metrics = data_cache[dataset], row["metrics"]
@@ -459,6 +480,23 @@ def markdown_report(report):
             lines.append(f"| {label} | {t['base']} | {fmt(t['bpb_base'])} -> {fmt(t['bpb'])} | {t['bpb_ratio']:.2f}x "
                          f"| {fmt(t['cloze_base'], '.1%')} -> {fmt(t['cloze'], '.1%')} | {change} |")
         lines.append("")
+    if report.get("quantized"):
+        lines += ["## Quantized weights", "", "Each text model again with its weights stored in 8 or 4 bits and "
+                  "dequantized on the fly (model.quantize_model: int8 one absmax scale per output row, int4 one per "
+                  "32 inputs, two values a byte), against its float row; tokens/s: a greedy continuation, batch 1, "
+                  "the fastest of 3.",
+                  "", "| model | weights | MB | vs float32 | val bits/byte | change | cloze | task acc | tokens/s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for base in [r for r in rows if r.get("quantize") == "none"]:
+            for row in [base] + [q for q in report["quantized"] if q.get("path") == base["path"] and "quantize" in q]:
+                bpb, base_bpb = (r["metrics"].get("val", {}).get("bpb") for r in (row, base))
+                change = "-" if bpb is None or base_bpb is None else f"{100 * (bpb / base_bpb - 1):+.1f}%"
+                lines.append(f"| {base['label']} | {row['quantize'].replace('none', 'float32')} | "
+                             f"{row['weight_bytes'] / 1e6:.2f} | {base['weight_bytes'] / row['weight_bytes']:.2f}x | "
+                             f"{fmt(bpb)} | {change} | {fmt(row['metrics'].get('mc', {}).get('accuracy'), '.1%')} | "
+                             f"{fmt(row['metrics'].get('chat', {}).get('accuracy'), '.1%')} | "
+                             f"{row['tokens_per_s']:.0f} |")
+        lines.append("")
     lines += ["## PPO against SFT", ""]
     if c.get("status") == "ok":
         w = c["win_rate"]
@@ -498,6 +536,9 @@ def run(config, log=None):
     """Evaluate every checkpoint, compare them, write report.json, report.md and the plots; return the report."""
     log = log or (lambda text: print(f"eval: {text}", flush=True))
     t_start, device = time.time(), pick_device(config["device"])
+    settings = [q for q in config["quantize"].split(",") if q != "none"]
+    for setting in [q for q in settings if q not in QUANTIZE]:
+        raise ValueError(f"--quantize={setting!r} is not one of {', '.join(QUANTIZE)} (comma-separated)")
     device_type, threads = device.split(":")[0], torch.get_num_threads()
     ctx = autocast_context(device_type, resolve_dtype(config["dtype"], device_type)[0])
     torch.set_num_threads(1 if device_type == "cpu" else threads)  # token-by-token decoding: 1 CPU thread beats 2
@@ -515,7 +556,10 @@ def run(config, log=None):
                 row["label"] = f"{row['label']} ({path})"
             rows.append(row)
             models[row["label"]] = (model, tokenizer)
-        # 2. the reward model scores every model's answers
+        # 2. with --quantize: each text model again, its weights in 8 or 4 bits, for the table beside its float row
+        quantized = [evaluate_checkpoint(r["path"], r["label"], config, device, ctx, data_cache, log, setting)[0]
+                     for r in rows if r["status"] == "ok" and r["stage"] != "rm" for setting in settings]
+        # 3. the reward model scores every model's answers
         rm_row = next((r for r in rows if r["status"] == "ok" and r["stage"] == "rm"), None)
         for row in [r for r in rows if "answers" in r]:
             if rm_row is None:
@@ -529,13 +573,13 @@ def run(config, log=None):
             for a, score in zip(answers, scores.tolist()):
                 a["rm_score"] = score
             log(f"{row['label']}: reward-model score of its answers {row['rm_score']:+.3f}")
-        # 3. PPO against SFT
+        # 4. PPO against SFT
         comparison = compare_ppo_sft(rows, models, config, ctx, log)
         if comparison["status"] != "ok":
             log(f"ppo vs sft skipped ({comparison['reason']})")
     finally:
         torch.set_num_threads(threads)  # leave the process as it was (a test, a notebook)
-    # 4. the plots: every stage's log, the accuracies, PPO's log, the alignment tax
+    # 5. the plots: every stage's log, the accuracies, PPO's log, the alignment tax
     out_dir, plots = config["out"] or os.path.join(config["out_root"], config["config"], "eval"), []
     os.makedirs(out_dir, exist_ok=True)
     logs = {r["label"]: read_jsonl_log(os.path.join(os.path.dirname(r["file"]), "log.jsonl"))
@@ -554,9 +598,10 @@ def run(config, log=None):
         if wanted:
             plot(os.path.join(out_dir, name))
             plots.append(name)
-    # 5. report.json and report.md
+    # 6. report.json and report.md
     report = {"config": dict(config), "device": device, "rows": rows, "ppo_vs_sft": comparison, "ppo_log": ppo_log,
-              "alignment_tax": taxes, "notes": notes, "plots": plots, "time_s": time.time() - t_start}
+              "alignment_tax": taxes, "quantized": quantized, "notes": notes, "plots": plots,
+              "time_s": time.time() - t_start}
     prepare_data.atomic_write(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1))
     prepare_data.atomic_write(os.path.join(out_dir, "report.md"), markdown_report(report))
     log(f"done in {report['time_s']:.1f}s: {out_dir}/report.md, report.json, {', '.join(plots) or 'no plots'}")

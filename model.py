@@ -373,6 +373,108 @@ def answer_prompts(model, tokenizer, prompts, max_new_tokens, temperature=0.0, s
 
 
 # -----------------------------------------------------------------------------
+# Weight-only quantization: the weights stored in 8 or 4 bits, dequantized on the fly, the arithmetic in float
+
+QUANTIZE = ("none", "int8", "int4")
+
+
+def quantize_absmax(weight, bits, group_size):
+    """weight (out, in) -> (q int8 (out, in), scale (out, in // group_size)): each group of group_size inputs of a
+    row scaled so that its largest |w| maps to 2^(bits-1) - 1 (127, or 7), rounded. Absmax keeps w = 0 exact."""
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"{in_features} input features are not a whole number of groups of {group_size}")
+    qmax = 2 ** (bits - 1) - 1
+    groups = weight.float().view(out_features, in_features // group_size, group_size)
+    scale = groups.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / qmax  # a zero group: any scale will do
+    q = (groups / scale).round().clamp(-qmax, qmax).to(torch.int8)
+    return q.view(out_features, in_features), scale.squeeze(-1)
+
+
+def dequantize(q, scale):
+    """q (..., in) integers, scale (..., groups) -> float (..., in): each group's integers times its scale."""
+    groups = q.view(*q.shape[:-1], scale.size(-1), -1).float()
+    return (groups * scale.unsqueeze(-1)).flatten(-2)
+
+
+def pack_int4(q):
+    """int8 values in [-8, 7], (..., in) with in even -> uint8 (..., in // 2): two's-complement nibbles, the
+    even column in the low 4 bits, the odd one in the high 4."""
+    nibbles = (q & 0xF).to(torch.uint8)
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack_int4(packed):
+    """The inverse of pack_int4: uint8 (..., in // 2) -> int8 (..., in)."""
+    signed = packed.view(torch.int8)  # the same bits; a right shift of a signed byte copies its sign bit down
+    return torch.stack(((signed << 4) >> 4, signed >> 4), dim=-1).flatten(-2)  # low nibble, then high
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen nn.Linear whose weight is kept as integers and scales: int8 with one absmax scale per output row
+    (LLM.int8's vector-wise scaling), or int4 with a scale per group of group_size inputs, two values a byte
+    (llama.cpp's Q4 blocks). Each forward dequantizes the weight; the bias stays float."""
+
+    def __init__(self, weight, bias, bits, group_size=32):
+        super().__init__()
+        self.bits = bits
+        q, scale = quantize_absmax(weight.detach(), bits, group_size if bits == 4 else weight.size(1))
+        self.register_buffer("qweight", pack_int4(q) if bits == 4 else q)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def rows(self, idx):
+        """Rows idx (any shape of ids) of the float weight, only those dequantized -> idx.shape + (in,)."""
+        q = self.qweight[idx]
+        return dequantize(unpack_int4(q) if self.bits == 4 else q, self.scale[idx])
+
+    @property
+    def weight(self):
+        return dequantize(unpack_int4(self.qweight) if self.bits == 4 else self.qweight, self.scale)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class QuantizedEmbedding(nn.Module):
+    """The token embedding read from the tied head's QuantizedLinear (one copy of the table, as in float)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    @property
+    def weight(self):
+        return self.table.weight
+
+    def forward(self, idx):
+        return self.table.rows(idx)
+
+
+def quantize_model(model, mode, group_size=32):
+    """A GPT quantized in place (mode int8 or int4; none: unchanged): every linear layer, and the embedding tied
+    to the head, become QuantizedLinear; norms, biases and learned positions stay float. Returns the model."""
+    if mode not in QUANTIZE:
+        raise ValueError(f"--quantize={mode!r} is not one of {', '.join(QUANTIZE)}")
+    if mode == "none":
+        return model
+    bits = 8 if mode == "int8" else 4
+    for module in list(model.transformer.h.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, QuantizedLinear(child.weight, child.bias, bits, group_size))
+    model.lm_head = QuantizedLinear(model.lm_head.weight, None, bits, group_size)
+    model.transformer.wte = QuantizedEmbedding(model.lm_head)
+    return model.requires_grad_(False)
+
+
+def weight_bytes(model):
+    """Bytes of what a checkpoint of model would hold: parameters and saved buffers, a shared tensor once."""
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints: a dict of plain values and tensors
 #   format, version     "stagegpt-ckpt", CHECKPOINT_VERSION
 #   stage               "pretrain" | "sft" | "rm" | "ppo" | ...

@@ -23,22 +23,23 @@ import torch
 
 import bpe
 import prepare_data
-from model import CheckpointError, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+from model import (CheckpointError, load_checkpoint, model_from_checkpoint, quantize_model, QUANTIZE,
+                   tokenizer_from_checkpoint)
 from train import pick_device
 
 CHAT_STAGES = ("sft", "ppo")
 GENERATIVE_STAGES = ("pretrain", "sft", "ppo")
 
 
-def load_for_sampling(path, device="cpu"):
-    """(model, tokenizer, stage) from a checkpoint file or its folder."""
+def load_for_sampling(path, device="cpu", quantize="none"):
+    """(model, tokenizer, stage) from a checkpoint file or its folder; its weights in 8 or 4 bits if asked."""
     ckpt = load_checkpoint(path)
     if ckpt["stage"] not in GENERATIVE_STAGES:
         raise CheckpointError(f"checkpoint {path} is a '{ckpt['stage']}' checkpoint, which does not generate text; "
                               f"give a {'/'.join(GENERATIVE_STAGES)} checkpoint"
                               + (" (a reward model scores text: reward.score_responses)"
                                  if ckpt["stage"] == "rm" else ""))
-    model = model_from_checkpoint(ckpt, device).eval()
+    model = quantize_model(model_from_checkpoint(ckpt, device).eval(), quantize)
     return model, tokenizer_from_checkpoint(ckpt), ckpt["stage"]
 
 
@@ -112,6 +113,7 @@ def main(argv=None):
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE, help="weights in 8 or 4 bits (model.py)")
     parser.add_argument("--interactive", action="store_true", help="chat in the terminal (sft/ppo checkpoints)")
     args = parser.parse_args(argv)
     try:
@@ -122,7 +124,7 @@ def main(argv=None):
         prompt = args.prompt
         if args.prompt_file:
             prompt = bpe.read_text_file(args.prompt_file)
-        model, tokenizer, stage = load_for_sampling(args.ckpt, pick_device(args.device))
+        model, tokenizer, stage = load_for_sampling(args.ckpt, pick_device(args.device), args.quantize)
         chat = stage in CHAT_STAGES
         if args.interactive:
             if not chat:

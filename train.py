@@ -11,6 +11,7 @@ warmup + cosine decay, gradient accumulation and clipping; evaluate now and then
 """
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -809,7 +810,8 @@ def run(config, flags=()):
                 if stopper.requested:
                     break
     finally:
-        model = None  # the DDP wrapper goes before its process group
+        model = raw_model = optimizer = None  # the DDP wrapper and fsdp/tp's shards go before their process group:
+        gc.collect()  # the sharded modules' hooks hold them in cycles; freed after it, a gloo process can abort
         end_run(run, stopper)
     progress.done(it, stopper.requested)
     return metrics

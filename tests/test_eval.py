@@ -573,3 +573,30 @@ def test_command_line_runs_in_a_subprocess(world, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "eval: pretrain: val loss" in proc.stdout and "eval: done in" in proc.stdout
     assert os.path.exists(os.path.join(out, "report.json"))
+
+
+def test_generation_speed_times_one_greedy_continuation(world, monkeypatch):
+    ticks = iter([10.0, 13.0, 20.0, 22.0, 30.0, 34.0])  # three timed continuations: 3 s, 2 s, 4 s
+    monkeypatch.setattr(E.time, "perf_counter", lambda: next(ticks))
+    assert E.generation_speed(world["models"]["pretrain"], world["tok"], "cpu", new_tokens=16) == 8.0, "the fastest"
+    ticks = iter([0.0, 1.0])
+    speed = E.generation_speed(world["models"]["pretrain"], world["tok"], "cpu", new_tokens=10_000, repeats=1)
+    assert speed == 127.0, "at most block_size - 1 new tokens"
+
+
+def test_run_with_quantize_adds_each_text_model_in_8_and_4_bits(world, tmp_path):
+    report = E.run(tiny_config(world, out=str(tmp_path / "q"), quantize="int8,int4", max_prompts=4, max_mc=4,
+                               val_tokens=256, kl_prompts=2), log=lambda s: None)
+    assert [r["label"] for r in report["rows"]] == ["pretrain", "sft", "rm", "ppo"], "the float rows as before"
+    assert [r["label"] for r in report["quantized"]] == [f"{s} {q}" for s in ("pretrain", "sft", "ppo")
+                                                         for q in ("int8", "int4")]
+    rows = {r["label"]: r for r in report["rows"]}
+    for q in report["quantized"]:
+        base = rows[q["label"].split()[0]]
+        assert base["quantize"] == "none" and q["tokens_per_s"] > 0 and {"val", "mc", "chat"} <= set(q["metrics"])
+        assert base["weight_bytes"] / q["weight_bytes"] > (2.0 if q["quantize"] == "int8" else 2.5)
+        assert q["metrics"]["val"]["bpb"] == pytest.approx(base["metrics"]["val"]["bpb"], rel=0.05)
+    md = (tmp_path / "q" / "report.md").read_text()
+    assert "## Quantized weights" in md and "| sft | int4 |" in md and "| sft | float32 |" in md
+    with pytest.raises(ValueError, match="--quantize='int3' is not one of none, int8, int4"):
+        E.run(tiny_config(world, out=str(tmp_path / "bad"), quantize="int8,int3"), log=lambda s: None)

@@ -548,3 +548,79 @@ def test_model_flops_utilization_reads_the_peak_by_device_name():
     assert model_flops_utilization(1e9, 494.5e3, "NVIDIA H100 PCIe") == pytest.approx(0.5), "989 TFLOP/s peak"
     assert model_flops_utilization(1e9, 312e3, "NVIDIA A100-SXM4-40GB") == pytest.approx(1.0), "312 TFLOP/s peak"
     assert model_flops_utilization(1e9, 1.0, "cpu") is None, "no known peak: None"
+
+
+# --- weight-only quantization ---------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group_size", [(8, 64), (4, 32), (4, 64)])
+def test_quantize_round_trip_is_within_half_a_step(bits, group_size):
+    torch.manual_seed(0)
+    w = torch.randn(16, 64) * torch.rand(16, 1) * 3  # rows of very different sizes
+    q, scale = model.quantize_absmax(w, bits, group_size)
+    qmax = 2 ** (bits - 1) - 1
+    assert q.dtype == torch.int8 and scale.shape == (16, 64 // group_size)
+    assert int(q.abs().max()) == qmax, "each group's largest |w| maps to the largest integer"
+    step = scale.repeat_interleave(group_size, dim=1)  # each element's own scale
+    error = (model.dequantize(q, scale) - w).abs()
+    assert bool((error <= step / 2 + 1e-6).all()), f"round-trip error {float((error / step).max()):.3f} steps > 1/2"
+
+
+def test_quantize_keeps_zero_and_rejects_ragged_groups():
+    w = torch.zeros(2, 8)
+    w[0, 3] = -2.0
+    q, scale = model.quantize_absmax(w, 8, 8)
+    assert torch.equal(model.dequantize(q, scale), w), "zeros (and a zero row) come back exactly"
+    with pytest.raises(ValueError, match="not a whole number of groups of 32"):
+        model.quantize_absmax(torch.zeros(2, 48), 4, 32)
+
+
+def test_int4_packing_round_trip_is_exact():
+    q = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)  # every 4-bit value, (3, 32)
+    packed = model.pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 16)
+    assert packed[0, 0] == (0x8 | (0x9 << 4)), "-8 -> 0b1000 in the low nibble, -7 -> 0b1001 in the high one"
+    assert torch.equal(model.unpack_int4(packed), q)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_linear_matches_its_float_reference(bits):
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    quantized = model.QuantizedLinear(linear.weight, linear.bias, bits)
+    q, scale = model.quantize_absmax(linear.weight.detach(), bits, 32 if bits == 4 else 64)
+    reference = F.linear(x, model.dequantize(q, scale), linear.bias)
+    assert torch.allclose(quantized(x), reference, atol=1e-6), "forward = F.linear with the dequantized weight"
+    bound = x.abs() @ (scale.repeat_interleave(64 // scale.size(1), dim=1) / 2).T  # sum |x| * half a step
+    assert bool(((quantized(x) - linear(x)).abs() <= bound + 1e-5).all())
+    rows = torch.tensor([[3, 0], [31, 3]])
+    assert torch.equal(quantized.rows(rows), quantized.weight[rows]), "rows() dequantizes just those rows"
+
+
+@pytest.mark.parametrize("mode,smaller", [("int8", 3.5), ("int4", 5.5)])
+def test_quantized_model_generates_with_the_cache_and_is_smaller(mode, smaller):
+    gpt = tiny_model(n_embd=64, n_head=2, pos="rope", bias=False).eval()  # nearly all weights are matrices
+    size = model.weight_bytes(gpt)
+    idx = torch.randint(0, gpt.config.vocab_size, (2, 5))
+    float_logits = gpt(idx)[0]
+    q = model.quantize_model(gpt, mode)
+    assert isinstance(q.transformer.h[0].attn.c_attn, model.QuantizedLinear)
+    assert q.transformer.wte.table is q.lm_head, "the tied embedding and head share one quantized table"
+    assert size / model.weight_bytes(q) >= smaller
+    assert not any(p.requires_grad for p in q.parameters())
+    cached = q.generate(idx, 6, temperature=0)
+    assert torch.equal(cached, q.generate(idx, 6, temperature=0, use_cache=False)), "KV cache: the same tokens"
+    assert (q(idx)[0] - float_logits).abs().max() < (0.1 if mode == "int8" else 0.5)
+
+
+def test_quantize_model_none_and_bad_names():
+    gpt = tiny_model()
+    assert model.quantize_model(gpt, "none") is gpt and isinstance(gpt.lm_head, torch.nn.Linear)
+    with pytest.raises(ValueError, match="--quantize='int2' is not one of none, int8, int4"):
+        model.quantize_model(gpt, "int2")
+
+
+def test_weight_bytes_counts_tied_weights_once():
+    gpt = tiny_model()
+    assert model.weight_bytes(gpt) == 4 * gpt.num_params() + sum(
+        b.numel() * 4 for n, b in gpt.named_buffers() if n in gpt.state_dict())

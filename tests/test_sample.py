@@ -11,7 +11,7 @@ import torch
 import bpe
 import sample
 import train
-from model import CheckpointError, load_checkpoint, save_checkpoint
+from model import CheckpointError, load_checkpoint, QuantizedLinear, save_checkpoint
 from test_train import make_dataset, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,3 +134,11 @@ def test_interactive_mode_from_a_pipe(checkpoints):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "model> " in result.stdout
+
+
+def test_quantize_loads_the_weights_in_8_or_4_bits(checkpoints, capsys):
+    model, _, _ = sample.load_for_sampling(str(checkpoints / "pretrain"), quantize="int4")
+    assert isinstance(model.lm_head, QuantizedLinear) and isinstance(model.transformer.h[0].mlp.c_fc, QuantizedLinear)
+    assert sample.main(["--ckpt", str(checkpoints / "pretrain"), "--prompt", "the dog", "--quantize", "int8",
+                        "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("the dog")

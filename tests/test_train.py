@@ -1,6 +1,7 @@
 """Tests for train.py: pretraining, and the loop machinery the later training stages import from it."""
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -860,7 +861,8 @@ def _sharded_worker(rank, world, port, path, parallel):
     weights = train.whole_model_state(gpt, run)
     if rank == 0:
         torch.save({"losses": losses, "weights": weights}, path)
-    del gpt  # the sharded parameters (and their device mesh) go before the process group, as in train.end_run
+    del gpt  # the sharded parameters go before the process group (their hooks hold them in cycles), as in train.run
+    gc.collect()
     torch.distributed.barrier()  # neither process leaves while the other still talks to it (a gloo abort otherwise)
     torch.distributed.destroy_process_group()
 
