@@ -6,11 +6,14 @@
 Writes out/<config>/eval/{report.json, report.md, *.png}, each checkpoint on its dataset: loss, bits per byte, cloze
 accuracy, greedy answers graded by the simulated labeler, scored by the RM; RM accuracy; PPO vs SFT; alignment tax."""
 
+import collections
 import contextlib
 import functools
 import json
 import math
 import os
+import random
+import re
 import sys
 import time
 
@@ -39,6 +42,7 @@ DEFAULTS = dict(
     kl_prompts=100, max_new_tokens=64, batch_size=32, seed=1337,  # kl_prompts: PPO samples for KL(PPO || SFT), 0 skips
     device="auto", dtype="auto",   # auto | cpu | cuda | mps; auto | float32 | bfloat16 | float16
     quantize="none",           # e.g. int8,int4: every text model again with its weights in those bits, beside float
+    few_shot="0,1,3",          # solved examples before each question for a base model (plain text); "" skips
 )
 
 PRESETS = {
@@ -140,6 +144,33 @@ def evaluate_chat(model, tokenizer, records, max_new_tokens, batch_size=32):
     return tinyworld.grade_answers(records, texts), answers
 
 
+def few_shot_prompt(record, shots):
+    """A base model's plain-text prompt: solved examples, then the question, one line as tinyworld's quizzes read."""
+    return " ".join([f"{' '.join(s['prompt'].split())} {s['reference_response']}" for s in shots]
+                    + [" ".join(record["prompt"].split())])
+
+
+def few_shot_accuracy(model, tokenizer, records, pool, k, seed, new_tokens=24, batch_size=32):
+    """GPT-3's in-context learning: a base model's grades when k solved examples of the same task (from pool, the
+    training split, never the question itself) come before each question, and the mean number of shots that fit
+    the block. The answer is the continuation's first sentence: a quiz answers each question in one."""
+    rng, sep = random.Random(seed * 10 + k), tokenizer.special_ids[bpe.DOC_SEP]
+    room, prompts, used = model.config.block_size - new_tokens, [], []
+    for record in records:
+        same = [s for s in pool if s.get("task") == record.get("task") and s["prompt"] != record["prompt"]]
+        shots = rng.sample(same, min(k, len(same)))
+        while shots and 1 + len(tokenizer.encode(few_shot_prompt(record, shots))) > room:
+            shots.pop(0)  # a long story question: fewer shots, never a cut one
+        prompts.append([sep] + tokenizer.encode(few_shot_prompt(record, shots)))
+        used.append(len(shots))
+    answers = []
+    for ids, _ in generate_responses(model, prompts, new_tokens, sep, batch_size=batch_size):
+        text = tokenizer.decode(ids)
+        end = re.search(r"[.!?]", text)
+        answers.append((text[:end.end()], True) if end else (text, False))
+    return dict(tinyworld.grade_answers(records, answers), shots=sum(used) / max(1, len(used)))
+
+
 def generation_speed(model, tokenizer, device, new_tokens=64, repeats=3):
     """Tokens/s of a greedy continuation of the document separator (batch 1, KV cache): the fastest of `repeats`
     after a short warm-up (a busy machine only ever slows a run down)."""
@@ -224,11 +255,12 @@ def load_eval_data(dataset, data_dir):
     else:
         data["missing"]["val"] = f"{' or '.join(p for p in paths if not os.path.exists(p))} is missing: {fix}"
     parts = {"mc": os.path.join(folder, "mc.jsonl"), "prompts": os.path.join(folder, "prompts_eval.jsonl"),
+             "shots": os.path.join(folder, "sft_train.jsonl"),
              "prefs": os.path.join(folder, "prefs_val.jsonl"),
              "hellaswag": os.path.join(data_dir, "hellaswag", "mc.jsonl")}
     for part, path in parts.items():
         data[part] = prepare_data.read_jsonl(path) if os.path.exists(path) else None
-        if data[part] is None and part != "hellaswag":
+        if data[part] is None and part not in ("hellaswag", "shots"):  # optional: without them, less is measured
             data["missing"][part] = f"{path} is missing (dataset {dataset!r} has none): {fix}"
     return data
 
@@ -297,8 +329,74 @@ def evaluate_checkpoint(path, label, config, device, ctx, data_cache, log=print,
             model, tokenizer, items[:config["max_mc"] or None], config["batch_size"]))
     measure("chat", "prompts", lambda records: evaluate_chat(
         model, tokenizer, records[:config["max_prompts"] or None], config["max_new_tokens"], config["batch_size"]))
+    for k in [int(k) for k in config["few_shot"].split(",") if k] if stage == "pretrain" and data["shots"] else []:
+        measure(f"{k}-shot", "prompts", lambda records: few_shot_accuracy(
+            model, tokenizer, records[:config["max_prompts"] or None], data["shots"], k, config["seed"]))
     skip("rm", f"a '{stage}' checkpoint has no reward head")
     return row, model, tokenizer
+
+
+# -----------------------------------------------------------------------------
+# n-gram overlap with a reference answer (BLEU, ROUGE-L), and how often it orders two answers as the labeler does
+
+def ngram_counts(words, n):
+    return collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def bleu(candidates, references, max_n=4, smooth=False):
+    """BLEU of word lists against one reference each (Papineni et al. 2002): the geometric mean of the n-gram
+    precisions (n = 1..max_n, each n-gram counted at most as often as in the reference, summed over the corpus),
+    times the brevity penalty exp(1 - r / c) when the candidates are shorter. smooth adds one to the counts for
+    n > 1 (Lin and Och 2004), so that a single short answer without a matching 4-gram is not 0."""
+    matches, totals, c, r = [0] * max_n, [0] * max_n, 0, 0
+    for candidate, reference in zip(candidates, references):
+        c, r = c + len(candidate), r + len(reference)
+        for n in range(1, max_n + 1):
+            ref = ngram_counts(reference, n)
+            matches[n - 1] += sum(min(k, ref[g]) for g, k in ngram_counts(candidate, n).items())
+            totals[n - 1] += max(0, len(candidate) - n + 1)
+    add = [0] + [int(smooth)] * (max_n - 1)
+    if c == 0 or any(m + a == 0 for m, a in zip(matches, add)):
+        return 0.0
+    log_precision = sum(math.log((m + a) / (t + a)) for m, t, a in zip(matches, totals, add)) / max_n
+    return (1.0 if c > r else math.exp(1 - r / c)) * math.exp(log_precision)
+
+
+def rouge_l(candidate, reference):
+    """ROUGE-L F1 (Lin 2004): the longest common subsequence of words (in order, gaps allowed) over the lengths."""
+    previous = [0] * (len(reference) + 1)
+    for word in candidate:  # previous[j]: the LCS of the candidate so far and reference[:j]
+        row = [0]
+        for j, other in enumerate(reference):
+            row.append(previous[j] + 1 if word == other else max(previous[j + 1], row[j]))
+        previous = row
+    if previous[-1] == 0:
+        return 0.0
+    precision, recall = previous[-1] / len(candidate), previous[-1] / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def text_overlap(answers, records):
+    """answers {model: [answer dicts, in records' order]} -> each model's corpus BLEU and mean ROUGE-L against the
+    reference answers, and, over every two models' answers to one prompt that the gold labeler tells apart, how
+    often smoothed sentence BLEU and ROUGE-L order them the same way (a tie counts as not)."""
+    refs = [tinyworld.tokens_of(r["reference_response"]) for r in records]
+    words = {m: [tinyworld.tokens_of(a["text"]) for a in answers[m]] for m in answers}
+    scores = {m: {"bleu": [bleu([w], [ref], smooth=True) for w, ref in zip(words[m], refs)],
+                  "rouge_l": [rouge_l(w, ref) for w, ref in zip(words[m], refs)]} for m in answers}
+    out = {"models": {m: {"bleu": bleu(words[m], refs), "rouge_l": sum(scores[m]["rouge_l"]) / max(1, len(refs))}
+                      for m in answers}, "pairs": 0, "agree": {"bleu": 0, "rouge_l": 0}}
+    models = list(answers)
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            for k in range(len(refs)):
+                gold = answers[a][k]["gold"] - answers[b][k]["gold"]
+                if gold == 0:
+                    continue
+                out["pairs"] += 1
+                for metric in ("bleu", "rouge_l"):
+                    out["agree"][metric] += (scores[a][metric][k] - scores[b][metric][k]) * gold > 0
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -463,6 +561,17 @@ def markdown_report(report):
                   "|---|" + "---|" * len(tasks)]
         lines += [f"| {label} | " + " | ".join(fmt(by[t]["accuracy"], ".1%") if t in by else "-" for t in tasks)
                   + " |" for label, by in chats] + [""]
+    shots = [(f"{r['label']}, {m} (plain text)", g) for r in rows for m, g in r.get("metrics", {}).items()
+             if m.endswith("-shot")]
+    if shots:
+        shots += [(f"{label}, chat template, zero-shot", dict(r["metrics"]["chat"], shots=0)) for label, r in
+                  ((r["label"], r) for r in rows if r["stage"] in ("sft", "ppo") and "chat" in r["metrics"])]
+        lines += ["## Few-shot prompting", "", "Task accuracy of the base model with k solved examples of the same "
+                  "task before each question, no gradient step (GPT-3); the chat models answer zero-shot.", "",
+                  "| model | shots used | all | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks)]
+        lines += [f"| {label} | {g['shots']:.1f} | {fmt(g['accuracy'], '.1%')} | " + " | ".join(
+            fmt(g["by_task"][t]["accuracy"], ".1%") if t in g["by_task"] else "-" for t in tasks) + " |"
+            for label, g in shots] + [""]
     hs = [(r["label"], r["metrics"]["hellaswag"]) for r in rows if "hellaswag" in r.get("metrics", {})]
     if hs:
         lines += ["## HellaSwag", ""] + [f"- {label}: {fmt(h['accuracy'], '.1%')} (per token "
@@ -497,6 +606,16 @@ def markdown_report(report):
                              f"{fmt(row['metrics'].get('chat', {}).get('accuracy'), '.1%')} | "
                              f"{row['tokens_per_s']:.0f} |")
         lines.append("")
+    if report.get("overlap"):
+        o = report["overlap"]
+        lines += ["## BLEU and ROUGE-L", "", "Each chat model's greedy answers against the stored reference answers "
+                  "(words: tinyworld.tokens_of), then how often each metric orders two models' answers to one prompt "
+                  "as the gold labeler does, over the pairs the labeler tells apart (a coin: 50%).", "",
+                  "| model | BLEU | ROUGE-L |", "|---|---|---|"]
+        lines += [f"| {m} | {fmt(v['bleu'])} | {fmt(v['rouge_l'])} |" for m, v in o["models"].items()]
+        lines += ["", f"Agreement with the gold labeler on {o['pairs']} pairs: BLEU "
+                  f"{fmt(o['agree']['bleu'] / max(1, o['pairs']), '.1%')}, ROUGE-L "
+                  f"{fmt(o['agree']['rouge_l'] / max(1, o['pairs']), '.1%')}.", ""]
     lines += ["## PPO against SFT", ""]
     if c.get("status") == "ok":
         w = c["win_rate"]
@@ -539,6 +658,8 @@ def run(config, log=None):
     settings = [q for q in config["quantize"].split(",") if q != "none"]
     for setting in [q for q in settings if q not in QUANTIZE]:
         raise ValueError(f"--quantize={setting!r} is not one of {', '.join(QUANTIZE)} (comma-separated)")
+    if not re.fullmatch(r"(\d+(,\d+)*)?", config["few_shot"]):
+        raise ValueError(f"--few_shot={config['few_shot']!r}: give shot counts separated by commas, e.g. 0,1,3")
     device_type, threads = device.split(":")[0], torch.get_num_threads()
     ctx = autocast_context(device_type, resolve_dtype(config["dtype"], device_type)[0])
     torch.set_num_threads(1 if device_type == "cpu" else threads)  # token-by-token decoding: 1 CPU thread beats 2
@@ -573,10 +694,14 @@ def run(config, log=None):
             for a, score in zip(answers, scores.tolist()):
                 a["rm_score"] = score
             log(f"{row['label']}: reward-model score of its answers {row['rm_score']:+.3f}")
-        # 4. PPO against SFT
+        # 4. PPO against SFT; the chat models' answers by n-gram overlap with the references
         comparison = compare_ppo_sft(rows, models, config, ctx, log)
         if comparison["status"] != "ok":
             log(f"ppo vs sft skipped ({comparison['reason']})")
+        chats = [r for r in rows if r["stage"] in ("sft", "ppo") and "answers" in r]
+        chats = [r for r in chats if r["dataset"] == chats[0]["dataset"]]  # one set of prompts and references
+        overlap = text_overlap({r["label"]: r["answers"] for r in chats}, data_cache[chats[0]["dataset"]]["prompts"][
+            :config["max_prompts"] or None]) if chats else None
     finally:
         torch.set_num_threads(threads)  # leave the process as it was (a test, a notebook)
     # 5. the plots: every stage's log, the accuracies, PPO's log, the alignment tax
@@ -600,7 +725,7 @@ def run(config, log=None):
             plots.append(name)
     # 6. report.json and report.md
     report = {"config": dict(config), "device": device, "rows": rows, "ppo_vs_sft": comparison, "ppo_log": ppo_log,
-              "alignment_tax": taxes, "quantized": quantized, "notes": notes, "plots": plots,
+              "alignment_tax": taxes, "quantized": quantized, "overlap": overlap, "notes": notes, "plots": plots,
               "time_s": time.time() - t_start}
     prepare_data.atomic_write(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1))
     prepare_data.atomic_write(os.path.join(out_dir, "report.md"), markdown_report(report))

@@ -344,7 +344,8 @@ def test_evaluate_checkpoint_skips_metrics_of_the_wrong_kind(world):
     assert any("val skipped" in line for line in lines)
     base = os.path.join(world["out_root"], "tiny", "pretrain", "ckpt.pt")
     row, _, _ = E.evaluate_checkpoint(base, "pretrain", config, "cpu", torch.no_grad(), {}, lines.append)
-    assert set(row["metrics"]) == {"val", "mc", "chat"} and "no reward head" in row["skipped"]["rm"]
+    assert set(row["metrics"]) == {"val", "mc", "chat", "0-shot", "1-shot", "3-shot"}, "few-shot: a base model's"
+    assert "no reward head" in row["skipped"]["rm"]
     assert len(row["answers"]) == 10, "every prompt of prompts_eval (10 < max_prompts)"
 
 
@@ -508,6 +509,13 @@ def test_run_evaluates_every_stage_and_compares_ppo_with_sft(world):
     with open(os.path.join(folder, "report.json")) as f:
         assert json.load(f)["rows"][0]["metrics"]["val"]["loss"] == rows["pretrain"]["metrics"]["val"]["loss"]
     assert any("ppo vs sft: KL" in line for line in lines), "progress lines name each step"
+    assert {"0-shot", "1-shot", "3-shot"} <= set(rows["pretrain"]["metrics"]) and "0-shot" not in rows["sft"]["metrics"]
+    assert set(report["overlap"]["models"]) == {"sft", "ppo"}
+    with open(os.path.join(folder, "report.md")) as f:
+        md = f.read()
+    assert "## Few-shot prompting" in md and "| pretrain, 3-shot (plain text) |" in md and "## BLEU and ROUGE-L" in md
+    with pytest.raises(ValueError, match="--few_shot='1,x': give shot counts separated by commas"):
+        E.run(tiny_config(world, few_shot="1,x"), log=lambda s: None)
 
 
 def test_run_with_only_pretrain_reports_missing_rows(world, tmp_path):
@@ -600,3 +608,62 @@ def test_run_with_quantize_adds_each_text_model_in_8_and_4_bits(world, tmp_path)
     assert "## Quantized weights" in md and "| sft | int4 |" in md and "| sft | float32 |" in md
     with pytest.raises(ValueError, match="--quantize='int3' is not one of none, int8, int4"):
         E.run(tiny_config(world, out=str(tmp_path / "bad"), quantize="int8,int3"), log=lambda s: None)
+
+
+# --- few-shot prompting, BLEU and ROUGE-L ---------------------------------------------------
+
+def test_few_shot_prompt_layout():
+    record = {"task": "story_qa", "prompt": "Mia went to the park.\nWhere did Mia go?"}
+    shots = [{"prompt": "What is 2 plus 2?", "reference_response": "2 plus 2 is 4."},
+             {"prompt": "Tom ate a pear.\nWhat did Tom eat?", "reference_response": "Tom ate a pear."}]
+    assert E.few_shot_prompt(record, shots) == ("What is 2 plus 2? 2 plus 2 is 4. Tom ate a pear. What did Tom eat? "
+                                                "Tom ate a pear. Mia went to the park. Where did Mia go?")
+    assert E.few_shot_prompt(record, []) == "Mia went to the park. Where did Mia go?"
+
+
+def test_few_shot_accuracy_draws_other_prompts_of_the_task_and_grades_the_first_sentence(world, monkeypatch):
+    tok, seen = world["tok"], []
+    records = [{"task": "arithmetic", "prompt": f"What is {i} plus 1?", "reference": str(i + 1), "context": "",
+                "answer_kind": "number", "given": [], "options": [], "reference_response": f"{i} plus 1 is {i + 1}."}
+               for i in range(1, 5)]
+    pool = records + [{"task": "category", "prompt": "Which word is a food: car, pear?", "reference_response": "x."}]
+
+    def answer(model, prompts, new_tokens, stop, batch_size=32):
+        seen.extend(tok.decode(p[1:]) for p in prompts)
+        return [(tok.encode(f"{i + 2}. What is 9 plus 9? 18."), False) for i in range(len(prompts))]
+
+    monkeypatch.setattr(E, "generate_responses", answer)
+    grades = E.few_shot_accuracy(world["models"]["pretrain"], tok, records, pool, 3, seed=1)
+    for record, prompt in zip(records, seen):
+        assert prompt.endswith(record["prompt"]) and prompt.count(record["prompt"]) == 1, "never its own shot"
+        assert prompt.count("?") == 4 and "Which word" not in prompt, "3 shots of the same task, then the question"
+    assert grades["accuracy"] == 1.0 and grades["shots"] == 3.0, "graded on '{i+2}.' alone, not the 18 after it"
+
+
+def test_bleu_against_hand_computed_values():
+    words = str.split
+    assert E.bleu([words("the the the the the the the")], [words("the cat is on the mat")], max_n=1) == \
+        pytest.approx(2 / 7), "clipped unigram precision (Papineni et al.'s example)"
+    assert E.bleu([words("the cat")], [words("the cat is on the mat")], max_n=2) == pytest.approx(math.exp(1 - 3)), \
+        "precisions 1, brevity penalty exp(1 - 6/2)"
+    assert E.bleu([words("a b c d e")], [words("a b c d e")]) == pytest.approx(1.0)
+    assert E.bleu([words("a b c x e")], [words("a b c d e")]) == 0.0, "no 4-gram in common: 0 without smoothing"
+    smoothed = math.exp((math.log(4 / 5) + math.log(3 / 5) + math.log(2 / 4) + math.log(1 / 3)) / 4)
+    assert E.bleu([words("a b c x e")], [words("a b c d e")], smooth=True) == pytest.approx(smoothed)
+
+
+def test_rouge_l_is_the_lcs_f1():
+    assert E.rouge_l("police killed the gunman".split(), "police kill the gunman".split()) == pytest.approx(0.75)
+    assert E.rouge_l("the gunman kill police".split(), "police kill the gunman".split()) == pytest.approx(0.5)
+    assert E.rouge_l("a b".split(), "c d".split()) == 0.0 and E.rouge_l([], ["a"]) == 0.0
+
+
+def test_text_overlap_scores_models_and_counts_agreement_with_gold():
+    records = [{"reference_response": "Mia went to the park."}, {"reference_response": "4 plus 3 is 7."}]
+    answers = {"a": [{"text": "Mia went to the park.", "gold": 2.0}, {"text": "It is 7.", "gold": 1.0}],
+               "b": [{"text": "Mia went to the school.", "gold": -1.0}, {"text": "4 plus 3 is 7.", "gold": 1.0}]}
+    out = E.text_overlap(answers, records)
+    assert out["models"]["a"]["rouge_l"] == pytest.approx((1.0 + E.rouge_l(["it", "is", "7"], "4 plus 3 is 7".split()))
+                                                          / 2)
+    assert out["pairs"] == 1, "the second prompt's answers tie by gold: not a pair"
+    assert out["agree"] == {"bleu": 1, "rouge_l": 1}, "the right answer overlaps the reference more"
