@@ -159,9 +159,11 @@ def few_shot_accuracy(model, tokenizer, records, pool, k, seed, new_tokens=24, b
     for record in records:
         same = [s for s in pool if s.get("task") == record.get("task") and s["prompt"] != record["prompt"]]
         shots = rng.sample(same, min(k, len(same)))
-        while shots and 1 + len(tokenizer.encode(few_shot_prompt(record, shots))) > room:
-            shots.pop(0)  # a long story question: fewer shots, never a cut one
-        prompts.append([sep] + tokenizer.encode(few_shot_prompt(record, shots)))
+        ids = [sep] + tokenizer.encode(few_shot_prompt(record, shots))
+        while shots and len(ids) > room:  # a long story question: fewer shots, never a cut one
+            shots.pop(0)
+            ids = [sep] + tokenizer.encode(few_shot_prompt(record, shots))
+        prompts.append(ids)
         used.append(len(shots))
     answers = []
     for ids, _ in generate_responses(model, prompts, new_tokens, sep, batch_size=batch_size):

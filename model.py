@@ -287,7 +287,7 @@ class GPT(nn.Module):
         generator = None if seed is None else torch.Generator(device=idx.device).manual_seed(seed)
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         cache = KVCache(self.config, idx.size(0), idx.size(1) + max_new_tokens, idx.device,
-                        self.transformer.wte.weight.dtype) if use_cache else None
+                        next(self.parameters()).dtype) if use_cache else None
         out = idx
         for _ in range(max_new_tokens):
             # feed the cache only what it has not seen (the whole prompt first); without one, the whole context
@@ -442,10 +442,6 @@ class QuantizedEmbedding(nn.Module):
     def __init__(self, table):
         super().__init__()
         self.table = table
-
-    @property
-    def weight(self):
-        return self.table.weight
 
     def forward(self, idx):
         return self.table.rows(idx)
