@@ -379,7 +379,7 @@ def run(config, flags=()):
 
     def step(ctx):
         with ctx:
-            loss = training_losses(model, data["train"][:8], config["lm_coef"], run.device)[0]
+            loss = training_losses(model, data["train"][:config["batch_size"]], config["lm_coef"], run.device)[0]
         loss.backward()
 
     dtype, dtype_why, ctx, scaler = training_precision(config["dtype"], run.device_type, model, step)

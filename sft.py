@@ -259,10 +259,10 @@ def run(config, flags=()):
         raise ValueError(f"--block_size={block_size} leaves no response token of any demonstration (the prompts "
                          f"fill it): use a larger --block_size, or 0 for the model's")
 
-    # 2. the model, its precision (measured on a few training rows) and the optimizer
+    # 2. the model, its precision (measured on one micro-batch of training rows, as train.py) and the optimizer
     torch.manual_seed(config["seed"] + run.rank)
     raw_model = model_from_checkpoint(dict(base, model_args=model_args), run.device)
-    batch = [t.to(run.device) for t in collate(data["train"][:8])]
+    batch = [t.to(run.device) for t in collate(data["train"][:config["batch_size"]])]
     dtype, dtype_why, ctx, scaler = training_precision(config["dtype"], run.device_type, raw_model,
                                                        lambda c: forward_backward(raw_model, [batch], c))
     optimizer = configure_optimizer(raw_model, config["learning_rate"], config["weight_decay"],

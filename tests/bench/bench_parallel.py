@@ -13,12 +13,14 @@ so the peak resident memory of the process is printed beside them.
 """
 
 import argparse
+import contextlib
 import os
 import resource
 import socket
 import statistics
 import sys
 import time
+import types
 
 import torch
 import torch.distributed as dist
@@ -40,7 +42,7 @@ def worker(rank, world, port, args, mode, results):
     config = dict(train.DEFAULTS, **train.PRESETS[args.config])
     model_config = GPTConfig(vocab_size=args.vocab, **{k: config[k] for k in train.MODEL_KEYS})
     torch.manual_seed(0)
-    run = train.types.SimpleNamespace(world=world, master=rank == 0, device="cpu", device_type="cpu", parallel=mode)
+    run = types.SimpleNamespace(world=world, master=rank == 0, device="cpu", device_type="cpu", parallel=mode)
     model = train.wrap_model(GPT(model_config), run, parallel=mode)
     raw = model.module if mode == "ddp" else model
     optimizer = train.configure_optimizer(raw, 6e-4, 0.1)
@@ -52,7 +54,7 @@ def worker(rank, world, port, args, mode, results):
         mine = windows if mode == "tp" else windows[rank * rows:(rank + 1) * rows]
         dist.barrier()
         start = time.perf_counter()
-        train.forward_backward(model, [(mine[:, :-1], mine[:, 1:])], train.contextlib.nullcontext())
+        train.forward_backward(model, [(mine[:, :-1], mine[:, 1:])], contextlib.nullcontext())
         train.clip_gradients(raw, 1.0)
         optimizer.step()
         state = (local_bytes(raw.parameters()), local_bytes(p.grad for p in raw.parameters()),
