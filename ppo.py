@@ -1,10 +1,11 @@
 """
-ppo.py: RLHF with PPO. The policy learns to please the reward model while a KL
-penalty keeps it close to the SFT model it started from.
+ppo.py: RLHF with PPO, or GRPO. The policy learns to please the reward model (or a reward a program
+verifies) while a KL penalty keeps it close to the SFT model it started from.
 
     python ppo.py --config small                  # a 2-core laptop CPU, minutes
     python ppo.py --config small --kl_coef=0 --out_dir=out/small/ppo-nokl   # no leash: the RM gets gamed
     python ppo.py --config small --reward_source=gold --out_dir=out/small/ppo-gold   # the oracle reward
+    python ppo.py --config small --algo=grpo --reward_source=gold --out_dir=out/small/grpo   # DeepSeek's recipe
     python ppo.py --config small --resume         # continue out/small/ppo/ckpt.pt
 
 Reads out/<config>/sft/ckpt.pt (the policy's start and the frozen reference), out/<config>/rm/ckpt.pt
@@ -20,6 +21,11 @@ One iteration (Ziegler et al. 2019, InstructGPT 2022; steps 3-6 of run()):
      beta * (log pi - log pi_ref) on every response token;
   3. advantages: GAE backwards over the response tokens, whitened over the batch;
   4. learn: epochs of shuffled minibatches, clipped policy surrogate and clipped value loss.
+GRPO (Shao et al. 2024, DeepSeekMath) keeps the rollout and the clipped surrogate but drops the critic:
+samples_per_prompt responses to each prompt form a group, and each response's advantage is its reward
+against its group's, (r - mean) / std, on every one of its tokens; the KL to the reference is a loss
+term (k3 estimate, kl_loss_coef) rather than a penalty inside the reward. Its point is a reward a
+program can check (reward_source=gold: the labeler's correctness and style rules).
 
 What to watch (log.jsonl, reward.png, kl.png): the RM score should rise and the simulated labeler's gold
 score (tinyworld.gold_score, never seen by the policy) with it; rm_agreement is the share of pairs of
@@ -69,7 +75,9 @@ DEFAULTS = dict(
     gen_batch_size=64,           # rows generated together (equal-length prompts only)
     kl_coef=0.05,                # beta: every response token pays beta * (log pi - log pi_ref)
     no_end_penalty=1.0,          # subtracted from the score of a response cut before <|end|>
-    reward_source="rm",          # rm | gold: the simulated labeler's own score (an oracle)
+    reward_source="rm",          # rm | gold: the simulated labeler's own score (a verifiable reward)
+    algo="ppo",                  # ppo | grpo: group-relative advantages, no critic (samples_per_prompt = G)
+    kl_loss_coef=0.04,           # grpo's beta: KL(pi || pi_ref) as a loss term (kl_coef is ppo's, in the reward)
     # PPO
     ppo_epochs=4, minibatch_size=16,   # passes over each rollout batch; responses per optimizer step
     clip_range=0.2,              # policy ratio clipped to [1 - c, 1 + c]
@@ -215,6 +223,30 @@ def value_loss(values, old_values, returns, mask, clip):
     return 0.5 * masked_mean(loss, mask)
 
 
+def group_advantages(score, group_size, eps=1e-6):
+    """GRPO's advantages: score (B,) of B / group_size consecutive groups of answers to one prompt -> (B,)
+    (r - mean of its group) / (std of its group + eps), the std over the group's G answers (divided by G).
+    A group whose answers all score the same teaches nothing: its advantages are 0."""
+    groups = score.float().view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    return (centred / (groups.std(dim=1, correction=0, keepdim=True) + eps)).view(-1)
+
+
+def k3_kl(logp, ref_logp):
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman's k3): with
+    x = log pi_ref - log pi, exp(x) - x - 1 >= 0, unbiased, less noisy than log pi - log pi_ref."""
+    x = ref_logp - logp
+    return torch.exp(x) - x - 1.0
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip, kl_coef):
+    """GRPO's loss: PPO's clipped surrogate (policy_loss) on the group advantages, plus kl_coef times the
+    mean k3 KL to the reference over response tokens. -> (loss, clip_fraction, approx_kl, ref_kl)."""
+    loss, clip_fraction, approx_kl = policy_loss(logp, old_logp, advantages, mask, clip)
+    ref_kl = masked_mean(k3_kl(logp * mask, ref_logp * mask), mask)  # masked first: exp of padding overflows
+    return loss + kl_coef * ref_kl, clip_fraction, approx_kl, ref_kl.item()
+
+
 # -----------------------------------------------------------------------------
 # Rollouts
 
@@ -256,8 +288,9 @@ def forward_in_chunks(fn, ids, chunk):
 def rollout(policy, reference, critic, reward_model, prompts, config, special, normalizer=None, seed=None,
             ctx=nullcontext()):
     """Sample a response to each prompt (lists of ids) and compute what PPO needs; special: {"end": id,
-    "reward": id}; models in eval mode. -> a dict: ids (B, T), mask (B, T-1), logp / ref_logp / entropy /
-    values (B, T-1) (0 outside the mask), score (B,) normalised, ended (B,) bool, responses (no <|end|>)."""
+    "reward": id}; models in eval mode (critic None: GRPO's, values 0). -> a dict: ids (B, T), mask (B, T-1),
+    logp / ref_logp / entropy / values (B, T-1) (0 outside the mask), score (B,) normalised, ended (B,) bool,
+    responses (no <|end|>)."""
     device, block = next(policy.parameters()).device, policy.config.block_size
     max_new = max(1, min(config["max_new_tokens"], block - 1))
     prompts = [list(p)[-(block - max_new):] for p in prompts]  # as generate_responses keeps them
@@ -271,21 +304,23 @@ def rollout(policy, reference, critic, reward_model, prompts, config, special, n
     with ctx:
         logp, entropy = forward_in_chunks(lambda x: sequence_logprobs(policy, x, temperature, True), ids, chunk)
         ref_logp = forward_in_chunks(lambda x: sequence_logprobs(reference, x, temperature), ids, chunk)
-        values = forward_in_chunks(lambda x: critic(x)[:, :-1].float(), ids, chunk)
+        values = (forward_in_chunks(lambda x: critic(x)[:, :-1].float(), ids, chunk) if critic is not None
+                  else torch.zeros_like(logp))
         score = score_responses(reward_model, prompts, with_end, special["reward"], normalizer, chunk)
     return {"ids": ids, "mask": mask, "logp": logp * mask, "ref_logp": ref_logp * mask, "entropy": entropy * mask,
             "values": values * mask, "score": score.to(device), "ended": ended, "responses": [r for r, _ in sampled]}
 
 
 # -----------------------------------------------------------------------------
-# One PPO update on a rollout batch
+# One PPO (or GRPO) update on a rollout batch
 
 def ppo_update(policy, critic, policy_optimizer, critic_optimizer, batch, advantages, returns, config, generator,
                ctx=nullcontext()):
     """ppo_epochs passes of shuffled minibatches over the rollout batch, each a clipped-surrogate step of the
-    policy and a clipped-value step of the critic. -> the means of loss (the policy's), value_loss,
-    clip_frac, approx_kl and grad_norm (the policy's, before clipping), and first_ratio_error: the largest
-    |ratio - 1| on the first minibatch (0: rollout and training agree)."""
+    policy and a clipped-value step of the critic (critic None: GRPO, the loss grpo_loss, no value step).
+    -> the means of loss (the policy's), value_loss (ppo) or ref_kl (grpo), clip_frac, approx_kl and
+    grad_norm (the policy's, before clipping), and first_ratio_error: the largest |ratio - 1| on the first
+    minibatch (0: rollout and training agree)."""
     n, size = batch["ids"].size(0), config["minibatch_size"]
     steps, first_ratio_error = [], None
     for _ in range(config["ppo_epochs"]):
@@ -297,23 +332,30 @@ def ppo_update(policy, critic, policy_optimizer, critic_optimizer, batch, advant
                 logp = sequence_logprobs(policy, ids, config["temperature"])
             if first_ratio_error is None:
                 first_ratio_error = float(((logp.detach() - batch["logp"][idx]) * mask).abs().max().exp() - 1.0)
-            pg_loss, clip_fraction, approx_kl = policy_loss(logp, batch["logp"][idx], advantages[idx], mask,
-                                                            config["clip_range"])
+            if critic is None:  # GRPO: the leash to the reference is in the loss
+                pg_loss, clip_fraction, approx_kl, ref_kl = grpo_loss(
+                    logp, batch["logp"][idx], batch["ref_logp"][idx], advantages[idx], mask, config["clip_range"],
+                    config["kl_loss_coef"])
+                step = {"ref_kl": ref_kl}
+            else:
+                pg_loss, clip_fraction, approx_kl = policy_loss(logp, batch["logp"][idx], advantages[idx], mask,
+                                                                config["clip_range"])
             policy_optimizer.zero_grad(set_to_none=True)
             pg_loss.backward()
             grad_norm = clip_gradients(policy, config["grad_clip"])
             policy_optimizer.step()
 
-            with ctx:
-                values = critic(ids)[:, :-1].float()
-            v_loss = value_loss(values, batch["values"][idx], returns[idx], mask, config["value_clip"])
-            critic_optimizer.zero_grad(set_to_none=True)
-            v_loss.backward()
-            clip_gradients(critic, config["grad_clip"])
-            critic_optimizer.step()
-
-            steps.append({"loss": pg_loss.item(), "value_loss": v_loss.item(), "clip_frac": clip_fraction,
-                          "approx_kl": approx_kl, "grad_norm": float(grad_norm)})
+            if critic is not None:
+                with ctx:
+                    values = critic(ids)[:, :-1].float()
+                v_loss = value_loss(values, batch["values"][idx], returns[idx], mask, config["value_clip"])
+                critic_optimizer.zero_grad(set_to_none=True)
+                v_loss.backward()
+                clip_gradients(critic, config["grad_clip"])
+                critic_optimizer.step()
+                step = {"value_loss": v_loss.item()}
+            steps.append({"loss": pg_loss.item(), **step, "clip_frac": clip_fraction, "approx_kl": approx_kl,
+                          "grad_norm": float(grad_norm)})
     return {**{k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}, "first_ratio_error": first_ratio_error}
 
 
@@ -393,6 +435,11 @@ def check_config(config):
     check_least(config, LEAST)
     if config["reward_source"] not in ("rm", "gold"):
         raise ValueError(f"reward_source={config['reward_source']!r} is not one of rm, gold")
+    if config["algo"] not in ("ppo", "grpo"):
+        raise ValueError(f"algo={config['algo']!r} is not one of ppo, grpo")
+    if config["algo"] == "grpo" and config["samples_per_prompt"] < 2:
+        raise ValueError(f"samples_per_prompt={config['samples_per_prompt']} must be at least 2 for grpo: "
+                         f"an answer is only judged against the others to its prompt")
     if not 0 < config["clip_range"] < 1:
         raise ValueError(f"clip_range={config['clip_range']} must be between 0 and 1")
 
@@ -425,15 +472,20 @@ def load_parents(init_dir, reward_dir, resume=None):
 
 def restore(run, policy, critic, policy_optimizer, critic_optimizer):
     """Continue the run being resumed (run.resume, its ckpt.pt: the policy and the critic, saved as one file):
-    weights, optimizer states, RNG. -> (iteration, the SFT model's held-out evaluation)."""
+    weights, optimizer states, RNG (critic None: GRPO's). -> (iteration, the SFT model's held-out evaluation)."""
     if "critic" not in run.resume:
         raise CheckpointError(f"{run.ckpt_path} is an older ppo.py's (its critic apart, in critic.pt, which a crash "
                               f"could leave out of step): start over with --overwrite")
+    algo, saved_algo = "ppo" if critic is not None else "grpo", run.resume["config"].get("algo", "ppo")
+    if algo != saved_algo:
+        raise CheckpointError(f"{run.ckpt_path} is a {saved_algo} run: resume it with --algo={saved_algo}, or start "
+                              f"over with --overwrite")
     state = run.resume["resume"]
     load_weights(policy, run.resume["model"], run.ckpt_path)
-    load_weights(critic, run.resume["critic"]["model"], run.ckpt_path)
     policy_optimizer.load_state_dict(state["optimizer"])
-    critic_optimizer.load_state_dict(state["critic_optimizer"])
+    if critic is not None:
+        load_weights(critic, run.resume["critic"]["model"], run.ckpt_path)
+        critic_optimizer.load_state_dict(state["critic_optimizer"])
     set_rng_state(state["rng"])
     return state["iter"], state["sft_eval"]
 
@@ -447,33 +499,34 @@ def sample_and_backward(policy, prompts, config, end_id, autocast):
     loss.backward()
 
 
-def iteration_record(batch, golds, rewards, returns, stats, config):
-    """One iteration's log record: the rollout's figures (KL and reward summed per response), the critic's
-    explained variance, the update's statistics."""
+def iteration_record(batch, golds, reward, returns, stats, config):
+    """One iteration's log record: the rollout's figures (KL summed per response; reward (B,): each response's
+    whole reward), the critic's explained variance (returns None: no critic), the update's statistics."""
     mask = batch["mask"]
     return {"lr": config["learning_rate"], **stats, "rm_score": float(batch["score"].mean()),
             "gold": float(golds.mean()), "kl": float(((batch["logp"] - batch["ref_logp"]) * mask).sum(1).mean()),
-            "reward": float((rewards * mask).sum(1).mean()), "entropy": float(masked_mean(batch["entropy"], mask)),
-            "explained_var": explained_variance(batch["values"], returns, mask),
+            "reward": float(reward.mean()), "entropy": float(masked_mean(batch["entropy"], mask)),
+            "explained_var": None if returns is None else explained_variance(batch["values"], returns, mask),
             "resp_len": float(mask.sum(1).mean()), "end_rate": float(batch["ended"].float().mean()),
             "rm_agreement": pairwise_agreement(batch["score"].tolist(), golds.tolist(), config["samples_per_prompt"])}
 
 
 def plot_progress(run, config):
     """reward.png (RM and gold scores, sampled and held-out) and kl.png."""
-    records = read_jsonl_log(run.log_path)
+    records, algo = read_jsonl_log(run.log_path), config["algo"].upper()
+    beta = config["kl_coef"] if config["algo"] == "ppo" else config["kl_loss_coef"]
     plot_curves(records, [("RM score (sampled)", "rm_score"), ("gold (sampled)", "gold"),
                           ("RM score (held-out, greedy)", "eval_rm"), ("gold (held-out, greedy)", "eval_gold")],
-                os.path.join(run.out_dir, "reward.png"), f"PPO reward and gold score ({config['config']})")
+                os.path.join(run.out_dir, "reward.png"), f"{algo} reward and gold score ({config['config']})")
     plot_curves(records, [("KL(policy || SFT) per response", "kl")], os.path.join(run.out_dir, "kl.png"),
-                f"PPO KL to the SFT model ({config['config']}, beta {config['kl_coef']})")
+                f"{algo} KL to the SFT model ({config['config']}, beta {beta})")
 
 
 # -----------------------------------------------------------------------------
 # The run
 
 def run(config, flags=()):
-    """Train the policy with PPO; returns the metrics of the final evaluation."""
+    """Train the policy with PPO (or GRPO); returns the metrics of the final evaluation."""
     # 1. the device, --resume or --overwrite (one process: the loop is not split across ranks);
     #    the SFT and reward checkpoints, the prompts
     check_config(config)
@@ -486,28 +539,29 @@ def run(config, flags=()):
     special = {"end": tokenizer.special_ids[bpe.END_OF_TURN], "reward": tokenizer.special_ids[bpe.REWARD]}
     train_records, eval_records = load_prompts(config)
 
-    # 2. the policy and the frozen reference start as the SFT model, the critic as the reward model;
+    # 2. the policy and the frozen reference start as the SFT model, the critic (PPO's) as the reward model;
     #    all in eval mode throughout (dropout off: rollout and training compute the same log-probs).
     #    Precision is measured on a few prompts, before the optimizers exist (no state to disturb)
     torch.manual_seed(config["seed"])
     policy = model_from_checkpoint(sft_ckpt, run.device).eval()
     reference = model_from_checkpoint(sft_ckpt, run.device).eval().requires_grad_(False)
     reward_model = scalar_model_from_checkpoint(rm_ckpt, run.device).eval().requires_grad_(False)
-    critic = critic_from_reward_model(rm_ckpt, run.device).eval()
+    critic = critic_from_reward_model(rm_ckpt, run.device).eval() if config["algo"] == "ppo" else None
     probe = [tokenizer.encode_chat(r["prompt"])[0][-(policy.config.block_size - 8):] for r in train_records[:8]]
     dtype, dtype_why, ctx, _ = training_precision(config["dtype"], run.device_type, policy, lambda c: (
         sample_and_backward(policy, probe, config, special["end"], c)))
     adamw = dict(weight_decay=config["weight_decay"], betas=(config["beta1"], config["beta2"]),
                  device_type=run.device_type)  # the same for both
     policy_optimizer = configure_optimizer(policy, config["learning_rate"], **adamw)
-    critic_optimizer = configure_optimizer(critic, config["critic_lr"], **adamw)
+    critic_optimizer = configure_optimizer(critic, config["critic_lr"], **adamw) if critic is not None else None
     start_iter, sft_eval = 0, None
     if run.resume is not None:
         start_iter, sft_eval = restore(run, policy, critic, policy_optimizer, critic_optimizer)
-    open_log(run, start_iter, f"policy {policy.num_params() / 1e6:.2f}M parameters from {init_dir}, reward model "
-             f"{reward_dir}; {len(train_records)} prompts, {config['batch_size'] * config['samples_per_prompt']} "
-             f"responses/iter, {config['ppo_epochs']} epochs of minibatch {config['minibatch_size']}, beta "
-             f"{config['kl_coef']}, device {run.device}", dtype, dtype_why)
+    beta = config["kl_coef"] if critic is not None else config["kl_loss_coef"]
+    open_log(run, start_iter, f"{config['algo']}: policy {policy.num_params() / 1e6:.2f}M parameters from {init_dir}, "
+             f"reward {config['reward_source']} ({reward_dir}); {len(train_records)} prompts, {config['batch_size']} x "
+             f"{config['samples_per_prompt']} responses/iter, {config['ppo_epochs']} epochs of minibatch "
+             f"{config['minibatch_size']}, beta {beta}, device {run.device}", dtype, dtype_why)
 
     def run_eval(it):  # greedy answers to held-out prompts; the first evaluation is the SFT model's own
         nonlocal sft_eval
@@ -539,23 +593,30 @@ def run(config, flags=()):
             golds = torch.tensor([tinyworld.gold_score(rec, tokenizer.decode(r), bool(e))
                                   for rec, r, e in zip(chosen, batch["responses"], batch["ended"])])
 
-            # 4. rewards: the score on the last response token, the KL penalty on every response token
             score = batch["score"] if config["reward_source"] == "rm" else golds.to(mask.device)
-            rewards = kl_penalized_rewards(score, batch["logp"], batch["ref_logp"], mask, config["kl_coef"],
-                                           batch["ended"], config["no_end_penalty"])
-            # 5. advantages over the response tokens, whitened; the critic's targets are taken before whitening
-            advantages, returns = compute_gae(rewards, batch["values"], mask, config["gamma"], config["lam"])
-            advantages = masked_whiten(advantages, mask)
+            if critic is not None:
+                # 4. PPO's rewards: the score on the last response token, the KL penalty on every response token
+                rewards = kl_penalized_rewards(score, batch["logp"], batch["ref_logp"], mask, config["kl_coef"],
+                                               batch["ended"], config["no_end_penalty"])
+                # 5. advantages by GAE with the critic, whitened; the critic's targets are taken before whitening
+                advantages, returns = compute_gae(rewards, batch["values"], mask, config["gamma"], config["lam"])
+                advantages, reward = masked_whiten(advantages, mask), (rewards * mask).sum(1)
+            else:
+                # 4. GRPO's reward: the score alone (its KL term is in the loss), less the same penalty for no end
+                reward = score - config["no_end_penalty"] * (~batch["ended"]).float()
+                # 5. each answer against the other answers to its prompt, on every one of its tokens; no critic
+                advantages = group_advantages(reward, config["samples_per_prompt"])[:, None] * mask
+                returns = None
 
             # 6. learn: a few epochs of shuffled minibatches (their order a function of the iteration: exact resume)
             generator = torch.Generator().manual_seed(config["seed"] + 7919 * (it + 1))
             stats = ppo_update(policy, critic, policy_optimizer, critic_optimizer, batch, advantages, returns,
                                config, generator, ctx)
-            if bad := nonfinite({"policy": policy.state_dict(), "critic": critic.state_dict(), **stats}):
+            if bad := nonfinite({"policy": policy.state_dict(), "critic": critic and critic.state_dict(), **stats}):
                 raise FloatingPointError(f"{bad[0]} is not finite after iteration {it + 1}: stopping; the last good "
                                          f"checkpoint {run.ckpt_path} is kept. Try lower --learning_rate/--critic_lr")
             it += 1
-            record = iteration_record(batch, golds, rewards, returns, stats, config)
+            record = iteration_record(batch, golds, reward, returns, stats, config)
             progress.update(it, record, int(mask.sum()), f"rm {record['rm_score']:+.3f} | gold {record['gold']:+.3f} | "
                             f"kl {record['kl']:.3f} | len {record['resp_len']:.1f} | end {record['end_rate']:.2f}")
 
@@ -568,9 +629,11 @@ def run(config, flags=()):
                 save_run(run, {"stage": STAGE, "model_args": dict(sft_ckpt["model_args"]),
                                "model": clean_state_dict(policy), "tokenizer": tokenizer.to_dict(),
                                "config": dict(config, dtype=dtype), "metrics": metrics, **parents,
-                               "critic": {"model_args": dict(rm_ckpt["model_args"]), "model": clean_state_dict(critic)},
+                               "critic": None if critic is None else {"model_args": dict(rm_ckpt["model_args"]),
+                                                                      "model": clean_state_dict(critic)},
                                "resume": {"optimizer": policy_optimizer.state_dict(), "iter": it, "rng": rng_state(),
-                                          "critic_optimizer": critic_optimizer.state_dict(), "sft_eval": sft_eval,
+                                          "critic_optimizer": None if critic is None else critic_optimizer.state_dict(),
+                                          "sft_eval": sft_eval,
                                           "prompt_position": it * config["batch_size"]}})
                 plot_progress(run, config)
                 progress.pause(it)

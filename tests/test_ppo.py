@@ -358,6 +358,69 @@ def test_rollout_with_real_sampling_stops_at_the_end_token():
     assert batch["ended"].any() and not batch["ended"].all(), "some responses stopped, some were cut"
 
 
+# --- GRPO: group-relative advantages, the KL as a loss term ----------------------------------
+
+def test_group_advantages_by_hand():
+    score = torch.tensor([1.0, 3.0, 2.0, 2.0, 5.0, 5.0, 5.0, 5.0])
+    adv = ppo.group_advantages(score, 4)
+    # group 1: mean 2, std over the 4 answers sqrt((1 + 1 + 0 + 0) / 4) = sqrt(1/2)
+    want = [-1 / math.sqrt(0.5), 1 / math.sqrt(0.5), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert adv.tolist() == pytest.approx(want, abs=1e-5), adv
+    assert torch.isfinite(adv).all(), "a group whose answers all score the same: advantage 0, no NaN"
+    pairs = ppo.group_advantages(torch.tensor([0.0, 1.0, 4.0, 2.0]), 2)
+    assert pairs.tolist() == pytest.approx([-1.0, 1.0, 1.0, -1.0], abs=1e-5), "each pair against itself only"
+
+
+def test_k3_kl_by_hand():
+    logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -2.0, -0.1])
+    want = [math.exp(r - p) - (r - p) - 1 for p, r in zip(logp.tolist(), ref.tolist())]
+    assert ppo.k3_kl(logp, ref).tolist() == pytest.approx(want, abs=1e-6)
+    assert ppo.k3_kl(logp, ref)[1] == 0.0, "the same log-prob: no divergence"
+
+
+def test_grpo_loss_is_the_clipped_loss_plus_the_kl_term():
+    torch.manual_seed(0)
+    logp, old, ref = torch.randn(2, 5) * 0.1 - 1, torch.randn(2, 5) * 0.1 - 1, torch.randn(2, 5) * 0.1 - 1
+    adv = ppo.group_advantages(torch.tensor([1.0, 0.0]), 2)[:, None].expand(2, 5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.float)
+    logp[0, 4], ref[1, 0] = -200.0, 0.0  # padding far apart: masked before exp, no overflow
+    clipped, clip_fraction, approx_kl = ppo.policy_loss(logp, old, adv, mask, 0.2)
+    loss, grpo_fraction, grpo_kl, ref_kl = ppo.grpo_loss(logp, old, ref, adv, mask, 0.2, 0.0)
+    assert loss.item() == clipped.item() and (grpo_fraction, grpo_kl) == (clip_fraction, approx_kl), \
+        "kl_coef 0: GRPO's loss is PPO's clipped surrogate on the group advantages"
+    k3 = [math.exp(r - p) - (r - p) - 1 for p, r, m in zip(logp.flatten().tolist(), ref.flatten().tolist(),
+                                                             mask.flatten().tolist()) if m]
+    loss, _, _, ref_kl = ppo.grpo_loss(logp, old, ref, adv, mask, 0.2, 0.1)
+    assert ref_kl == pytest.approx(sum(k3) / len(k3), abs=1e-6)
+    assert loss.item() == pytest.approx(clipped.item() + 0.1 * sum(k3) / len(k3), abs=1e-6)
+
+
+def test_grpo_groups_repeat_each_prompt_and_advantages_stay_in_their_group(world, tmp_path, monkeypatch):
+    seen = []
+    real_rollout, real_group = ppo.rollout, ppo.group_advantages
+
+    def recording_rollout(policy, reference, critic, reward_model, prompts, *args, **kwargs):
+        assert critic is None, "GRPO has no critic"
+        seen.append(prompts)
+        return real_rollout(policy, reference, critic, reward_model, prompts, *args, **kwargs)
+
+    def recording_group(score, group_size, *args):
+        seen.append(group_size)
+        return real_group(score, group_size, *args)
+
+    monkeypatch.setattr(ppo, "rollout", recording_rollout)
+    monkeypatch.setattr(ppo, "group_advantages", recording_group)
+    config = tiny_config(world, tmp_path / "groups", algo="grpo", samples_per_prompt=3, batch_size=4, max_iters=1,
+                         eval_prompts=2)
+    ppo.run(config)
+    prompts, group_size = seen
+    records, _ = ppo.load_prompts(config)
+    tokenizer = world["tokenizer"]
+    want = [tokenizer.encode_chat(records[i]["prompt"])[0] for i in ppo.prompt_indices(len(records), 4, 0, 1337)]
+    assert group_size == 3 and len(prompts) == 12
+    assert prompts == [p for p in want for _ in range(3)], "each prompt G times, its answers next to each other"
+
+
 # --- the PPO update ---------------------------------------------------------------------------
 
 def ppo_batch():
@@ -399,6 +462,21 @@ def test_ppo_update_lowers_the_losses_it_optimises():
     surrogate = ppo.masked_mean(-adv * torch.exp((logp - batch["logp"]) * mask), mask)
     assert surrogate.item() < -1e-3, "the surrogate -A * ratio went down from -mean(A) = 0"
     assert v_after < v_before
+
+
+def test_grpo_update_needs_no_critic_and_raises_the_better_answers():
+    policy, _, batch, _, _, config = ppo_batch()
+    mask = batch["mask"]
+    adv = ppo.group_advantages(batch["score"], 2)[:, None] * mask
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    config = dict(config, algo="grpo", kl_loss_coef=0.0, ppo_epochs=3, minibatch_size=12, grad_clip=0.0,
+                  clip_range=0.5)
+    stats = ppo.ppo_update(policy, None, opt, None, batch, adv, None, config, torch.Generator().manual_seed(0))
+    assert "value_loss" not in stats and stats["ref_kl"] >= 0 and math.isfinite(stats["ref_kl"]), stats
+    with torch.no_grad():
+        logp = ppo.sequence_logprobs(policy, batch["ids"], config["temperature"])
+    surrogate = ppo.masked_mean(-adv * torch.exp((logp - batch["logp"]) * mask), mask)
+    assert surrogate.item() < -1e-3, "answers above their group's mean gained probability"
 
 
 def test_clip_gradients_caps_the_global_norm():
@@ -480,9 +558,10 @@ def test_check_config_rejects_values_that_fail_later():
     ppo.check_config(dict(ppo.DEFAULTS))
     for key, value, message in [("temperature", 0.0, "must be > 0"), ("minibatch_size", 0, "at least 1"),
                                 ("clip_range", 1.5, "between 0 and 1"),
-                                ("reward_source", "human", "not one of rm, gold")]:
+                                ("reward_source", "human", "not one of rm, gold"),
+                                ("algo", "dpo", "not one of ppo, grpo"), ("samples_per_prompt", 1, "at least 2")]:
         with pytest.raises(ValueError, match=message):
-            ppo.check_config(dict(ppo.DEFAULTS, **{key: value}))
+            ppo.check_config(dict(ppo.DEFAULTS, **{"algo": "grpo", key: value}))
 
 
 def test_resolve_dirs_defaults_follow_the_config_name():
@@ -538,8 +617,9 @@ def test_gold_reward_source_rewards_the_labelers_score(world, tmp_path):
         "beta 0, no penalty: each response's summed reward is its gold score"
 
 
-def test_exact_resume_is_bit_for_bit(world, tmp_path):
-    common = dict(max_iters=4, save_interval=100)
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_exact_resume_is_bit_for_bit(world, tmp_path, algo):
+    common = dict(max_iters=4, save_interval=100, algo=algo)
     ppo.run(tiny_config(world, tmp_path / "straight", **common))
     ppo.run(tiny_config(world, tmp_path / "resumed", stop_at_iter=2, **common))
     ppo.run(tiny_config(world, tmp_path / "resumed", **common), flags={"resume"})
@@ -549,7 +629,7 @@ def test_exact_resume_is_bit_for_bit(world, tmp_path):
                 for r in read_jsonl_log(str(tmp_path / name / "log.jsonl")) if "rm_score" in r]
     assert len(steps("straight")) == 4 and steps("straight") == steps("resumed"), "2 + resume + 2 == 4"
     a, b = load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "resumed"))
-    for part in ("model", "critic"):
+    for part in ("model", "critic") if algo == "ppo" else ("model",):
         x, y = (a["model"], b["model"]) if part == "model" else (a["critic"]["model"], b["critic"]["model"])
         assert all(torch.equal(x[k], y[k]) for k in x), part
 
@@ -571,7 +651,31 @@ def test_resume_refuses_an_older_layout_or_a_parent_of_another_run(world, tmp_pa
         ppo.run(tiny_config(world, out, max_iters=2, init_dir=str(other_sft.parent)), flags={"resume"})
 
 
-def test_tiny_ppo_raises_a_trivially_learnable_reward(world, tmp_path, monkeypatch):
+def test_tiny_grpo_run_keeps_no_critic_and_resumes_only_as_grpo(world, tmp_path, capsys):
+    out = tmp_path / "grpo"
+    metrics = ppo.run(tiny_config(world, out, algo="grpo", max_iters=2, reward_source="gold"))
+    ckpt = load_checkpoint(str(out), stages={"ppo"})
+    assert ckpt["config"]["algo"] == "grpo" and ckpt["critic"] is None and ckpt["resume"]["critic_optimizer"] is None
+    model_from_checkpoint(ckpt)  # loads like any GPT checkpoint
+    steps = [r for r in read_jsonl_log(str(out / "log.jsonl")) if "rm_score" in r]
+    assert [r["iter"] for r in steps] == [1, 2] and "win_rate" in metrics
+    assert all(r["explained_var"] is None and "value_loss" not in r and math.isfinite(r["ref_kl"]) for r in steps)
+    argv = ["--config", "tiny", f"--data_dir={world['data_dir']}", f"--init_dir={world['sft']}",
+            f"--reward_dir={world['rm']}", f"--out_dir={out}", "--max_iters=3", "--resume"]
+    capsys.readouterr()
+    assert ppo.main(argv) == 0, "resumed without --algo: the run's own grpo"
+    assert "algo='grpo'" in capsys.readouterr().out
+    ckpt = load_checkpoint(str(out))
+    assert ckpt["resume"]["iter"] == 3 and ckpt["critic"] is None and ckpt["config"]["algo"] == "grpo"
+    older = dict(ckpt, config={k: v for k, v in ckpt["config"].items() if k != "algo"})  # before --algo: ppo
+    save_checkpoint(older, str(tmp_path / "older" / "ckpt.pt"))
+    assert ppo.main(argv[:-3] + [f"--out_dir={tmp_path / 'older'}", "--max_iters=4", "--resume", "--algo=grpo"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a ppo run: resume it with --algo=ppo" in err, err
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_tiny_ppo_raises_a_trivially_learnable_reward(world, tmp_path, monkeypatch, algo):
     """The reward: the share of response tokens that are one particular token X.
     The tiny policy starts with P(X) of about 5% at every position; PPO must
     raise the reward several-fold within seconds."""
@@ -588,7 +692,8 @@ def test_tiny_ppo_raises_a_trivially_learnable_reward(world, tmp_path, monkeypat
 
     monkeypatch.setattr(ppo, "score_responses", share_of_x)
     ppo.run(tiny_config(world, tmp_path / "learn", init_dir=str(tmp_path / "sft"), max_iters=10, kl_coef=0.0,
-                        learning_rate=3e-3, ppo_epochs=4, save_interval=100, eval_prompts=2))
+                        kl_loss_coef=0.0, learning_rate=3e-3, ppo_epochs=4, save_interval=100, eval_prompts=2,
+                        algo=algo))
     scores = [r["rm_score"] for r in read_jsonl_log(str(tmp_path / "learn" / "log.jsonl")) if "rm_score" in r]
     first, last = sum(scores[:2]) / 2, sum(scores[-2:]) / 2
     assert last > 3 * first and last > 0.2, f"reward went from {first:.3f} to {last:.3f}"
