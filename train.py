@@ -200,8 +200,7 @@ def setup_distributed(config):
 
 @contextlib.contextmanager
 def deterministic_algorithms(enabled=True):
-    """Deterministic kernels within the block (an op that has none warns), so the same run twice on
-    one machine gives the same numbers (compiled bf16 CPU kernels, for one, differ in the last bits)."""
+    """Deterministic kernels in the block (an op without one warns): the same run twice on one machine, same numbers."""
     before = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     if enabled:
@@ -319,11 +318,6 @@ def read_jsonl_log(path):
             except json.JSONDecodeError:
                 break
     return records
-
-
-def truncate_log(path, last_iter):
-    """On resume, forget log lines written after the checkpoint we resume from."""
-    prepare_data.write_jsonl(path, [r for r in read_jsonl_log(path) if r.get("iter", 0) <= last_iter])
 
 
 def plot_curves(records, series, path, title, xlabel="iteration"):
@@ -451,11 +445,10 @@ def qkv_rows(n_embd, world):
 
 def shard_model(model, parallel, world, device_type, dtype="float32"):
     """Split a GPT's weights across the world's ranks, in place; every rank must hold the same whole weights first.
-    fsdp (ZeRO-3): each block's parameters split in dim 0, gathered whole just before the block's forward (and again
-    for its backward), freed after; gradients reduce-scattered to the shards; the optimizer keeps only the shards.
-    tp (Megatron): in every block q/k/v and the MLP's input layers split by output features (a rank computes its
-    heads, its hidden units), the output projections by input features (partial sums, added across ranks);
-    embeddings, norms and the head stay whole on every rank, and every rank sees the same batch."""
+    fsdp (ZeRO-3): each block's parameters split in dim 0, gathered whole just before its forward (and its backward),
+    freed after; gradients reduce-scattered to the shards, all the optimizer keeps. tp (Megatron): in every block
+    q/k/v and the MLP's input layers split by output features (a rank computes its heads, its hidden units), the
+    output projections by input features (partial sums added across ranks); embeddings, norms, head stay whole."""
     config = model.config
     if parallel == "tp" and (config.n_head % world or (4 * config.n_embd) % world):
         raise ValueError(f"--parallel=tp splits the n_head={config.n_head} heads across {world} processes: "
@@ -609,8 +602,9 @@ def open_log(run, start_iter, summary, dtype, dtype_why):
     if not run.master:
         return
     run.lock = claim_folder(run.out_dir)
-    if run.resume is not None:
-        truncate_log(run.log_path, start_iter)
+    if run.resume is not None:  # the lines written after the checkpoint we resume from are forgotten
+        kept = [r for r in read_jsonl_log(run.log_path) if r.get("iter", 0) <= start_iter]
+        prepare_data.write_jsonl(run.log_path, kept)
         print(f"resuming {run.ckpt_path} at iteration {start_iter}")
     else:  # a new run's log sits beside an older run's until its first save_run: a failed start loses nothing
         run.log_path = os.path.join(run.out_dir, "log.new.jsonl" if os.path.exists(run.log_path) else "log.jsonl")
@@ -737,14 +731,12 @@ def run(config, flags=()):
     raw_model = GPT(model_config).to(run.device)
     if run.resume is not None:
         load_weights(raw_model, run.resume["model"], run.ckpt_path)
-    # timed at the run's own micro-batch: on a smaller one fixed costs hide bf16's gain, and a speedup measured near
-    # the bar flips the choice from run to run
-    timing_batch = batch(config["batch_size"], torch.Generator().manual_seed(0))
+    # timed and compiled on a micro-batch of the loop's shape and layout (x, y: views of one window array): on a
+    # smaller one fixed costs hide bf16's gain (the choice flips from run to run), another layout recompiles
+    example = batch(config["batch_size"], torch.Generator().manual_seed(0))
     dtype, dtype_why, ctx, scaler = training_precision(config["dtype"], run.device_type, raw_model,
-                                                       lambda c: forward_backward(raw_model, [timing_batch], c))
-    # compiled on a batch laid out like the loop's (x, y: views of one window array): another layout recompiles
-    model = wrap_model(raw_model, run, batch(config["batch_size"], torch.Generator().manual_seed(0))
-                       if config["compile"] else None, ctx, run.parallel, dtype)
+                                                       lambda c: forward_backward(raw_model, [example], c))
+    model = wrap_model(raw_model, run, example if config["compile"] else None, ctx, run.parallel, dtype)
     optimizer = configure_optimizer(raw_model, config["learning_rate"], config["weight_decay"],
                                     (config["beta1"], config["beta2"]), run.device_type)
     # per process, so that ranks see other windows; tp's ranks share one batch

@@ -24,7 +24,7 @@ import prepare_data
 import train
 from model import GPT, GPTConfig, load_checkpoint
 from train import (configure_optimizer, convert_value, cosine_lr, parse_config, pick_device, plot_curves,
-                   read_jsonl_log, resolve_dtype, truncate_log)
+                   read_jsonl_log, resolve_dtype)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -618,7 +618,7 @@ def test_ctrl_c_or_sigterm_saves_and_exits_cleanly(data_dir, tmp_path, sig):
 
 # --- logs and plots --------------------------------------------------------------------
 
-def test_jsonl_log_skips_torn_line_and_truncates(tmp_path):
+def test_jsonl_log_skips_torn_line_and_a_resumed_run_truncates_it(tmp_path):
     path = str(tmp_path / "log.jsonl")
     train.append_jsonl(path, {"iter": 1, "loss": 2.0})
     train.append_jsonl(path, {"iter": 2, "loss": 1.5})
@@ -626,8 +626,11 @@ def test_jsonl_log_skips_torn_line_and_truncates(tmp_path):
     with open(path, "a") as f:
         f.write('{"iter": 4, "lo')
     assert [r["iter"] for r in read_jsonl_log(path)] == [1, 2, 3]
-    truncate_log(path, 2)
-    assert [r["iter"] for r in read_jsonl_log(path)] == [1, 2]
+    run = types.SimpleNamespace(master=True, out_dir=str(tmp_path), resume={}, log_path=path, ckpt_path="c", stage="s")
+    train.open_log(run, 2, "resumed", "float32", "as asked")  # resuming at iteration 2
+    records = read_jsonl_log(path)
+    assert [r["iter"] for r in records] == [1, 2, 2], "the lines after the checkpoint's iteration are forgotten"
+    assert records[-1] == {"iter": 2, "dtype": "float32", "dtype_why": "as asked"}, "then the precision is logged"
     assert read_jsonl_log(str(tmp_path / "none.jsonl")) == []
 
 
