@@ -9,6 +9,7 @@ accuracy, greedy answers graded by the simulated labeler, scored by the RM; RM a
 import collections
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -45,12 +46,10 @@ DEFAULTS = dict(
     few_shot="0,1,3",          # solved examples before each question for a base model (plain text); "" skips
 )
 
-PRESETS = {
+PRESETS = {  # tiny: seconds, for tests; small: a 2-core CPU; gpt2: a GPU, the whole HellaSwag validation set and more
     "tiny": dict(val_tokens=2048, max_mc=16, max_prompts=16, max_pairs=32, kl_prompts=8, max_new_tokens=16,
-                 batch_size=16),  # seconds, for tests
-    # a 2-core CPU
+                 batch_size=16),
     "small": dict(val_tokens=16384, max_mc=200, max_prompts=200, kl_prompts=100, max_new_tokens=64, batch_size=32),
-    # a GPU: the whole HellaSwag validation set and more of everything
     "gpt2": dict(val_tokens=2_000_000, max_mc=0, max_prompts=1000, kl_prompts=500, max_new_tokens=128, batch_size=64),
 }
 
@@ -151,31 +150,26 @@ def few_shot_prompt(record, shots):
 
 
 def few_shot_accuracy(model, tokenizer, records, pool, k, seed, new_tokens=24, batch_size=32):
-    """GPT-3's in-context learning: a base model's grades when k solved examples of the same task (from pool, the
-    training split, never the question itself) come before each question, and the mean number of shots that fit
-    the block. The answer is the continuation's first sentence: a quiz answers each question in one."""
+    """GPT-3's in-context learning: a base model's grades with k solved examples of the same task (from pool, the
+    training split, never the question itself) before each question, and the mean number of shots that fit."""
     rng, sep = random.Random(seed * 10 + k), tokenizer.special_ids[bpe.DOC_SEP]
     room, prompts, used = model.config.block_size - new_tokens, [], []
     for record in records:
         same = [s for s in pool if s.get("task") == record.get("task") and s["prompt"] != record["prompt"]]
         shots = rng.sample(same, min(k, len(same)))
-        ids = [sep] + tokenizer.encode(few_shot_prompt(record, shots))
-        while shots and len(ids) > room:  # a long story question: fewer shots, never a cut one
-            shots.pop(0)
-            ids = [sep] + tokenizer.encode(few_shot_prompt(record, shots))
+        while len(ids := [sep] + tokenizer.encode(few_shot_prompt(record, shots))) > room and shots:
+            shots.pop(0)  # a long story question: fewer shots, never a cut one
         prompts.append(ids)
         used.append(len(shots))
-    answers = []
-    for ids, _ in generate_responses(model, prompts, new_tokens, sep, batch_size=batch_size):
-        text = tokenizer.decode(ids)
-        end = re.search(r"[.!?]", text)
-        answers.append((text[:end.end()], True) if end else (text, False))
+    responses = generate_responses(model, prompts, new_tokens, sep, batch_size=batch_size)
+    texts = [tokenizer.decode(ids) for ids, _ in responses]
+    ends = [re.search(r"[.!?]", text) for text in texts]  # a quiz answers each question in one sentence
+    answers = [(text[:end.end()], True) if end else (text, False) for text, end in zip(texts, ends)]
     return dict(tinyworld.grade_answers(records, answers), shots=sum(used) / max(1, len(used)))
 
 
 def generation_speed(model, tokenizer, device, new_tokens=64, repeats=3):
-    """Tokens/s of a greedy continuation of the document separator (batch 1, KV cache): the fastest of `repeats`
-    after a short warm-up (a busy machine only ever slows a run down)."""
+    """Tokens/s of a greedy continuation (batch 1, KV cache) after a warm-up: the fastest of `repeats` (load slows)."""
     start = torch.tensor([[tokenizer.special_ids[bpe.DOC_SEP]]], device=device)
     new_tokens = min(new_tokens, model.config.block_size - 1)
     model.generate(start, 4, temperature=0)
@@ -214,8 +208,7 @@ def win_rate(gold_a, gold_b):
 def compare_ppo_sft(rows, models, config, ctx, log=print):
     """Gold win rate of PPO's greedy answers over SFT's, their RM scores, and KL(PPO || SFT) at KL_TEMPERATURE."""
     by_stage = {r["stage"]: r for r in rows if r["status"] == "ok"}
-    missing = [s for s in ("sft", "ppo") if s not in by_stage]
-    if missing:
+    if missing := [s for s in ("sft", "ppo") if s not in by_stage]:
         return {"status": "skipped", "reason": f"needs both an sft and a ppo checkpoint ({', '.join(missing)} missing)"}
     ppo, sft = by_stage["ppo"], by_stage["sft"]
     if "answers" not in ppo or "answers" not in sft:
@@ -257,8 +250,7 @@ def load_eval_data(dataset, data_dir):
     else:
         data["missing"]["val"] = f"{' or '.join(p for p in paths if not os.path.exists(p))} is missing: {fix}"
     parts = {"mc": os.path.join(folder, "mc.jsonl"), "prompts": os.path.join(folder, "prompts_eval.jsonl"),
-             "shots": os.path.join(folder, "sft_train.jsonl"),
-             "prefs": os.path.join(folder, "prefs_val.jsonl"),
+             "shots": os.path.join(folder, "sft_train.jsonl"), "prefs": os.path.join(folder, "prefs_val.jsonl"),
              "hellaswag": os.path.join(data_dir, "hellaswag", "mc.jsonl")}
     for part, path in parts.items():
         data[part] = prepare_data.read_jsonl(path) if os.path.exists(path) else None
@@ -295,14 +287,13 @@ def evaluate_checkpoint(path, label, config, device, ctx, data_cache, log=print,
         model = quantize_model(model, quantize)
         row.update(label=label + ("" if quantize == "none" else f" {quantize}"), quantize=quantize,
                    weight_bytes=weight_bytes(model), tokens_per_s=generation_speed(model, tokenizer, device))
-        label = row["label"]
     if dataset not in data_cache:
         data_cache[dataset] = load_eval_data(dataset, config["data_dir"])
     data, metrics = data_cache[dataset], row["metrics"]
 
     def skip(metric, reason):
         row["skipped"][metric] = reason
-        log(f"{label}: {metric} skipped ({reason})")
+        log(f"{row['label']}: {metric} skipped ({reason})")
 
     def measure(metric, part, fn):  # metrics[metric] = fn(data[part]), or skipped when the dataset lacks it
         if data[part] is None:
@@ -314,7 +305,7 @@ def evaluate_checkpoint(path, label, config, device, ctx, data_cache, log=print,
             result, row["answers"] = result
         metrics[metric] = result
         figures = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, (int, float)))
-        log(f"{label}: {metric} {figures} ({time.time() - t0:.1f}s)")
+        log(f"{row['label']}: {metric} {figures} ({time.time() - t0:.1f}s)")
     if stage == "rm":
         for metric in ("val", "mc", "chat"):
             skip(metric, "a 'rm' checkpoint does not generate text")
@@ -346,10 +337,9 @@ def ngram_counts(words, n):
 
 
 def bleu(candidates, references, max_n=4, smooth=False):
-    """BLEU of word lists against one reference each (Papineni et al. 2002): the geometric mean of the n-gram
-    precisions (n = 1..max_n, each n-gram counted at most as often as in the reference, summed over the corpus),
-    times the brevity penalty exp(1 - r / c) when the candidates are shorter. smooth adds one to the counts for
-    n > 1 (Lin and Och 2004), so that a single short answer without a matching 4-gram is not 0."""
+    """Corpus BLEU of word lists, one reference each (Papineni et al. 2002): the geometric mean of the n-gram precisions
+    (n = 1..max_n, an n-gram counted at most as often as in its reference) times the brevity penalty exp(1 - r / c)
+    if shorter. smooth adds one to the counts for n > 1 (Lin and Och 2004): one short answer need not score 0."""
     matches, totals, c, r = [0] * max_n, [0] * max_n, 0, 0
     for candidate, reference in zip(candidates, references):
         c, r = c + len(candidate), r + len(reference)
@@ -380,24 +370,21 @@ def rouge_l(candidate, reference):
 
 def text_overlap(answers, records):
     """answers {model: [answer dicts, in records' order]} -> each model's corpus BLEU and mean ROUGE-L against the
-    reference answers, and, over every two models' answers to one prompt that the gold labeler tells apart, how
-    often smoothed sentence BLEU and ROUGE-L order them the same way (a tie counts as not)."""
+    references, and how often smoothed sentence BLEU and ROUGE-L order two answers gold tells apart as gold does."""
     refs = [tinyworld.tokens_of(r["reference_response"]) for r in records]
     words = {m: [tinyworld.tokens_of(a["text"]) for a in answers[m]] for m in answers}
     scores = {m: {"bleu": [bleu([w], [ref], smooth=True) for w, ref in zip(words[m], refs)],
                   "rouge_l": [rouge_l(w, ref) for w, ref in zip(words[m], refs)]} for m in answers}
     out = {"models": {m: {"bleu": bleu(words[m], refs), "rouge_l": sum(scores[m]["rouge_l"]) / max(1, len(refs))}
                       for m in answers}, "pairs": 0, "agree": {"bleu": 0, "rouge_l": 0}}
-    models = list(answers)
-    for i, a in enumerate(models):
-        for b in models[i + 1:]:
-            for k in range(len(refs)):
-                gold = answers[a][k]["gold"] - answers[b][k]["gold"]
-                if gold == 0:
-                    continue
-                out["pairs"] += 1
-                for metric in ("bleu", "rouge_l"):
-                    out["agree"][metric] += (scores[a][metric][k] - scores[b][metric][k]) * gold > 0
+    for a, b in itertools.combinations(answers, 2):
+        for k in range(len(refs)):
+            gold = answers[a][k]["gold"] - answers[b][k]["gold"]
+            if gold == 0:
+                continue
+            out["pairs"] += 1
+            for metric in ("bleu", "rouge_l"):  # a tie of the metric counts as disagreeing
+                out["agree"][metric] += (scores[a][metric][k] - scores[b][metric][k]) * gold > 0
     return out
 
 
@@ -468,9 +455,8 @@ def accuracy_bars(rows):
     """{measure: {label: value}} of the accuracies to compare across stages."""
     measures = {"multiple choice (per token)": ("mc", "accuracy_norm"), "task accuracy": ("chat", "accuracy"),
                 "end-of-turn rate": ("chat", "end_rate"), "RM accuracy (gold)": ("rm", "accuracy_gold")}
-    bars = {name: {r["label"]: r["metrics"][metric][key] for r in rows
-                   if r["status"] == "ok" and r["metrics"].get(metric, {}).get(key) is not None}
-            for name, (metric, key) in measures.items()}
+    bars = {name: {r["label"]: r["metrics"][metric][key] for r in rows if r["status"] == "ok"
+                   and r["metrics"].get(metric, {}).get(key) is not None} for name, (metric, key) in measures.items()}
     return {name: values for name, values in bars.items() if values}
 
 
@@ -534,6 +520,7 @@ def markdown_report(report):
     """report.md: the table (one row per stage), accuracy per task, PPO vs SFT, what was skipped and why, the plots."""
     def fmt(value, spec=".3f"):
         return "-" if value is None else format(value, spec)
+    pct = functools.partial(fmt, spec=".1%")
     rows, c = report["rows"], report["ppo_vs_sft"]
     columns = ["stage", "val loss", "val bits/byte", "mc acc (sum / per token)", "task acc", "gold", "end rate",
                "words", "RM score", "RM acc (gold / noisy)", "win vs SFT", "KL to SFT"]
@@ -546,11 +533,11 @@ def markdown_report(report):
             val, mc, chat, rm = (row["metrics"].get(m, {}) for m in ("val", "mc", "chat", "rm"))
             cmp = c if row["stage"] == "ppo" and c.get("status") == "ok" else {}
             cells = [row["label"], fmt(val.get("loss")), fmt(val.get("bpb")),
-                     f"{fmt(mc.get('accuracy'), '.1%')} / {fmt(mc.get('accuracy_norm'), '.1%')}" if mc else "-",
-                     fmt(chat.get("accuracy"), ".1%"), fmt(chat.get("gold"), "+.3f"), fmt(chat.get("end_rate"), ".1%"),
+                     f"{pct(mc.get('accuracy'))} / {pct(mc.get('accuracy_norm'))}" if mc else "-",
+                     pct(chat.get("accuracy")), fmt(chat.get("gold"), "+.3f"), pct(chat.get("end_rate")),
                      f"{chat['words']:.1f}" if chat else "-", fmt(row.get("rm_score"), "+.3f"),
-                     f"{fmt(rm.get('accuracy_gold'), '.1%')} / {fmt(rm.get('accuracy_noisy'), '.1%')}" if rm else "-",
-                     fmt(cmp.get("win_rate", {}).get("win_rate"), ".1%"), fmt(cmp.get("kl"))]
+                     f"{pct(rm.get('accuracy_gold'))} / {pct(rm.get('accuracy_noisy'))}" if rm else "-",
+                     pct(cmp.get("win_rate", {}).get("win_rate")), fmt(cmp.get("kl"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "mc: the embedded cloze set, each context after the document separator; task acc, gold, end rate "
               "and words: greedy answers to held-out prompts in the chat template, graded by the simulated labeler; "
@@ -561,52 +548,47 @@ def markdown_report(report):
     if tasks:
         lines += ["## Task accuracy per task type", "", "| stage | " + " | ".join(tasks) + " |",
                   "|---|" + "---|" * len(tasks)]
-        lines += [f"| {label} | " + " | ".join(fmt(by[t]["accuracy"], ".1%") if t in by else "-" for t in tasks)
+        lines += [f"| {label} | " + " | ".join(pct(by[t]["accuracy"]) if t in by else "-" for t in tasks)
                   + " |" for label, by in chats] + [""]
     shots = [(f"{r['label']}, {m} (plain text)", g) for r in rows for m, g in r.get("metrics", {}).items()
              if m.endswith("-shot")]
     if shots:
-        shots += [(f"{label}, chat template, zero-shot", dict(r["metrics"]["chat"], shots=0)) for label, r in
-                  ((r["label"], r) for r in rows if r["stage"] in ("sft", "ppo") and "chat" in r["metrics"])]
+        shots += [(f"{r['label']}, chat template, zero-shot", dict(r["metrics"]["chat"], shots=0)) for r in rows
+                  if r["stage"] in ("sft", "ppo") and "chat" in r["metrics"]]
         lines += ["## Few-shot prompting", "", "Task accuracy of the base model with k solved examples of the same "
                   "task before each question, no gradient step (GPT-3); the chat models answer zero-shot.", "",
                   "| model | shots used | all | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks)]
-        lines += [f"| {label} | {g['shots']:.1f} | {fmt(g['accuracy'], '.1%')} | " + " | ".join(
-            fmt(g["by_task"][t]["accuracy"], ".1%") if t in g["by_task"] else "-" for t in tasks) + " |"
+        lines += [f"| {label} | {g['shots']:.1f} | {pct(g['accuracy'])} | " + " | ".join(
+            pct(g["by_task"][t]["accuracy"]) if t in g["by_task"] else "-" for t in tasks) + " |"
             for label, g in shots] + [""]
     hs = [(r["label"], r["metrics"]["hellaswag"]) for r in rows if "hellaswag" in r.get("metrics", {})]
     if hs:
-        lines += ["## HellaSwag", ""] + [f"- {label}: {fmt(h['accuracy'], '.1%')} (per token "
-                                         f"{fmt(h['accuracy_norm'], '.1%')}) on {h['n']} items" for label, h in hs]
-        lines.append("")
+        lines += ["## HellaSwag", ""] + [f"- {label}: {pct(h['accuracy'])} (per token {pct(h['accuracy_norm'])}) on "
+                                         f"{h['n']} items" for label, h in hs] + [""]
     if report.get("alignment_tax"):
         lines += ["## Alignment tax", "", "What each chat model lost of its base model's language: val bits per byte "
                   "and cloze accuracy (sum), before -> after.", "", "| model | base | val bits/byte | ratio | cloze "
                   "| change |", "|---|---|---|---|---|---|"]
         for label, t in report["alignment_tax"].items():
-            if "reason" in t:
-                lines.append(f"| {label} | - | {t['reason']} | | | |")
-                continue
-            change = "-" if t["cloze_change"] is None else f"{100 * t['cloze_change']:+.1f} pts"
-            lines.append(f"| {label} | {t['base']} | {fmt(t['bpb_base'])} -> {fmt(t['bpb'])} | {t['bpb_ratio']:.2f}x "
-                         f"| {fmt(t['cloze_base'], '.1%')} -> {fmt(t['cloze'], '.1%')} | {change} |")
+            change = "-" if t.get("cloze_change") is None else f"{100 * t['cloze_change']:+.1f} pts"
+            lines.append(f"| {label} | - | {t['reason']} | | | |" if "reason" in t else
+                         f"| {label} | {t['base']} | {fmt(t['bpb_base'])} -> {fmt(t['bpb'])} | {t['bpb_ratio']:.2f}x "
+                         f"| {pct(t['cloze_base'])} -> {pct(t['cloze'])} | {change} |")
         lines.append("")
     if report.get("quantized"):
         lines += ["## Quantized weights", "", "Each text model again with its weights stored in 8 or 4 bits and "
                   "dequantized on the fly (model.quantize_model: int8 one absmax scale per output row, int4 one per "
                   "32 inputs, two values a byte), against its float row; tokens/s: a greedy continuation, batch 1, "
-                  "the fastest of 3.",
-                  "", "| model | weights | MB | vs float32 | val bits/byte | change | cloze | task acc | tokens/s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "the fastest of 3.", "", "| model | weights | MB | vs float32 | val bits/byte | change | cloze "
+                  "| task acc | tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
         for base in [r for r in rows if r.get("quantize") == "none"]:
             for row in [base] + [q for q in report["quantized"] if q.get("path") == base["path"] and "quantize" in q]:
                 bpb, base_bpb = (r["metrics"].get("val", {}).get("bpb") for r in (row, base))
                 change = "-" if bpb is None or base_bpb is None else f"{100 * (bpb / base_bpb - 1):+.1f}%"
                 lines.append(f"| {base['label']} | {row['quantize'].replace('none', 'float32')} | "
                              f"{row['weight_bytes'] / 1e6:.2f} | {base['weight_bytes'] / row['weight_bytes']:.2f}x | "
-                             f"{fmt(bpb)} | {change} | {fmt(row['metrics'].get('mc', {}).get('accuracy'), '.1%')} | "
-                             f"{fmt(row['metrics'].get('chat', {}).get('accuracy'), '.1%')} | "
-                             f"{row['tokens_per_s']:.0f} |")
+                             f"{fmt(bpb)} | {change} | {pct(row['metrics'].get('mc', {}).get('accuracy'))} | "
+                             f"{pct(row['metrics'].get('chat', {}).get('accuracy'))} | {row['tokens_per_s']:.0f} |")
         lines.append("")
     if report.get("overlap"):
         o = report["overlap"]
@@ -616,12 +598,12 @@ def markdown_report(report):
                   "| model | BLEU | ROUGE-L |", "|---|---|---|"]
         lines += [f"| {m} | {fmt(v['bleu'])} | {fmt(v['rouge_l'])} |" for m, v in o["models"].items()]
         lines += ["", f"Agreement with the gold labeler on {o['pairs']} pairs: BLEU "
-                  f"{fmt(o['agree']['bleu'] / max(1, o['pairs']), '.1%')}, ROUGE-L "
-                  f"{fmt(o['agree']['rouge_l'] / max(1, o['pairs']), '.1%')}.", ""]
+                  f"{pct(o['agree']['bleu'] / max(1, o['pairs']))}, ROUGE-L "
+                  f"{pct(o['agree']['rouge_l'] / max(1, o['pairs']))}.", ""]
     lines += ["## PPO against SFT", ""]
     if c.get("status") == "ok":
         w = c["win_rate"]
-        lines.append(f"- gold win rate of PPO over SFT: {fmt(w['win_rate'], '.1%')} ({w['wins']} wins, "
+        lines.append(f"- gold win rate of PPO over SFT: {pct(w['win_rate'])} ({w['wins']} wins, "
                      f"{w['ties']} ties, {w['losses']} losses on {w['n']} prompts); mean gold "
                      f"{fmt(c['gold_ppo'], '+.3f')} vs {fmt(c['gold_sft'], '+.3f')}")
         if c.get("rm_ppo") is not None:
@@ -708,7 +690,7 @@ def run(config, log=None):
         torch.set_num_threads(threads)  # leave the process as it was (a test, a notebook)
     # 5. the plots: every stage's log, the accuracies, PPO's log, the alignment tax
     out_dir, plots = config["out"] or os.path.join(config["out_root"], config["config"], "eval"), []
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)  # an unwritable folder fails here, named, before any plot is drawn
     logs = {r["label"]: read_jsonl_log(os.path.join(os.path.dirname(r["file"]), "log.jsonl"))
             for r in rows if r["status"] == "ok"}
     ppo_records = next((logs[r["label"]] for r in rows if r["status"] == "ok" and r["stage"] == "ppo"), None)

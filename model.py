@@ -10,8 +10,6 @@ The design choices the lectures discuss are switches in GPTConfig, GPT-2's choic
     mlp        "gelu"      | "swiglu"
     pos        "learned"   | "rope"      (rotary embeddings rotate q and k instead)
     attention  "sdpa"      | "explicit"  (F.scaled_dot_product_attention, or scores / mask / softmax / sum by hand)
-
-A checkpoint is a plain dict loaded with torch.load(weights_only=True): see "Checkpoints" at the bottom.
 """
 
 import math
@@ -49,13 +47,13 @@ class GPTConfig:
                               "pos": ("learned", "rope"), "attention": ("sdpa", "explicit")}.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model option {name}={getattr(self, name)!r} is not one of {allowed}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model option {name} must be at least 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rotary positions need an even head size, got {self.n_embd // self.n_head}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model option {name} must be at least 1, got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, d):
@@ -92,14 +90,13 @@ def rope_tables(head_size, max_len, theta=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate channel pairs (x1, x2) of x (B, H, T, D) by cos/sin (T, D/2), or (B, 1, T, D/2) for per-row positions."""
+    """Rotate channel pairs (x1, x2) of x (B, H, T, D) by cos, sin (1, T, D/2), or (B, 1, T, D/2): per-row positions."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
 
 
 def causal_mask(q_len, k_len, device):
-    """Boolean (q_len, k_len), True where allowed: query i sits at position k_len - q_len + i (earlier keys
-    from a KV cache) and sees every key at or before it."""
+    """Boolean (q_len, k_len), True where allowed: query i, at k_len - q_len + i (after cached keys), sees up to it."""
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
 
 
@@ -136,12 +133,10 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope=None, cache=None, attn_mask=None):
-        """attn_mask: (B, 1, T, T) boolean, True where a query may see a key, in
-        place of the causal mask (several sequences packed in one row: reward.py)."""
+        """attn_mask (B, 1, T, T), True where a query may see a key: instead of causal (packed rows: reward.py)."""
         B, T, _ = x.size()
-        # heads counted from the width (-1): under tensor parallelism (train.py) a rank holds only its heads
-        qkv = self.c_attn(x).chunk(3, dim=2)
-        q, k, v = (t.view(B, T, -1, self.head_size).transpose(1, 2) for t in qkv)  # (B, H, T, D) each
+        # (B, H, T, D) each, heads counted from the width (-1): under tensor parallelism (train.py) a rank holds its own
+        q, k, v = (t.view(B, T, -1, self.head_size).transpose(1, 2) for t in self.c_attn(x).chunk(3, dim=2))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -157,8 +152,7 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def attend(self, q, k, v, attn_mask=None):
-        """q (B, H, Tq, D), k and v (B, H, Tk, D) -> (B, H, Tq, D): the given mask,
-        else causal (the last Tq of Tk positions, when a cache holds the first)."""
+        """q (B, H, Tq, D), k and v (B, H, Tk, D) -> (B, H, Tq, D); no mask: causal, q the last Tq of Tk positions."""
         q_len, k_len = q.size(2), k.size(2)
         dropout_p = self.dropout if self.training else 0.0
         # sdpa needs no mask when is_causal does it (q_len == k_len) or one new token sees all (q_len == 1)
@@ -211,11 +205,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=make_norm(config),
-        ))
+            wte=nn.Embedding(config.vocab_size, config.n_embd), drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]), ln_f=make_norm(config)))
         if config.pos == "learned":
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         else:
@@ -241,24 +232,21 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def hidden_states(self, idx, cache=None, positions=None, attn_mask=None):
-        """ids (B, T) -> final-norm hidden states (B, T, n_embd), which forward() and later stages' heads read.
-        positions (B, T) and attn_mask (B, 1, T, T), together: each token's position in its own sequence and who
-        sees whom, for rows packing sequences that share a prefix (reward.py; rows may exceed block_size)."""
+        """ids (B, T) -> final-norm hidden states (B, T, n_embd), read by forward() and later stages' heads.
+        Rows packing sequences that share a prefix (reward.py) give positions (B, T) and attn_mask (B, 1, T, T)."""
         T = idx.size(1)
         if (positions is None) != (attn_mask is None) or (positions is not None and cache is not None):
             raise ValueError("hidden_states: give positions and attn_mask together, and without a cache")
         start = 0 if cache is None else cache.pos
-        longest = start + T if positions is None else int(positions.max()) + 1
+        longest = start + T if positions is None else int(positions.max()) + 1  # a packed row may exceed block_size
         if longest > self.config.block_size:
             raise ValueError(f"sequence of {longest} tokens is longer than block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device) if positions is None else positions  # (T,) or (B, T)
         x, rope = self.transformer.wte(idx), None
         if self.config.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device) if positions is None
-                                         else positions)
-        elif positions is None:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
-        else:
-            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])  # (B, 1, T, D/2) each
+            x = x + self.transformer.wpe(pos)
+        else:  # cos and sin (1, T, D/2) or (B, 1, T, D/2): one head axis, broadcast over the heads
+            rope = (self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3))
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, cache, attn_mask)
@@ -340,26 +328,23 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
 
 @torch.no_grad()
 def generate_responses(model, prompts, max_new_tokens, stop_token, temperature=0.0, seed=None, batch_size=64):
-    """Prompts (lists of ids) -> [(response_ids before the first stop_token, ended), ...] in order. The KV cache
-    needs a rectangular batch, so prompts of one length go together (no padding: positions as for one prompt);
-    a prompt that leaves no room for max_new_tokens keeps its latest tokens."""
+    """Prompts (lists of ids) -> [(response ids before the first stop_token, ended)] in order. Prompts of one length
+    share a batch (the KV cache needs rectangles; no padding shifts positions); a long one keeps its latest tokens."""
     block = model.config.block_size
     max_new_tokens = max(1, min(max_new_tokens, block - 1))
     prompts = [list(p)[-(block - max_new_tokens):] for p in prompts]
     by_length = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
-    results, group = [None] * len(prompts), 0
-    for length, indices in sorted(by_length.items()):
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=next(model.parameters()).device)
-            out = model.generate(idx, max_new_tokens, temperature=temperature, stop_token=stop_token,
-                                 seed=None if seed is None else seed + group)
-            group += 1
-            for i, row in zip(chunk, out[:, length:].tolist()):
-                ended = stop_token in row
-                results[i] = (row[:row.index(stop_token)] if ended else row, ended)
+    chunks = [ids[s:s + batch_size] for _, ids in sorted(by_length.items()) for s in range(0, len(ids), batch_size)]
+    results = [None] * len(prompts)
+    for group, chunk in enumerate(chunks):
+        idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=next(model.parameters()).device)
+        out = model.generate(idx, max_new_tokens, temperature=temperature, stop_token=stop_token,
+                             seed=None if seed is None else seed + group)
+        for i, row in zip(chunk, out[:, idx.size(1):].tolist()):
+            ended = stop_token in row
+            results[i] = (row[:row.index(stop_token)] if ended else row, ended)
     return results
 
 
@@ -398,8 +383,7 @@ def dequantize(q, scale):
 
 
 def pack_int4(q):
-    """int8 values in [-8, 7], (..., in) with in even -> uint8 (..., in // 2): two's-complement nibbles, the
-    even column in the low 4 bits, the odd one in the high 4."""
+    """int8 in [-8, 7] (..., even in) -> uint8 (..., in // 2): two's-complement nibbles, even column low, odd high."""
     nibbles = (q & 0xF).to(torch.uint8)
     return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
 
@@ -423,14 +407,12 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
-    def rows(self, idx):
-        """Rows idx (any shape of ids) of the float weight, only those dequantized -> idx.shape + (in,)."""
+    def rows(self, idx=slice(None)):
+        """Rows idx (ids, any shape; default all) of the float weight, only those dequantized -> idx.shape + (in,)."""
         q = self.qweight[idx]
         return dequantize(unpack_int4(q) if self.bits == 4 else q, self.scale[idx])
 
-    @property
-    def weight(self):
-        return dequantize(unpack_int4(self.qweight) if self.bits == 4 else self.qweight, self.scale)
+    weight = property(rows)  # the whole float weight, as nn.Linear's
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -471,7 +453,7 @@ def weight_bytes(model):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: a dict of plain values and tensors
+# Checkpoints: a dict of plain values and tensors, loaded with torch.load(weights_only=True): no pickled code
 #   format, version     "stagegpt-ckpt", CHECKPOINT_VERSION
 #   stage               "pretrain" | "sft" | "rm" | "ppo" | ...
 #   model_args          GPTConfig as a dict
@@ -494,13 +476,9 @@ class CheckpointError(ValueError):
 
 def clean_state_dict(model):
     """The state_dict of model unwrapped from DDP and torch.compile: the same keys whichever way it was trained."""
-    while True:
-        if isinstance(getattr(model, "module", None), nn.Module):        # DDP
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model.state_dict()
+    while isinstance(inner := getattr(model, "module", getattr(model, "_orig_mod", None)), nn.Module):
+        model = inner  # DDP's .module, or torch.compile's ._orig_mod
+    return model.state_dict()
 
 
 def checkpoint_file(path):

@@ -1,5 +1,4 @@
-"""
-prepare_data.py: the data of every stage, from raw text to preference pairs.
+"""prepare_data.py: the data of every stage, from raw text to preference pairs.
 
 Every later stage learns from the files this script writes into data/NAME/:
 
@@ -16,8 +15,6 @@ With no arguments: tinyworld (tinyworld.py: generated offline from a seed, answe
 are downloaded once and parsed into the same files: tinyshakespeare and TinyStories (pretraining), Alpaca (SFT),
 Anthropic HH-RLHF (preferences), HellaSwag (multiple choice); or any text file (--input). Raw text is curated as the
 lectures teach it: exact duplicates, repeated and boilerplate lines, C4-style quality, MinHash near-duplicates, privacy.
-
-Read top to bottom: configuration, the real corpora, curation, tokenization, the build, the command line.
 """
 
 import argparse
@@ -246,7 +243,9 @@ def download(url, path, sha256=None, timeout=DOWNLOAD_TIMEOUT_S, retries=DOWNLOA
 
 
 def fetch_all(cfg):
-    """Download (or find in the cache) the dataset's sources: (paths, meta with their URLs and sha256)."""
+    """The --input file, or the dataset's sources downloaded (or found in the cache): (paths, meta: URLs and sha256)."""
+    if cfg.input:
+        return [cfg.input], {"source": os.path.abspath(cfg.input), "source_sha256": sha256_file(cfg.input)}
     sources = DATASETS[cfg.dataset]["sources"]
     paths = [download(source_url(s, cfg.mirror), os.path.join(cfg.data_root, DOWNLOAD_DIR, SOURCES[s]["filename"]),
                       sha256=SOURCES[s].get("sha256"), quiet=cfg.quiet) for s in sources]
@@ -667,10 +666,7 @@ def build_tinyworld(cfg):
 
 def build_pretrain(cfg):
     """shakespeare, tinystories or --input: documents -> tokenizer and bins."""
-    if cfg.input:
-        paths, meta = [cfg.input], {"source": os.path.abspath(cfg.input), "source_sha256": sha256_file(cfg.input)}
-    else:
-        paths, meta = fetch_all(cfg)
+    paths, meta = fetch_all(cfg)
     text = read_text(paths[0])
     docs = parse_tinystories(text) if cfg.dataset == "tinystories" and not cfg.input else chunk_text(text)
     meta["raw_docs"] = len(docs)

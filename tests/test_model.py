@@ -49,6 +49,8 @@ def test_config_rejects_bad_options():
         GPTConfig(norm="batchnorm")
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=10, n_head=3)
+    with pytest.raises(ValueError, match="n_head must be at least 1"):  # checked before n_embd % n_head divides by it
+        GPTConfig(n_head=0)
     with pytest.raises(ValueError, match="even head size"):
         GPTConfig(n_embd=12, n_head=4, pos="rope")
     with pytest.raises(ValueError, match="unknown model options"):
