@@ -213,10 +213,11 @@ def compare_ppo_sft(rows, models, config, ctx, log=print):
     ppo, sft = by_stage["ppo"], by_stage["sft"]
     if "answers" not in ppo or "answers" not in sft:
         return {"status": "skipped", "reason": "no held-out prompts were answered (see the chat rows)"}
-    out = {"status": "ok", "win_rate": win_rate(*([a["gold"] for a in r["answers"]] for r in (ppo, sft))),
+    out = {"status": "ok", "label": ppo["label"],
+           "win_rate": win_rate(*([a["gold"] for a in r["answers"]] for r in (ppo, sft))),
            "gold_ppo": ppo["metrics"]["chat"]["gold"], "gold_sft": sft["metrics"]["chat"]["gold"],
            "rm_ppo": ppo.get("rm_score"), "rm_sft": sft.get("rm_score"), "kl": None}
-    log(f"ppo vs sft: gold win rate {out['win_rate']['win_rate']:.1%} on {out['win_rate']['n']} prompts")
+    log(f"{ppo['label']} vs sft: gold win rate {out['win_rate']['win_rate']:.1%} on {out['win_rate']['n']} prompts")
     (policy, tokenizer), reference = models[ppo["label"]], models[sft["label"]][0]
     end, block = tokenizer.special_ids[bpe.END_OF_TURN], policy.config.block_size
     room = block - max(1, min(config["max_new_tokens"], block - 1))  # the prompt tokens generate_responses keeps
@@ -230,8 +231,8 @@ def compare_ppo_sft(rows, models, config, ctx, log=print):
                                 config["batch_size"])
         out.update(kl=float(np.mean(kls)), kl_stderr=float(np.std(kls) / math.sqrt(len(kls))), kl_samples=len(kls),
                    kl_temperature=KL_TEMPERATURE)
-        log(f"ppo vs sft: KL(ppo || sft) {out['kl']:.3f} +- {out['kl_stderr']:.3f} nats per response on "
-            f"{len(kls)} samples ({time.time() - t0:.1f}s)")
+        log(f"{ppo['label']} vs sft: KL({ppo['label']} || sft) {out['kl']:.3f} +- {out['kl_stderr']:.3f} nats per "
+            f"response on {len(kls)} samples ({time.time() - t0:.1f}s)")
     return out
 
 
@@ -280,8 +281,9 @@ def evaluate_checkpoint(path, label, config, device, ctx, data_cache, log=print,
         row.update(status="error", reason=reason)
         log(f"{label}: error: {row['reason']}")
         return row, None, None
-    label, dataset = (label if named else stage), (ckpt["config"].get("dataset") or "tinyworld")
-    row.update(label=label, stage=stage, file=file, parent=ckpt.get("parent"), dataset=dataset,
+    algo = ckpt["config"].get("algo", "ppo") if stage == "ppo" else None  # ppo.py --algo=grpo: stage ppo too
+    label, dataset = (label if named else algo or stage), (ckpt["config"].get("dataset") or "tinyworld")
+    row.update(label=label, stage=stage, algo=algo, file=file, parent=ckpt.get("parent"), dataset=dataset,
                params=sum(p.numel() for p in model.parameters()), reward_norm=ckpt.get("reward_norm"))
     if stage != "rm" and config["quantize"] != "none":  # the figures --quantize compares: size and speed
         model = quantize_model(model, quantize)
@@ -600,7 +602,7 @@ def markdown_report(report):
         lines += ["", f"Agreement with the gold labeler on {o['pairs']} pairs: BLEU "
                   f"{pct(o['agree']['bleu'] / max(1, o['pairs']))}, ROUGE-L "
                   f"{pct(o['agree']['rouge_l'] / max(1, o['pairs']))}.", ""]
-    lines += ["## PPO against SFT", ""]
+    lines += [f"## {c.get('label', 'ppo').upper()} against SFT", ""]
     if c.get("status") == "ok":
         w = c["win_rate"]
         lines.append(f"- gold win rate of PPO over SFT: {pct(w['win_rate'])} ({w['wins']} wins, "

@@ -530,6 +530,19 @@ def test_run_with_only_pretrain_reports_missing_rows(world, tmp_path):
     assert "| rm | missing:" in md and "python reward.py --config tiny" in md
 
 
+def test_a_grpo_checkpoint_is_named_by_its_algorithm_and_compared_with_sft(world, tmp_path):
+    tiny = os.path.join(world["out_root"], "tiny")
+    save_stage(str(tmp_path / "grpo-run"), "ppo", world["models"]["ppo"], world["tok"],
+               config={"dataset": "tinyworld", "algo": "grpo"})  # ppo.py --algo=grpo writes a ppo-stage checkpoint
+    ckpts = f"{os.path.join(tiny, 'sft')},{tmp_path / 'grpo-run'}"
+    report = E.run(tiny_config(world, config="", ckpts=ckpts, out=str(tmp_path / "eval"), max_prompts=4, max_mc=2,
+                               val_tokens=128, kl_prompts=2), log=lambda s: None)
+    assert [(r["label"], r["stage"], r["algo"]) for r in report["rows"]] == [("sft", "sft", None),
+                                                                            ("grpo", "ppo", "grpo")]
+    assert report["ppo_vs_sft"]["status"] == "ok" and report["ppo_vs_sft"]["label"] == "grpo"
+    assert "## GRPO against SFT" in (tmp_path / "eval" / "report.md").read_text()
+
+
 def test_parse_args_ckpts_and_errors():
     config = E.parse_args(["--ckpts=a,b", "--max-prompts=5", "--config", "tiny"])
     assert config["ckpts"] == "a,b" and config["max_prompts"] == 5 and config["config"] == "tiny"
