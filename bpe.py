@@ -34,6 +34,9 @@ the ids after the merges. They are never learned from text, and plain `encode`
 never produces them: the text "<|end|>" typed by a user is just characters.
 Only `encode(text, allow_special=True)` turns those strings into control ids.
 
+Another BPE (GPT-2's files, say) loads with from_vocab and keeps its own ids;
+encode_iterable encodes a stream of text (a large file) without holding it all.
+
 Command line:
   python bpe.py train  --input FILE --vocab-size N --out PATH [--pattern gpt4|gpt2]
   python bpe.py encode --tokenizer PATH "some text"     (shows the pieces)
@@ -58,6 +61,13 @@ import tiktoken
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+
+# Where encode_iterable may cut a stream so that the two halves encode to the ids of the whole: next to a "\n"
+# followed by a non-space character. No chunk of either pattern joins such a "\n" to the character after it, so
+# what matters is the whitespace before it: GPT-4 ends it with the "\n" (" \n" is one chunk), so the cut goes
+# after the "\n"; GPT-2 leaves the "\n" alone (" ", "\n"), so the cut goes before it. Other patterns: no cut.
+STREAM_CUT_OFFSET = {GPT4_PATTERN: 1, GPT2_PATTERN: 0}
+STREAM_CHARS = 1 << 16  # encode_iterable encodes pieces of at least this many characters
 
 # -----------------------------------------------------------------------------
 # Special tokens, reserved in every tokenizer, with ids right after the merges
@@ -248,6 +258,15 @@ def build_vocab(merges):
     return token_bytes
 
 
+def gpt2_bytes_to_unicode():
+    """GPT-2's files spell each byte as a printable character: the 188 printable bytes ('!'..'~',
+    '¡'..'¬', '®'..'ÿ') stand for themselves, the other 68 become chr(256 + n) in byte order
+    (0 -> 'Ā', 32 (space) -> 'Ġ'). In this dict's order, a byte's position is its GPT-2 id."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
 def encode_chunk(ids, ranks):
     """Apply learned merges to one pre-token, earliest-learned first.
     `ranks` maps pair -> the id it merges into (smaller id = learned earlier).
@@ -270,34 +289,45 @@ class Tokenizer:
 
     ids 0..255      the bytes
     ids 256..       one per merge, in creation order
-    then            the special tokens, in SPECIAL_TOKENS order
+    then            the special tokens, in order (SPECIAL_TOKENS unless given)
+    These are the tokens' ranks. A tokenizer built from another BPE's vocabulary
+    (from_vocab) gives each token that vocabulary's id instead: ids[rank].
     """
 
-    def __init__(self, merges, pattern="gpt4"):
+    def __init__(self, merges, pattern="gpt4", special_tokens=SPECIAL_TOKENS, ids=None):
         self.pattern = resolve_pattern(pattern)
         self.merges = [tuple(int(x) for x in pair) for pair in merges]
         self.ranks = {pair: 256 + i for i, pair in enumerate(self.merges)}
         self.token_bytes = build_vocab(self.merges)
-        n = len(self.token_bytes)
-        self.special_ids = {s: n + i for i, s in enumerate(SPECIAL_TOKENS)}
-        self.special_by_id = {i: s for s, i in self.special_ids.items()}
-        self.vocab_size = n + len(SPECIAL_TOKENS)
+        self.special_tokens = list(special_tokens or [])
+        n = len(self.token_bytes) + len(self.special_tokens)
+        self.ids = None if ids is None or list(ids) == list(range(n)) else [int(i) for i in ids]  # None: id = rank
+        table = self.ids or range(n)
+        if len(table) != n or len(set(table)) != n or min(table) < 0:
+            raise ValueError(f"the id table needs {n} distinct ids >= 0: one per byte, merge and special token")
+        self.vocab = dict(zip(table, self.token_bytes + [s.encode() for s in self.special_tokens]))  # id -> bytes
+        self.special_ids = {s: table[len(self.token_bytes) + k] for k, s in enumerate(self.special_tokens)}
+        self.vocab_size = max(table) + 1
         self._encoding = None  # the tiktoken.Encoding, built on first use
         self._regex = regex.compile(self.pattern)
+        longest_first = sorted(self.special_tokens, key=len, reverse=True)
+        self._specials = regex.compile("(" + "|".join(map(regex.escape, longest_first)) + ")")  # see _around_specials
 
     # --- fast path (tiktoken) ---------------------------------------------
     def to_tiktoken(self, name="stagegpt"):
         """The same tokenizer as a tiktoken.Encoding: every byte string ranked by
-        its id (bytes first, merges in creation order), specials after them."""
+        merge order (bytes first, merges in creation order), specials after them.
+        Its ids are the ranks, which encode() maps to ids (the same unless from_vocab)."""
         mergeable_ranks = {b: i for i, b in enumerate(self.token_bytes)}
         if len(mergeable_ranks) != len(self.token_bytes):
             raise ValueError("two ids share one byte string; tiktoken cannot represent this tokenizer")
+        n = len(self.token_bytes)
         return tiktoken.Encoding(
             name=name,
             pat_str=self.pattern,
             mergeable_ranks=mergeable_ranks,
-            special_tokens=dict(self.special_ids),
-            explicit_n_vocab=self.vocab_size,
+            special_tokens={s: n + k for k, s in enumerate(self.special_tokens)},
+            explicit_n_vocab=n + len(self.special_tokens),
         )
 
     @property
@@ -309,46 +339,70 @@ class Tokenizer:
     def encode(self, text, allow_special=False):
         """Text -> ids through tiktoken. Special-token strings in `text` are
         plain characters unless allow_special=True (never for user text)."""
-        if allow_special:
-            return self.encoding.encode(text, allowed_special="all")
-        return self.encoding.encode_ordinary(text)
+        if allow_special and self.special_tokens:
+            return self._around_specials(text, self.encode)
+        return self._own_ids(self.encoding.encode_ordinary(text))
 
     def encode_batch(self, texts, allow_special=False, num_threads=8):
         """Many texts at once, on several threads (tiktoken releases the GIL)."""
         if allow_special:
-            return self.encoding.encode_batch(texts, num_threads=num_threads, allowed_special="all")
-        return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+            return [self.encode(text, allow_special=True) for text in texts]
+        return [self._own_ids(ids) for ids in self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)]
+
+    def _around_specials(self, text, encode_plain):
+        """encode_plain() on the text between special-token strings, their ids between:
+        "a<|end|>b" -> encode_plain("a") + [id of <|end|>] + encode_plain("b"). Split here, not by
+        tiktoken, so that where special tokens overlap the longest wins ("<|a|><|a|>" over "<|a|>")."""
+        parts = self._specials.split(text)  # odd positions are the special tokens
+        return [i for k, part in enumerate(parts) for i in ([self.special_ids[part]] if k % 2 else encode_plain(part))]
+
+    def _own_ids(self, ranks):
+        return ranks if self.ids is None else [self.ids[r] for r in ranks]
+
+    def encode_iterable(self, lines, allow_special=False):
+        """Yields the ids of "".join(lines) while the text streams in (an open file, say), holding only
+        a piece of it: the text is encoded up to its last safe cut (STREAM_CUT_OFFSET), the rest waits
+        for more. A text with no safe cut yet (no line breaks) is held until it has one or ends."""
+        if self.pattern not in STREAM_CUT_OFFSET or allow_special and any("\n" in s for s in self.special_tokens):
+            raise ValueError("encode_iterable cuts only gpt2 or gpt4 text, no special token with a line break: use encode")
+        pending, size, limit = [], 0, STREAM_CHARS
+        for line in lines:
+            pending.append(line)
+            size += len(line)
+            if size >= limit:
+                text = "".join(pending)
+                cut = self._stream_cut(text, allow_special)
+                yield from self.encode(text[:cut], allow_special)
+                pending, size = [text[cut:]], len(text) - cut
+                limit = max(STREAM_CHARS, 2 * size)  # no cut found: wait for twice the text (linear time)
+        yield from self.encode("".join(pending), allow_special)
+
+    def _stream_cut(self, text, allow_special):
+        """The last index where `text` can be cut without changing its ids, or 0: at a line break followed
+        by a non-space character that starts no special token, even in part (a special token ends the
+        text before it, as a cut does), after the break (gpt4) or before it (gpt2)."""
+        i, specials = text.rfind("\n", 0, len(text) - 1), self.special_tokens if allow_special else []
+        while i >= 0 and (text[i + 1].isspace() or any(s.startswith(text[i + 1:i + 1 + len(s)]) for s in specials)):
+            i = text.rfind("\n", 0, i)
+        return max(i + STREAM_CUT_OFFSET[self.pattern], 0)
 
     # --- reference path (plain Python) --------------------------------------
     def encode_reference(self, text, allow_special=False):
         """Text -> ids with the plain-Python merge loop. Same ids as encode()."""
+        if allow_special and self.special_tokens:
+            return self._around_specials(text, self.encode_reference)
         ids = []
-        if allow_special:
-            specials = "(" + "|".join(regex.escape(s) for s in SPECIAL_TOKENS) + ")"
-            parts = regex.split(specials, text)  # odd positions are the specials
-        else:
-            parts = [text]
-        for k, part in enumerate(parts):
-            if allow_special and k % 2 == 1:
-                ids.append(self.special_ids[part])
-                continue
-            for chunk in self._regex.findall(part):
-                ids.extend(encode_chunk(chunk.encode("utf-8"), self.ranks))
-        return ids
+        for chunk in self._regex.findall(text):
+            ids.extend(encode_chunk(chunk.encode("utf-8"), self.ranks))
+        return self._own_ids(ids)
 
     # --- decoding ------------------------------------------------------------
     def decode_bytes(self, ids):
         """ids -> the raw bytes they stand for (special tokens as their strings)."""
-        out = []
-        for i in ids:
-            i = int(i)
-            if 0 <= i < len(self.token_bytes):
-                out.append(self.token_bytes[i])
-            elif i in self.special_by_id:
-                out.append(self.special_by_id[i].encode("utf-8"))
-            else:
-                raise ValueError(f"token id {i} is outside this tokenizer's vocabulary (0..{self.vocab_size - 1})")
-        return b"".join(out)
+        try:
+            return b"".join(self.vocab[int(i)] for i in ids)
+        except KeyError as bad:
+            raise ValueError(f"token id {bad} is outside this tokenizer's vocabulary (0..{self.vocab_size - 1})") from None
 
     def decode(self, ids):
         """ids -> text. Ids that cut a multi-byte character in half decode to the
@@ -377,13 +431,15 @@ class Tokenizer:
     def to_dict(self):
         """A plain dict (str, int, list only) that a checkpoint can embed and
         torch.load(weights_only=True) can read back."""
+        if len(self.vocab) > len(self.token_bytes) + len(self.special_tokens):
+            raise ValueError("vocab ids that no merge makes (from_vocab) cannot be saved: keep the vocab and merges")
         return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "pattern": self.pattern,
             "merges": [list(pair) for pair in self.merges],
             "special_tokens": dict(self.special_ids),
-        }
+        } | ({} if self.ids is None else {"ids": self.ids})  # the id table, only when ids are not ranks
 
     @classmethod
     def from_dict(cls, d, source="tokenizer dict"):
@@ -400,12 +456,16 @@ class Tokenizer:
                   and all(isinstance(x, int) and 0 <= x < 256 + i for x in pair))
             if not ok:
                 raise ValueError(f"{source}: merge {i} is {pair!r}; each merge must be two ids below {256 + i}")
+        specials, ids = d.get("special_tokens"), d.get("ids")
+        ids_ok = ids is None or isinstance(ids, list) and all(type(i) is int for i in ids)
+        if not isinstance(specials, dict) or not ids_ok:
+            raise ValueError(f"{source}: 'special_tokens' must be a dict {{string: id}} and 'ids' a list of ids")
         try:
-            tok = cls(merges, d.get("pattern"))
+            tok = cls(merges, d.get("pattern"), list(specials), ids)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
-        if d.get("special_tokens") != tok.special_ids:
-            raise ValueError(f"{source}: special tokens {d.get('special_tokens')!r} do not match the "
+        if specials != tok.special_ids:
+            raise ValueError(f"{source}: special tokens {specials!r} do not match the "
                              f"expected {tok.special_ids!r}")
         if len(set(tok.token_bytes)) != len(tok.token_bytes):
             raise ValueError(f"{source}: two merges produce the same bytes")
@@ -435,6 +495,47 @@ class Tokenizer:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"tokenizer file {path} is corrupt (not valid JSON: {e}); retrain it") from None
         return cls.from_dict(d, source=f"tokenizer file {path}")
+
+    # --- another BPE's vocabulary ---------------------------------------------------
+    @classmethod
+    def from_vocab(cls, vocab, merges, special_tokens=SPECIAL_TOKENS, pattern="gpt2"):
+        """A tokenizer that encodes to another BPE's ids: vocab {id: bytes}, merges [(bytes, bytes)] in the
+        order they were learned. A special token keeps its id if the vocab has its bytes, else takes the
+        next free id. Vocab ids that no byte, merge or special token makes only decode (and cannot be
+        saved). `pattern`: the pre-split the merges were learned with (GPT-2's by default)."""
+        vocab_id = {b: i for i, b in vocab.items()}
+        for s in special_tokens or []:
+            vocab_id.setdefault(s.encode("utf-8"), max(vocab_id.values(), default=-1) + 1)
+        rank, pairs = {bytes([b]): b for b in range(256)}, []
+        for k, (a, b) in enumerate(merges):
+            if a not in rank or b not in rank:
+                raise ValueError(f"merge {k} {(a, b)!r} joins bytes that no byte or earlier merge makes")
+            pairs.append((rank[a], rank[b]))
+            rank[a + b] = 256 + k
+        by_rank = build_vocab(pairs) + [s.encode("utf-8") for s in special_tokens or []]
+        if missing := [t for t in by_rank if t not in vocab_id]:
+            raise ValueError(f"{missing[0]!r}, a byte or a merge's result, has no id in the vocab")
+        tok = cls(pairs, pattern, special_tokens, [vocab_id[t] for t in by_rank])
+        tok.vocab = {i: vocab[i] for i in set(vocab) - set(tok.vocab)} | tok.vocab  # ids no merge makes: decode only
+        tok.vocab_size = max(tok.vocab) + 1
+        return tok
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_json_path, merges_txt_path, special_tokens=SPECIAL_TOKENS):
+        """GPT-2's files: vocab.json {string: id} and merges.txt ("#version" line, then "a b" per merge),
+        their strings spelling bytes with gpt2_bytes_to_unicode."""
+        byte_of = {c: b for b, c in gpt2_bytes_to_unicode().items()}
+        def to_bytes(s):
+            if bad := [c for c in s if c not in byte_of]:
+                raise ValueError(f"{vocab_json_path}, {merges_txt_path}: {s!r} has {bad[0]!r}, "
+                                 f"which spells no byte in GPT-2's table")
+            return bytes(byte_of[c] for c in s)
+        with open(vocab_json_path, encoding="utf-8") as f:
+            vocab = {i: to_bytes(s) for s, i in json.load(f).items()}
+        with open(merges_txt_path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip() and not line.startswith("#version")]
+        merges = [tuple(map(to_bytes, line.split())) for line in lines]
+        return cls.from_vocab(vocab, merges, special_tokens, "gpt2")
 
     def sha256(self):
         """A fingerprint of the tokenizer's content (pattern, merges, specials)."""

@@ -23,6 +23,7 @@ import glob
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -505,9 +506,12 @@ def split_train_val(docs, val_fraction):
 
 
 def encode_documents(tokenizer, docs, dtype):
-    """All documents as one array of ids, each followed by <|endoftext|> (a model learns to start over after it)."""
-    eot = tokenizer.special_ids[bpe.DOC_SEP]
-    return np.concatenate([np.array(ids + [eot], dtype=dtype) for ids in tokenizer.encode_batch(docs)])
+    """All documents as one array of ids, each followed by <|endoftext|> (a model learns to start over after it).
+    The ids stream into the array (encode_iterable, a document at a time, so text that looks like a special token
+    stays text): a corpus's ids held as Python ints would take far more memory than the corpus."""
+    eot = [tokenizer.special_ids[bpe.DOC_SEP]]
+    ids = itertools.chain.from_iterable(itertools.chain(tokenizer.encode_iterable([d]), eot) for d in docs)
+    return np.fromiter(ids, dtype=dtype)
 
 
 def write_pretraining_files(cfg, docs):

@@ -93,8 +93,10 @@ def get_batch(data, block_size, batch_size, generator):
 
 
 def token_byte_lengths(tokenizer):
-    """(vocab_size,) float: UTF-8 bytes of each token; a special token counts 1 (it stands for a separator)."""
-    return torch.tensor([len(b) for b in tokenizer.token_bytes] + [1] * len(tokenizer.special_ids), dtype=torch.float64)
+    """(vocab_size,) float: UTF-8 bytes of each token id; a special token counts 1 (it stands for a separator)."""
+    specials = set(tokenizer.special_ids.values())
+    return torch.tensor([1 if i in specials else len(tokenizer.vocab.get(i, b"")) for i in range(tokenizer.vocab_size)],
+                        dtype=torch.float64)
 
 
 def bits_per_byte(total_nats, total_bytes):

@@ -1,6 +1,8 @@
 """Tests for bpe.py: each public function against an independent oracle
 (hand-computed examples, the naive trainer, the plain-Python encoder, tiktoken)."""
 
+import collections
+import itertools
 import json
 import os
 import random
@@ -395,6 +397,223 @@ def test_sha256_is_a_content_fingerprint(tok):
     assert tok.sha256() == Tokenizer.from_dict(tok.to_dict()).sha256()
     assert len(tok.sha256()) == 64
     assert tok.sha256() != Tokenizer(tok.merges[:-1], tok.pattern).sha256()
+
+
+# --- another BPE's vocabulary: from_vocab and GPT-2's files ------------------------
+
+def gpt2_spelling():
+    """GPT-2's byte -> character table, written here from its definition: the printable bytes stand
+    for themselves, the other 68 become chr(256), chr(257), ... in byte order."""
+    printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+
+
+@pytest.fixture(scope="module")
+def gpt2_files(tmp_path_factory):
+    """A tokenizer trained here, written in GPT-2's format: vocab.json {string: id} with the byte ids in
+    GPT-2's order (a byte's place in the table, so b" " is 220, not 32), the merges' ids after them and
+    <|endoftext|> last; merges.txt after a "#version" line. Returns (vocab path, merges path, {bytes: id})."""
+    trained = train_tokenizer(source_text() + "".join(VARIED_TEXTS[:9]), 700, pattern="gpt2")
+    spell = gpt2_spelling()
+    ids = {bytes([b]): i for i, b in enumerate(spell)}
+    for a, b in trained.merges:
+        ids[trained.token_bytes[a] + trained.token_bytes[b]] = len(ids)
+
+    def text(bs):
+        return "".join(spell[x] for x in bs)
+    folder = tmp_path_factory.mktemp("gpt2")
+    vocab = {text(bs): i for bs, i in ids.items()} | {DOC_SEP: len(ids)}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges = [f"{text(trained.token_bytes[a])} {text(trained.token_bytes[b])}\n" for a, b in trained.merges]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(merges), encoding="utf-8")
+    return str(folder / "vocab.json"), str(folder / "merges.txt"), ids
+
+
+def gpt2_reference(ids):
+    """The fixture as tiktoken reads it: each token's bytes ranked by its id (GPT-2's ids are in merge order)."""
+    return tiktoken.Encoding(name="fixture", pat_str=GPT2_PATTERN, mergeable_ranks=ids,
+                             special_tokens={DOC_SEP: len(ids)})
+
+
+def test_gpt2_bytes_to_unicode_hand_values():
+    table = bpe.gpt2_bytes_to_unicode()
+    assert sorted(table) == list(range(256)) and len(set(table.values())) == 256, "a bijection of the 256 bytes"
+    assert table[ord("A")] == "A" and table[ord("~")] == "~" and table[0xE9] == "é", "printable bytes stay"
+    assert (table[0], table[ord(" ")], table[ord("\n")], table[127], table[0xAD]) == ("Ā", "Ġ", "Ċ", "ġ", "Ń")
+    assert list(table).index(ord(" ")) == 220 and list(table).index(ord("\n")) == 198, "GPT-2's ids of Ġ and Ċ"
+    assert table == gpt2_spelling()
+
+
+def test_from_gpt2_files_encodes_to_the_files_ids(gpt2_files):
+    vocab_path, merges_path, ids = gpt2_files
+    tok = Tokenizer.from_gpt2_files(vocab_path, merges_path, special_tokens=[DOC_SEP])
+    ref = gpt2_reference(ids)
+    assert tok.encode("!") == [0] and tok.encode(" ") == [220] and tok.encode("\n") == [198], "hand-checked ids"
+    assert b" the" in ids and tok.encode(" the") == [ids[b" the"]]
+    assert tok.vocab_size == len(ids) + 1 and tok.special_ids == {DOC_SEP: len(ids)}
+    for text in VARIED_TEXTS + ["a <|endoftext|> b<|endoftext|>\n<|end|>", "x\n" + DOC_SEP * 3]:
+        assert tok.encode(text) == ref.encode_ordinary(text), f"ids differ from the files' on {text[:40]!r}"
+        assert tok.encode(text, allow_special=True) == ref.encode(text, allowed_special="all")
+        assert tok.decode(tok.encode(text, allow_special=True)) == text, "decode inverts the files' ids"
+    for text in VARIED_TEXTS[:10]:
+        assert tok.encode_reference(text, allow_special=True) == ref.encode(text, allowed_special="all")
+    assert tok.encode_batch(VARIED_TEXTS[:3]) == [ref.encode_ordinary(t) for t in VARIED_TEXTS[:3]]
+
+
+def test_from_vocab_keeps_ids_that_are_not_in_merge_order(tok):
+    rng = random.Random(0)
+    perm = list(range(len(tok.token_bytes)))
+    rng.shuffle(perm)  # the token of rank r gets the id perm[r]: ids say nothing about merge order
+    vocab = {perm[r]: b for r, b in enumerate(tok.token_bytes)}
+    merges = [(tok.token_bytes[a], tok.token_bytes[b]) for a, b in tok.merges]
+    other = Tokenizer.from_vocab(vocab, merges, special_tokens=None, pattern=tok.pattern)
+    for text in VARIED_TEXTS[:10]:
+        expected = [perm[i] for i in tok.encode(text)]
+        assert other.encode(text) == expected, f"ids must be the vocab's, merges applied in merge order: {text[:40]!r}"
+        assert other.encode_reference(text) == expected
+        assert other.decode(expected) == text
+    with_specials = Tokenizer.from_vocab(vocab, merges, pattern=tok.pattern)
+    assert with_specials.special_ids == tok.special_ids, "specials missing from the vocab take the next free ids"
+
+
+def test_from_vocab_special_tokens(gpt2_files):
+    vocab_path, merges_path, ids = gpt2_files
+    eot = len(ids)
+    tok = Tokenizer.from_gpt2_files(vocab_path, merges_path)  # default: the project's five
+    assert tok.special_ids == {s: eot + k for k, s in enumerate(SPECIAL_TOKENS)}, "<|endoftext|> keeps GPT-2's id"
+    assert tok.vocab_size == eot + len(SPECIAL_TOKENS)
+    assert tok.encode_chat("hi", "yo")[0][0] == tok.special_ids["<|user|>"]
+    mine = Tokenizer.from_gpt2_files(vocab_path, merges_path, special_tokens=["<|im_start|>", "<|im_end|>"])
+    assert mine.special_ids == {"<|im_start|>": eot + 1, "<|im_end|>": eot + 2}
+    text = "<|im_start|>hi<|endoftext|><|im_end|>"
+    ordinary = gpt2_reference(ids).encode_ordinary
+    assert mine.encode(text, allow_special=True) == [eot + 1] + ordinary("hi<|endoftext|>") + [eot + 2]
+    assert mine.decode([eot]) == DOC_SEP, "a vocab id that is no longer special still decodes"
+    with pytest.raises(ValueError, match="cannot be saved"):
+        mine.to_dict()
+
+
+def test_custom_special_tokens_longest_wins(tok):
+    n = len(tok.token_bytes)
+    t = Tokenizer(tok.merges, tok.pattern, special_tokens=["<|a|>", "<|a|><|a|>", "[SEP]"])
+    assert t.special_ids == {"<|a|>": n, "<|a|><|a|>": n + 1, "[SEP]": n + 2} and t.vocab_size == n + 3
+    text = "x<|a|><|a|><|a|>y[SEP]"
+    expected = tok.encode("x") + [n + 1, n] + tok.encode("y") + [n + 2]
+    assert t.encode(text, allow_special=True) == expected, "overlapping special tokens: the longest wins"
+    assert t.encode_reference(text, allow_special=True) == expected
+    assert t.encode(text) == tok.encode(text) and t.decode(expected) == text
+    again = Tokenizer.from_dict(t.to_dict())
+    assert again.special_ids == t.special_ids and again.encode(text, allow_special=True) == expected
+
+
+def test_from_vocab_save_load_round_trip(gpt2_files, tok, tmp_path):
+    vocab_path, merges_path, ids = gpt2_files
+    gpt2 = Tokenizer.from_gpt2_files(vocab_path, merges_path)
+    path = tmp_path / "gpt2.json"
+    gpt2.save(str(path))
+    loaded = Tokenizer.load(str(path))
+    assert loaded.special_ids == gpt2.special_ids and loaded.vocab_size == gpt2.vocab_size
+    for text in VARIED_TEXTS[:9]:
+        assert loaded.encode(text, allow_special=True) == gpt2.encode(text, allow_special=True)
+    assert gpt2.to_dict()["ids"][ord("!")] == 0, "the id table is saved"
+    assert set(tok.to_dict()) == {"format", "version", "pattern", "merges", "special_tokens"}, \
+        "a tokenizer trained here saves exactly as before"
+    with pytest.raises(ValueError, match="distinct ids"):
+        Tokenizer.from_dict({**gpt2.to_dict(), "ids": gpt2.to_dict()["ids"][:-1]})
+
+
+def test_from_vocab_bad_inputs(tmp_path):
+    bytes_only = {i: bytes([i]) for i in range(256)}
+    with pytest.raises(ValueError, match="merge 0"):
+        Tokenizer.from_vocab(bytes_only, [(b"ab", b"c")])
+    with pytest.raises(ValueError, match="has no id in the vocab"):
+        Tokenizer.from_vocab(bytes_only, [(b"a", b"b")])
+    vocab, merges = tmp_path / "vocab.json", tmp_path / "merges.txt"
+    vocab.write_text(json.dumps({"€": 0}), encoding="utf-8")
+    merges.write_text("#version: 0.2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="spells no byte"):
+        Tokenizer.from_gpt2_files(str(vocab), str(merges))
+
+
+# --- encode_iterable: a stream of text ---------------------------------------------
+
+# Where a cut could go wrong: spaces and line breaks of every kind, special tokens whole and in part,
+# contractions, digits, letters of several scripts, and characters that some engines count as space.
+STREAM_ATOMS = ["a", "Zq", " ", "  ", "\n", "\n\n", "\r\n", "\r", "\t", "!", "?!", "7", "2024", "'s", "'", "é",
+                "日本", "😀", "\x0b", "\x1c", "\x85", "\xa0", "\u2028", "\u3000", DOC_SEP, END_OF_TURN, "<|", "|>"]
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_encode_iterable_equals_whole_text_on_tricky_inputs(pattern, monkeypatch):
+    t = train_tokenizer(ENGLISH + "".join(STREAM_ATOMS) * 3, 400, pattern=pattern)
+    cases = [["a  \n", "b"], ["a \r\n", "\r\nb"], ["x\n", "<|endo", "ftext|>\ny"], ["x\n\n<|en", "d|>\n"],
+             ["one long line " * 40], ["日本\n", "語 \n\n", " x\n", "😀\n"], ["", "\n", "", "a\n"]]
+    for seed in range(300):
+        rng = random.Random(seed)
+        text = "".join(rng.choice(STREAM_ATOMS) for _ in range(rng.randint(0, 60)))
+        cuts = sorted(rng.randint(0, len(text)) for _ in range(rng.randint(0, 6)))
+        cases.append([text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])])  # reads need not end at lines
+    for k, lines in enumerate(cases):
+        monkeypatch.setattr(bpe, "STREAM_CHARS", 1 + k % 9)  # buffers far shorter than the text
+        for allow_special in (False, True):
+            streamed = list(t.encode_iterable(iter(lines), allow_special=allow_special))
+            assert streamed == t.encode("".join(lines), allow_special=allow_special), \
+                f"{pattern}: streaming {lines!r} (allow_special={allow_special}) differs from the whole text"
+
+
+def test_encode_iterable_yields_before_the_text_ends(tok):
+    read = []
+
+    def endless_lines():
+        for i in itertools.count():
+            read.append(i)
+            yield "a line of text\n"
+    first = list(itertools.islice(tok.encode_iterable(endless_lines()), 10))
+    assert first == tok.encode("a line of text\n" * 3)[:10]
+    assert len(read) <= 2 * bpe.STREAM_CHARS // len("a line of text\n"), "it must not wait for the whole text"
+
+
+def test_encode_iterable_refuses_what_it_cannot_cut_safely(tok):
+    with pytest.raises(ValueError, match="use encode"):
+        list(Tokenizer(tok.merges, r"\S+|\s+").encode_iterable(["a b"]))
+    newline_special = Tokenizer(tok.merges, tok.pattern, special_tokens=["<|a|>\n"])
+    with pytest.raises(ValueError, match="use encode"):
+        list(newline_special.encode_iterable(["a b"], allow_special=True))
+    assert list(newline_special.encode_iterable(["a\n", "<|a|>\nb"])) == tok.encode("a\n<|a|>\nb")
+
+
+def test_encode_iterable_memory_stays_bounded_on_a_50mb_file(tmp_path):
+    """Streams a 50 MB file in a fresh process and checks its peak memory barely moves (encode() of the
+    whole text would hold ~50 MB of text and ~8M Python ints), and that every id is right: the file is one
+    block repeated, and each block starts a line with a letter, so its ids are the block's ids repeated."""
+    rng = random.Random(0)
+    words = ["streaming", "tokenizer", "héllo", "日本語のテキスト", "1234567", "don't", "wonderful", "    ", "!!!"]
+    block = "".join("The " + " ".join(rng.choices(words, k=rng.randint(0, 20))) + "\n" for _ in range(20_000))
+    train_tokenizer(block, 400).save(str(tmp_path / "tok.json"))
+    (tmp_path / "block.txt").write_text(block, encoding="utf-8")
+    copies = 50_000_000 // len(block.encode("utf-8")) + 1
+    with open(tmp_path / "big.txt", "w", encoding="utf-8") as f:
+        for _ in range(copies):
+            f.write(block)
+    code = """if True:
+        import collections, itertools, json, resource, sys, time
+        import bpe
+        tok = bpe.Tokenizer.load(sys.argv[1])
+        block_ids = tok.encode(open(sys.argv[2], encoding="utf-8").read())
+        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        before, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit, time.time()
+        with open(sys.argv[3], encoding="utf-8") as f:
+            agree = collections.Counter(map(int.__eq__, tok.encode_iterable(f), itertools.cycle(block_ids)))
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit - before
+        print(json.dumps({"agree": agree.get(True, 0), "disagree": agree.get(False, 0), "block": len(block_ids),
+                          "grown": grown, "seconds": time.time() - t0}))"""
+    paths = [str(tmp_path / name) for name in ("tok.json", "block.txt", "big.txt")]
+    result = subprocess.run([sys.executable, "-c", code, *paths], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert got["disagree"] == 0 and got["agree"] == copies * got["block"], f"streamed ids are wrong: {got}"
+    assert got["grown"] < 16 * 2**20, f"streaming a 50 MB file raised peak memory by {got['grown'] / 2**20:.1f} MiB"
 
 
 # --- train_tokenizer and its bad inputs ------------------------------------------

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -214,6 +215,23 @@ def test_encode_documents_puts_a_separator_after_each():
     assert ids.dtype == np.uint16
     assert ids.tolist() == tok.encode("the cat") + [eot] + tok.encode("<|endoftext|> mat") + [eot]
     assert ids.tolist().count(eot) == 2, "text that looks like a special token stays text"
+
+
+def test_encode_documents_streams_ids_into_the_array():
+    """Peak memory stays near the array's own size (2 bytes a token), far below what the corpus's ids would take
+    as lists of Python ints (tens of bytes a token); the ids are the same as encoding each document alone."""
+    tok = bpe.train_tokenizer("the cat sat on the mat. " * 20 + "a dog ran far. " * 20, 320)
+    rng = random.Random(0)
+    phrases = ["the cat", "sat on", "the mat.", "a dog", "ran far.", "hm"]
+    docs = [" ".join(rng.choices(phrases, k=80)) for _ in range(3000)]
+    tracemalloc.start()
+    try:
+        ids = P.encode_documents(tok, docs, np.uint16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ids.tolist() == [i for d in docs for i in tok.encode(d) + [tok.special_ids[bpe.DOC_SEP]]]
+    assert peak < 8 * len(ids), f"peak {peak:,} bytes for {len(ids):,} ids: the ids must stream into the array"
 
 
 def test_chunk_text():

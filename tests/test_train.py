@@ -331,6 +331,13 @@ def test_token_byte_lengths_and_bits_per_byte():
     assert lengths.shape == (tok.vocab_size,)
     assert lengths[97] == 1 and lengths[256] == len(tok.token_bytes[256]) and lengths[-1] == 1
     assert train.bits_per_byte(math.log(2) * 10, 5) == pytest.approx(2.0)
+    # another BPE's ids (from_vocab): the merge "ab" as id 0, the byte "a" as id 256, one special token
+    vocab = {i: bytes([i]) for i in range(256)}
+    vocab[0], vocab[97], vocab[256] = b"ab", b"\x00", b"a"
+    other = bpe.Tokenizer.from_vocab(vocab, [(b"a", b"b")], special_tokens=["<|s|>"])
+    lengths = train.token_byte_lengths(other)
+    assert lengths[0] == 2 and lengths[256] == 1 and lengths[other.special_ids["<|s|>"]] == 1, \
+        "byte lengths are indexed by the tokenizer's own ids"
 
 
 # --- one step, accumulation, DDP ----------------------------------------------------
