@@ -423,6 +423,9 @@ class Tokenizer:
         User and model text are encoded as plain text, so "<|end|>" typed by a
         user stays characters."""
         sid = self.special_ids
+        if missing := [s for s in (USER, END_OF_TURN, ASSISTANT) if s not in sid]:
+            raise ValueError(f"this tokenizer has no {missing[0]} token: the chat template needs {USER}, "
+                             f"{END_OF_TURN} and {ASSISTANT} among its special tokens")
         prompt_ids = [sid[USER]] + self.encode(prompt) + [sid[END_OF_TURN], sid[ASSISTANT]]
         response_ids = [] if response is None else self.encode(response) + ([sid[END_OF_TURN]] if ended else [])
         return prompt_ids, response_ids

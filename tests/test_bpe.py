@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -287,6 +288,9 @@ def test_encode_chat_template(tok):
     assert injected.count(sid["<|end|>"]) == 1 and injected.count(sid["<|assistant|>"]) == 1
     _, cut = tok.encode_chat("What is 2 plus 2?", "4", ended=False)
     assert cut == tok.encode("4"), "ended=False must leave out the end-of-turn token"
+    plain = bpe.Tokenizer(tok.merges, special_tokens=["<|endoftext|>"])
+    with pytest.raises(ValueError, match=re.escape("no <|user|> token: the chat template needs")):
+        plain.encode_chat("hi")
 
 
 # --- decoding ------------------------------------------------------------------------
