@@ -2,9 +2,12 @@
 
     python eval.py --config small                        # out/small/{pretrain,sft,rm,ppo}/ckpt.pt
     python eval.py --ckpts=out/small/sft,out/small/ppo   # given checkpoints, files or folders
+    python eval.py --scaling=small                       # scaling laws: IsoFLOP runs of train.py, minutes
+    python eval.py --scaling=tiny                        # the same study in seconds (tests)
 
 Writes out/<config>/eval/{report.json, report.md, *.png}, each checkpoint on its dataset: loss, bits per byte, cloze
-accuracy, greedy answers graded by the simulated labeler, scored by the RM; RM accuracy; PPO vs SFT; alignment tax."""
+accuracy, greedy answers graded by the simulated labeler, scored by the RM; RM accuracy; PPO vs SFT; alignment tax.
+--scaling: train.py runs in out/scaling/<name>/ (resumable), fits, scaling.{json,md}, isoflop.png, optimal.png."""
 
 import collections
 import contextlib
@@ -25,8 +28,10 @@ import torch.nn.functional as F
 import bpe
 import tinyworld
 import prepare_data
-from model import (answer_prompts, checkpoint_file, CheckpointError, generate_responses, load_checkpoint,
-                   model_from_checkpoint, quantize_model, QUANTIZE, tokenizer_from_checkpoint, weight_bytes)
+from model import (answer_prompts, checkpoint_file, CheckpointError, generate_responses, GPT, GPTConfig,
+                   load_checkpoint, model_from_checkpoint, quantize_model, QUANTIZE, tokenizer_from_checkpoint,
+                   weight_bytes)
+import train
 from train import (autocast_context, bits_per_byte, check_least, parse_config, pick_device, read_jsonl_log,
                    resolve_dtype, token_byte_lengths)
 from reward import pad_right, pair_accuracy, reward_input, scalar_model_from_checkpoint, score_sequences
@@ -44,6 +49,7 @@ DEFAULTS = dict(
     device="auto", dtype="auto",   # auto | cpu | cuda | mps; auto | float32 | bfloat16 | float16
     quantize="none",           # e.g. int8,int4: every text model again with its weights in those bits, beside float
     few_shot="0,1,3",          # solved examples before each question for a base model (plain text); "" skips
+    scaling="", scaling_dataset="tinyworld",  # scaling: a SCALING study's name (tiny, small) instead of a report
 )
 
 PRESETS = {  # tiny: seconds, for tests; small: a 2-core CPU; gpt2: a GPU, the whole HellaSwag validation set and more
@@ -628,6 +634,203 @@ def markdown_report(report):
 
 
 # -----------------------------------------------------------------------------
+# Scaling laws: an IsoFLOP study (Chinchilla, Hoffmann et al. 2022) from runs of train.py, and its fits
+
+# --scaling=NAME: compute budgets C (FLOPs) and a ladder of sizes (n_layer, n_head, n_embd); budget i trains
+# sizes[i:i + per_budget] (the loss-optimal size grows with C: each budget's window one rung higher)
+SCALING = {
+    "tiny": dict(budgets=(1.5e8, 3e8), sizes=((1, 2, 16), (1, 2, 24), (2, 2, 32), (2, 4, 48)), per_budget=3,
+                 block_size=16, batch_size=4, learning_rate=3e-3, eval_iters=2),  # tests: seconds
+    "small": dict(budgets=(1e11, 2.5e11, 6e11, 1.5e12), sizes=((1, 1, 16), (1, 2, 24), (1, 2, 32), (2, 2, 40),
+                  (2, 4, 56), (3, 4, 64), (3, 4, 80), (3, 6, 96)), per_budget=5, block_size=64, batch_size=8,
+                  learning_rate=3e-3, eval_iters=40),  # a 2-core CPU in minutes
+}
+
+
+def training_flops(n_params, tokens):
+    """C = 6 N D: per parameter and token, 2 FLOPs forward (a multiply, an add) and 4 backward."""
+    return 6 * n_params * tokens
+
+
+def iters_for_budget(budget, n_params, tokens_per_iter):
+    """The number of optimizer steps whose tokens D bring 6 N D closest to budget (at least one)."""
+    return max(1, round(budget / training_flops(n_params, tokens_per_iter)))
+
+
+def plan_scaling_runs(study, vocab_size):
+    """[{name, budget, n_layer, n_head, n_embd, params, max_iters, tokens, flops}]: each budget's window of sizes.
+    N counts all parameters, as Chinchilla does (Kaplan leaves out the embeddings): the tied head multiplies by the
+    whole embedding table at every token, so 6 N is the training FLOPs per token (attention's 12 L d T aside), and
+    at these sizes that table is most of the model."""
+    runs, per_iter = [], study["batch_size"] * study["block_size"]
+    for i, budget in enumerate(study["budgets"]):
+        for n_layer, n_head, n_embd in study["sizes"][i:i + study["per_budget"]]:
+            with torch.device("meta"):  # shapes only: no memory, no random draws
+                params = GPT(GPTConfig(vocab_size=vocab_size, block_size=study["block_size"], n_layer=n_layer,
+                                       n_head=n_head, n_embd=n_embd, pos="rope")).num_params()
+            iters = iters_for_budget(budget, params, per_iter)
+            runs.append(dict(name=f"C{budget:.3g}_L{n_layer}_E{n_embd}".replace("+", ""), budget=budget,
+                             n_layer=n_layer, n_head=n_head, n_embd=n_embd, params=params, max_iters=iters,
+                             tokens=iters * per_iter, flops=training_flops(params, iters * per_iter)))
+    return runs
+
+
+def fit_parabola_minimum(params, losses):
+    """loss = c2 (ln N)^2 + c1 ln N + c0 by least squares -> {coeffs, n_opt and loss at its minimum (None if it opens
+    downward), inside: the minimum lies between the smallest and the largest N}."""
+    ln_n = np.log(np.asarray(params, dtype=np.float64))
+    c2, c1, c0 = (float(c) for c in np.polyfit(ln_n, losses, 2))
+    x = -c1 / (2 * c2) if c2 > 0 else None
+    return {"coeffs": [c2, c1, c0], "n_opt": x and math.exp(x), "loss": x and c0 - c1 * c1 / (4 * c2),
+            "inside": x is not None and bool(ln_n.min() <= x <= ln_n.max())}
+
+
+def fit_power_law(x, y):
+    """y = a x^b by a straight line through (ln x, ln y) -> {a, b}."""
+    b, ln_a = np.polyfit(np.log(x), np.log(y), 1)
+    return {"a": float(np.exp(ln_a)), "b": float(b)}
+
+
+def fit_chinchilla_loss(params, tokens, losses, grid=np.linspace(0.02, 2.0, 100), min_runs=8):
+    """Chinchilla's approach 3, L(N, D) = E + A / N^alpha + B / D^beta: linear in E, A, B once the exponents are
+    fixed, so least squares at each (alpha, beta) of the grid, the best with E, A, B >= 0 kept -> {E, A, B, alpha,
+    beta, rmse, a, b: the exponents of N_opt and D_opt in C it implies}, or {reason} where the runs cannot pin them."""
+    n, d, loss = (np.asarray(v, dtype=np.float64) for v in (params, tokens, losses))
+    if len(loss) < min_runs:
+        return {"reason": f"{len(loss)} runs: its 5 parameters need at least {min_runs}"}
+    if abs(np.corrcoef(np.log(n), np.log(d))[0, 1]) > 0.99:  # one budget: D ~ 1/N, the two terms look alike
+        return {"reason": "N and D vary together (runs of one compute budget)"}
+    best = None
+    for alpha, beta in itertools.product(grid, grid):
+        X = np.stack([np.ones_like(n), n ** -alpha, d ** -beta], axis=1)  # (runs, 3)
+        scale = X.max(axis=0)  # N^-alpha can be 1e-10: columns of like size for lstsq
+        coef = np.linalg.lstsq(X / scale, loss, rcond=None)[0] / scale
+        rmse = float(np.sqrt(np.mean((X @ coef - loss) ** 2)))
+        if (coef >= 0).all() and (best is None or rmse < best["rmse"]):
+            best = dict(zip(("E", "A", "B"), coef.tolist()), alpha=float(alpha), beta=float(beta), rmse=rmse)
+    if best is None or {best["alpha"], best["beta"]} & {float(grid[0]), float(grid[-1])}:
+        return {"reason": "the best exponents lie on the edge of the grid searched" if best else
+                "no exponents of the grid give E, A, B >= 0"}
+    total = best["alpha"] + best["beta"]
+    return dict(best, a=best["beta"] / total, b=best["alpha"] / total)
+
+
+def fit_scaling_laws(runs):
+    """Each budget's parabola minimum N_opt(C) and D_opt = C / 6 N_opt; N_opt = a C^b and D_opt = a C^b across the
+    budgets whose minimum lies among their sizes (else a reason); L(N, D) over all runs."""
+    budgets = []
+    for budget in sorted({r["budget"] for r in runs}):
+        group = [r for r in runs if r["budget"] == budget]
+        fit = fit_parabola_minimum([r["params"] for r in group], [r["val_loss"] for r in group])
+        budgets.append(dict(fit, budget=budget, d_opt=fit["n_opt"] and budget / 6 / fit["n_opt"]))
+    used = [b for b in budgets if b["inside"]]
+    fits = {"budgets": budgets, "loss_fit": fit_chinchilla_loss(*([r[k] for r in runs] for k in ("params", "tokens",
+                                                                                                  "val_loss")))}
+    if len(used) < 2:
+        return dict(fits, reason=f"{len(used)} of {len(budgets)} budgets have their minimum among their sizes")
+    return dict(fits, **{f"{k}_fit": fit_power_law([b["budget"] for b in used], [b[k] for b in used])
+                         for k in ("n_opt", "d_opt")})
+
+
+def scaling_summary(fits):
+    """Each budget's loss-optimal size, the fitted exponents beside Chinchilla's: for the log and scaling.md."""
+    lines = [f"C {b['budget']:.3g}: " + (f"N_opt {b['n_opt']:,.0f}, D_opt {b['d_opt']:,.0f}, "
+             f"{b['d_opt'] / b['n_opt']:.1f} tokens per parameter, val loss {b['loss']:.4f}" if b["inside"] else
+             "its minimum lies outside the sizes trained") for b in fits["budgets"]]
+    n, d, f = fits.get("n_opt_fit"), fits.get("d_opt_fit"), fits["loss_fit"]
+    lines.append(f"no power law: {fits['reason']}, it needs 2" if "reason" in fits else f"N_opt = {n['a']:.3g} C^"
+                 f"{n['b']:.2f}, D_opt = {d['a']:.3g} C^{d['b']:.2f} (Chinchilla: both about C^0.5, 20 tokens/param)")
+    return lines + [f"L(N, D) not fitted: {f['reason']}" if "reason" in f else f"L(N, D) = {f['E']:.3f} + {f['A']:.3g}"
+                    f" / N^{f['alpha']:.2f} + {f['B']:.3g} / D^{f['beta']:.2f} (rms error {f['rmse']:.4f}): N_opt ~ "
+                    f"C^{f['a']:.2f}, D_opt ~ C^{f['b']:.2f}"]
+
+
+def scaling_markdown(results):
+    """scaling.md: the runs, the summary (scaling_summary), the plots."""
+    lines = [f"# Scaling study {results['study']} on {results['dataset']}", "", "| C (FLOPs) | n_layer | n_embd | N "
+             "| iters | D (tokens) | D/N | epochs | val loss |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['budget']:.3g} | {r['n_layer']} | {r['n_embd']} | {r['params']:,} | {r['max_iters']:,} | "
+              f"{r['tokens']:,} | {r['tokens'] / r['params']:.1f} | {r['epochs']:.2f} | {r['val_loss']:.4f} |"
+              for r in results["runs"]]
+    return "\n".join(lines + [""] + [f"- {line}" for line in scaling_summary(results["fits"])]
+                     + ["", "![IsoFLOP curves](isoflop.png)", "", "![N_opt and D_opt](optimal.png)", ""])
+
+
+def plot_isoflop(runs, fits, path):
+    """Final val loss against N, one colour per budget: its runs, the fitted parabola, its minimum (a star)."""
+    with _figure(path, figsize=(7, 4.5)) as ax:
+        for b in fits["budgets"]:
+            n, loss = zip(*[(r["params"], r["val_loss"]) for r in runs if r["budget"] == b["budget"]])
+            color = ax.plot(n, loss, "o", label=f"C = {b['budget']:.3g} FLOPs")[0].get_color()
+            xs = np.geomspace(min(n), max(n), 50)
+            ax.plot(xs, np.polyval(b["coeffs"], np.log(xs)), color=color)
+            if b["inside"]:
+                ax.plot(b["n_opt"], b["loss"], "*", markersize=14, color=color)
+        ax.set(xscale="log", ylabel="final val loss (nats/token)")
+        _finish(ax, "IsoFLOP curves (a star: the loss-optimal size)", "parameters N")
+
+
+def plot_optimal(fits, path):
+    """N_opt and D_opt against C on log-log axes: the IsoFLOP minima and the fitted power laws."""
+    used = [b for b in fits["budgets"] if b["inside"]]
+    c = np.array([b["budget"] for b in used])
+    with _figure(path, 1, 2, figsize=(10, 4)) as axes:
+        for ax, key, name in zip(axes, ("n_opt", "d_opt"), ("N_opt (parameters)", "D_opt (tokens)")):
+            ax.plot(c, [b[key] for b in used], "o", label="IsoFLOP minima")
+            if f"{key}_fit" in fits:
+                a, b = fits[f"{key}_fit"]["a"], fits[f"{key}_fit"]["b"]
+                ax.plot(c, a * c ** b, label=f"{a:.3g} C^{b:.2f}")
+            if used:  # none: empty axes, the reason in scaling.md
+                ax.set(xscale="log", yscale="log", ylabel=name)
+            _finish(ax, f"{name.split()[0]} against compute", "compute C (FLOPs)")
+
+
+def scaling_study(config, log=print):
+    """Train each run of the --scaling study not yet done (with train.run), fit, plot, write the files; the results."""
+    name, dataset, t_start = config["scaling"], config["scaling_dataset"], time.time()
+    folder = name if dataset == "tinyworld" else f"{name}-{dataset}"  # other data: other runs
+    out_dir = config["out"] or os.path.join(config["out_root"], "scaling", folder)
+    meta = prepare_data.load_meta(prepare_data.ensure_prepared(dataset, config["data_dir"]))
+    study, trained, seconds = SCALING[name], 0.0, 0.0
+    runs = plan_scaling_runs(study, meta["vocab_size"])
+    for k, run in enumerate(runs, 1):
+        # train.py's defaults, the run's size and length, the LR schedule fitted to that length (cosine_lr decays
+        # over max_iters, warmup a twentieth of it), one evaluation at the end (the same seeded val windows), no sample
+        train_config = {**train.DEFAULTS, "config": f"scaling {run['name']}", "dataset": dataset, "pos": "rope",
+                        "data_dir": config["data_dir"], "out_dir": os.path.join(out_dir, run["name"]),
+                        **{key: config[key] for key in ("device", "dtype", "seed")},
+                        **{key: run[key] for key in ("n_layer", "n_head", "n_embd", "max_iters")},
+                        **{key: study[key] for key in ("block_size", "batch_size", "learning_rate", "eval_iters")},
+                        "warmup_iters": run["max_iters"] // 20, "eval_interval": run["max_iters"],
+                        "log_interval": max(1, run["max_iters"] // 4), "sample_tokens": 0}
+        path = os.path.join(train_config["out_dir"], "ckpt.pt")
+        saved = load_checkpoint(path, stages={"pretrain"}) if os.path.exists(path) else {"config": {}, "metrics": {}}
+        if saved["config"].get("max_iters") == saved["metrics"].get("iter") == run["max_iters"]:  # done before
+            log(f"scaling: run {k}/{len(runs)} {run['name']}: done before, val loss {saved['metrics']['val_loss']:.4f}")
+        else:  # a run stopped part way resumes, one planned for another length starts over; ETA at this call's rate
+            eta = train.format_eta(sum(r["flops"] for r in runs[k - 1:]) * seconds / trained) if trained else "?"
+            log(f"scaling: run {k}/{len(runs)} {run['name']}: {run['params']:,} parameters, {run['max_iters']:,} "
+                f"iterations, {run['tokens']:,} tokens | study ETA {eta}")
+            t0 = time.time()
+            with train.deterministic_algorithms(True):
+                saved["metrics"] = train.run(train_config, {"resume"} if saved["config"].get("max_iters") ==
+                                             run["max_iters"] else {"overwrite"})
+            if saved["metrics"].get("iter") != run["max_iters"]:  # Ctrl-C: train.run saved where it was
+                raise ValueError(f"stopped in run {k} of {len(runs)}: the same command resumes the study")
+            trained, seconds = trained + run["flops"], seconds + time.time() - t0
+        run.update(val_loss=saved["metrics"]["val_loss"], epochs=run["tokens"] / meta["train_tokens"])
+    fits = fit_scaling_laws(runs)
+    results = {"study": name, "dataset": dataset, "runs": runs, "fits": fits, "time_s": time.time() - t_start}
+    plot_isoflop(runs, fits, os.path.join(out_dir, "isoflop.png"))
+    plot_optimal(fits, os.path.join(out_dir, "optimal.png"))
+    prepare_data.atomic_write(os.path.join(out_dir, "scaling.json"), json.dumps(results, indent=1))
+    prepare_data.atomic_write(os.path.join(out_dir, "scaling.md"), scaling_markdown(results))
+    log("\n".join(f"scaling: {line}" for line in scaling_summary(fits)) + f"\nscaling: done in "
+        f"{train.format_eta(results['time_s'])}: {out_dir}/scaling.md, scaling.json, isoflop.png, optimal.png")
+    return results
+
+
+# -----------------------------------------------------------------------------
 # The run
 
 def stage_paths(config):
@@ -724,7 +927,9 @@ def parse_args(argv):
     config, flags = parse_config(argv, DEFAULTS, PRESETS, "eval.py", __doc__.strip().splitlines()[0])
     if flags:
         raise ValueError(f"eval.py has no --{'/--'.join(sorted(flags))}: it rewrites its report every run")
-    if not config["ckpts"] and not config["config"]:
+    if config["scaling"] and config["scaling"] not in SCALING:
+        raise ValueError(f"--scaling={config['scaling']!r} is not a study: choose one of {', '.join(SCALING)}")
+    if not config["ckpts"] and not config["config"] and not config["scaling"]:
         raise ValueError("nothing to evaluate: give --config NAME (the stages in out/NAME/) or --ckpts=PATH,PATH")
     check_least(config, dict(val_tokens=0, max_mc=0, max_prompts=0, max_pairs=0, kl_prompts=0, max_new_tokens=1,
                              batch_size=1))
@@ -734,8 +939,11 @@ def parse_args(argv):
 def main(argv=None):
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
+        if config["scaling"]:
+            scaling_study(config)
+            return 0
         report = run(config)
-    except (ValueError, CheckpointError, prepare_data.DataError, OSError) as e:
+    except (ValueError, CheckpointError, FloatingPointError, prepare_data.DataError, OSError) as e:
         print(f"eval.py: error: {prepare_data.error_line(e)}", file=sys.stderr)
         return 1
     errors = [r["reason"] for r in report["rows"]

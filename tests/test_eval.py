@@ -680,3 +680,186 @@ def test_text_overlap_scores_models_and_counts_agreement_with_gold():
                                                           / 2)
     assert out["pairs"] == 1, "the second prompt's answers tie by gold: not a pair"
     assert out["agree"] == {"bleu": 1, "rouge_l": 1}, "the right answer overlaps the reference more"
+
+
+# -----------------------------------------------------------------------------
+# Scaling laws (--scaling): the FLOP budgeting, the three fits against synthetic truths, the study end to end
+
+def chinchilla_loss(n, d, E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28):
+    """Hoffmann et al. 2022's fitted L(N, D): the synthetic truth the fits must recover."""
+    return E + A / n ** alpha + B / d ** beta
+
+
+def test_training_flops_and_iters_for_budget_by_hand():
+    assert E.training_flops(1000, 2000) == 12_000_000, "6 N D: 6 * 1000 * 2000"
+    assert E.iters_for_budget(1.2e9, 1000, 2000) == 100, "1.2e9 / (6 * 1000 * 2000) steps of 2000 tokens"
+    assert E.iters_for_budget(1.26e9, 1000, 2000) == 105 and E.iters_for_budget(1.19e9, 1000, 2000) == 99, "rounded"
+    assert E.iters_for_budget(1.0, 1000, 2000) == 1, "a budget below one step still trains one"
+
+
+def test_plan_scaling_runs_gives_each_budget_its_window_of_sizes_at_6ND():
+    study = dict(budgets=(1e9, 3e9), sizes=((1, 2, 16), (2, 2, 32), (2, 4, 48)), per_budget=2, block_size=16,
+                 batch_size=4)
+    runs = E.plan_scaling_runs(study, vocab_size=100)
+    assert [(r["budget"], r["n_layer"], r["n_embd"]) for r in runs] == [(1e9, 1, 16), (1e9, 2, 32), (3e9, 2, 32),
+                                                                        (3e9, 2, 48)], "budget i: sizes[i:i + 2]"
+    # all parameters, the tied head once: embedding V*E, per layer 12 E^2 + 13 E (attention, MLP, 2 norms), final norm
+    assert runs[0]["params"] == 100 * 16 + (12 * 16 * 16 + 13 * 16) + 2 * 16 == 4912
+    model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=4, n_embd=48, pos="rope"))
+    assert runs[3]["params"] == model.num_params()
+    assert runs[0]["max_iters"] == round(1e9 / (6 * 4912 * 64)) and runs[0]["tokens"] == runs[0]["max_iters"] * 64
+    for r in runs:
+        assert r["flops"] == 6 * r["params"] * r["tokens"]
+        assert abs(r["flops"] - r["budget"]) <= 6 * r["params"] * 64 / 2, "within half a step of the budget"
+    assert len({r["name"] for r in runs}) == 4 and runs[0]["name"] == "C1e09_L1_E16"
+
+
+def test_fit_parabola_minimum_recovers_a_known_minimum():
+    n = np.geomspace(1e4, 2e5, 5)
+    fit = E.fit_parabola_minimum(n, 2.0 + 0.3 * (np.log(n) - np.log(5e4)) ** 2)
+    assert fit["n_opt"] == pytest.approx(5e4, rel=1e-6) and fit["loss"] == pytest.approx(2.0) and fit["inside"]
+    assert fit["coeffs"] == pytest.approx([0.3, -0.6 * math.log(5e4), 2.0 + 0.3 * math.log(5e4) ** 2])
+    beyond = E.fit_parabola_minimum(n, 2.0 + 0.3 * (np.log(n) - np.log(1e6)) ** 2)
+    assert beyond["n_opt"] == pytest.approx(1e6) and not beyond["inside"], "a minimum past the largest size"
+    concave = E.fit_parabola_minimum(n, 2.0 - 0.3 * (np.log(n) - np.log(5e4)) ** 2)
+    assert concave["n_opt"] is None and concave["loss"] is None and not concave["inside"]
+
+
+def test_fit_power_law_recovers_known_exponents():
+    c = np.array([1e11, 3e11, 9e11, 2.7e12])
+    assert E.fit_power_law(c, 3.0 * c ** 0.7) == pytest.approx({"a": 3.0, "b": 0.7})
+    assert E.fit_power_law(c, 0.02 * c ** 0.5) == pytest.approx({"a": 0.02, "b": 0.5})
+
+
+def test_fit_chinchilla_loss_recovers_known_exponents():
+    runs = E.plan_scaling_runs(E.SCALING["small"], 1580)
+    n, d = [r["params"] for r in runs], [r["tokens"] for r in runs]
+    fit = E.fit_chinchilla_loss(n, d, [chinchilla_loss(x, y) for x, y in zip(n, d)])
+    assert fit["alpha"] == pytest.approx(0.34) and fit["beta"] == pytest.approx(0.28), fit
+    assert (fit["E"], fit["A"], fit["B"]) == pytest.approx((1.69, 406.4, 410.7), rel=1e-4) and fit["rmse"] < 1e-6
+    assert fit["a"] == pytest.approx(0.28 / 0.62) and fit["b"] == pytest.approx(0.34 / 0.62), "N_opt ~ C^(b/(a+b))"
+    assert "need at least 8" in E.fit_chinchilla_loss(n[:5], d[:5], [2.0] * 5)["reason"]
+    one_budget = E.plan_scaling_runs(dict(E.SCALING["small"], budgets=(1e11,), per_budget=8), 1580)
+    n1, d1 = [r["params"] for r in one_budget], [r["tokens"] for r in one_budget]
+    assert "vary together" in E.fit_chinchilla_loss(n1, d1, [chinchilla_loss(x, y) for x, y in zip(n1, d1)])["reason"]
+    edge = E.fit_chinchilla_loss(n, d, [chinchilla_loss(x, y, alpha=0.34, beta=0.28) for x, y in zip(n, d)],
+                                 grid=np.linspace(0.34, 1.0, 12))
+    assert "edge" in edge["reason"], "a best exponent at the grid's end is not reported as a fit"
+
+
+def test_fit_scaling_laws_recovers_the_optimal_allocation_of_a_known_loss():
+    runs = E.plan_scaling_runs(E.SCALING["small"], 1580)
+    for r in runs:
+        r["val_loss"] = chinchilla_loss(r["params"], r["tokens"])
+    fits = E.fit_scaling_laws(runs)
+    assert [b["budget"] for b in fits["budgets"]] == list(E.SCALING["small"]["budgets"])
+    assert all(b["inside"] for b in fits["budgets"]), "the default study's windows hold this loss's optima"
+    # Chinchilla: minimising L(N, C / 6N) gives N_opt ~ C^(beta / (alpha + beta)), D_opt ~ C^(alpha / (alpha + beta))
+    assert fits["n_opt_fit"]["b"] == pytest.approx(0.28 / 0.62, abs=0.01)
+    assert fits["d_opt_fit"]["b"] == pytest.approx(0.34 / 0.62, abs=0.01)
+    for b in fits["budgets"]:
+        assert b["d_opt"] == pytest.approx(b["budget"] / (6 * b["n_opt"]))
+    assert fits["loss_fit"]["alpha"] == pytest.approx(0.34)
+    few = E.fit_scaling_laws(runs[:5])
+    assert "n_opt_fit" not in few and "1 of 1 budgets" in few["reason"]
+
+
+def synthetic_fits(inside=True):
+    runs = E.plan_scaling_runs(E.SCALING["small"], 1580)
+    for r in runs:
+        r.update(val_loss=chinchilla_loss(r["params"], r["tokens"]) if inside else 3.0 - 1e-7 * r["params"],
+                 epochs=r["tokens"] / 1e6)
+    return runs, E.fit_scaling_laws(runs)
+
+
+def test_scaling_summary_and_markdown_give_the_exponents_beside_chinchillas():
+    runs, fits = synthetic_fits()
+    lines = E.scaling_summary(fits)
+    assert len(lines) == 4 + 2 and lines[0].startswith("C 1e+11: N_opt ") and "tokens per parameter" in lines[0]
+    assert f"C^{fits['n_opt_fit']['b']:.2f}" in lines[4] and "Chinchilla" in lines[4]
+    assert lines[5].startswith("L(N, D) = 1.690 + 406 / N^0.34 + 411 / D^0.28")
+    text = E.scaling_markdown({"study": "small", "dataset": "tinyworld", "runs": runs, "fits": fits})
+    rows = [line for line in text.splitlines() if line.startswith("| 1") or line.startswith("| 2") or
+            line.startswith("| 6")]
+    assert len(rows) == len(runs) and "![IsoFLOP curves](isoflop.png)" in text and "- C 1e+11" in text
+    runs, flat = synthetic_fits(inside=False)
+    lines = E.scaling_summary(flat)
+    assert "outside the sizes trained" in lines[0] and lines[4].startswith("no power law: 0 of 4 budgets")
+
+
+def test_plot_isoflop_and_plot_optimal_write_pngs(tmp_path):
+    runs, fits = synthetic_fits()
+    E.plot_isoflop(runs, fits, str(tmp_path / "isoflop.png"))
+    E.plot_optimal(fits, str(tmp_path / "optimal.png"))
+    assert is_png(tmp_path / "isoflop.png") and is_png(tmp_path / "optimal.png")
+    runs, flat = synthetic_fits(inside=False)  # no minimum anywhere: empty log axes must not fail
+    E.plot_isoflop(runs, flat, str(tmp_path / "isoflop2.png"))
+    E.plot_optimal(flat, str(tmp_path / "optimal2.png"))
+    assert is_png(tmp_path / "isoflop2.png") and is_png(tmp_path / "optimal2.png")
+
+
+def scaling_config(world, tmp_path):
+    return dict(E.DEFAULTS, scaling="tiny", out_root=str(tmp_path / "out"), data_dir=world["data_root"], device="cpu")
+
+
+def counting_train_run(monkeypatch, stop_first_at=0):
+    """train.run, recording each call's config and flags; stop_first_at > 0: the first run stops there (Ctrl-C)."""
+    calls, real = [], E.train.run
+
+    def run(config, flags=()):
+        calls.append((dict(config), set(flags)))
+        return real(dict(config, stop_at_iter=stop_first_at) if len(calls) == 1 else config, flags)
+    monkeypatch.setattr(E.train, "run", run)
+    return calls
+
+
+def test_scaling_study_tiny_end_to_end_then_skips_finished_runs(world, tmp_path, monkeypatch):
+    calls = counting_train_run(monkeypatch)
+    results = E.scaling_study(scaling_config(world, tmp_path), log=lambda text: None)
+    study, out = E.SCALING["tiny"], tmp_path / "out" / "scaling" / "tiny"
+    assert len(calls) == len(results["runs"]) == len(study["budgets"]) * study["per_budget"]
+    for (config, flags), run in zip(calls, results["runs"]):
+        assert config["out_dir"] == str(out / run["name"]) and flags == {"overwrite"}
+        assert (config["n_layer"], config["n_head"], config["n_embd"]) == (run["n_layer"], run["n_head"], run["n_embd"])
+        assert config["max_iters"] == run["max_iters"] == run["tokens"] // (study["batch_size"] * study["block_size"])
+        assert config["warmup_iters"] == run["max_iters"] // 20, "the LR schedule scaled to the run's length"
+        assert config["eval_interval"] == run["max_iters"] and config["sample_tokens"] == 0
+        assert math.isfinite(run["val_loss"]) and run["val_loss"] > 0
+        assert (out / run["name"] / "ckpt.pt").exists()
+    for name in ("scaling.json", "scaling.md", "isoflop.png", "optimal.png"):
+        assert (out / name).exists(), name
+    assert is_png(out / "isoflop.png") and is_png(out / "optimal.png")
+    saved = json.loads((out / "scaling.json").read_text())
+    assert [r["val_loss"] for r in saved["runs"]] == [r["val_loss"] for r in results["runs"]]
+    assert "fits" in saved and len(saved["fits"]["budgets"]) == len(study["budgets"])
+    # a second invocation trains nothing: every run is read back from its checkpoint
+    monkeypatch.setattr(E.train, "run", lambda *a, **k: pytest.fail("train.run called for a finished run"))
+    lines = []
+    again = E.scaling_study(scaling_config(world, tmp_path), log=lines.append)
+    assert [r["val_loss"] for r in again["runs"]] == [r["val_loss"] for r in results["runs"]]
+    assert sum("done before" in line for line in lines) == len(results["runs"])
+
+
+def test_scaling_study_stopped_then_resumed(world, tmp_path, monkeypatch):
+    calls = counting_train_run(monkeypatch, stop_first_at=2)
+    with pytest.raises(ValueError, match="stopped in run 1 of 6: the same command resumes"):
+        E.scaling_study(scaling_config(world, tmp_path), log=lambda text: None)
+    assert len(calls) == 1, "the study ends where its run stopped"
+    calls = counting_train_run(monkeypatch, stop_first_at=0)
+    results = E.scaling_study(scaling_config(world, tmp_path), log=lambda text: None)
+    assert calls[0][1] == {"resume"} and all(flags == {"overwrite"} for _, flags in calls[1:])
+    assert len(calls) == 6 and all(math.isfinite(r["val_loss"]) for r in results["runs"])
+
+
+def test_scaling_command_line_and_its_errors(world, tmp_path, capsys, monkeypatch):
+    config = E.parse_args(["--scaling=tiny"])
+    assert config["scaling"] == "tiny" and config["scaling_dataset"] == "tinyworld", "no --config needed"
+    assert E.main(["--scaling=huge"]) == 1
+    assert capsys.readouterr().err == "eval.py: error: --scaling='huge' is not a study: choose one of tiny, small\n"
+    assert E.main(["--scaling=tiny", f"--out_root={tmp_path}", f"--data_dir={tmp_path}/none",
+                   "--scaling_dataset=shakespeare"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("eval.py: error: dataset 'shakespeare' is not prepared") and err.count("\n") == 1
+    calls = []
+    monkeypatch.setattr(E, "scaling_study", lambda config: calls.append(config))
+    assert E.main(["--scaling=tiny"]) == 0 and calls[0]["scaling"] == "tiny"
