@@ -815,7 +815,7 @@ def scaling_study(config, log=print):
             with train.deterministic_algorithms(True):
                 saved["metrics"] = train.run(train_config, {"resume"} if saved["config"].get("max_iters") ==
                                              run["max_iters"] else {"overwrite"})
-            if saved["metrics"].get("iter") != run["max_iters"]:  # Ctrl-C: train.run saved where it was
+            if saved["metrics"]["stopped"] or saved["metrics"].get("iter") != run["max_iters"]:  # saved where it was
                 raise ValueError(f"stopped in run {k} of {len(runs)}: the same command resumes the study")
             trained, seconds = trained + run["flops"], seconds + time.time() - t0
         run.update(val_loss=saved["metrics"]["val_loss"], epochs=run["tokens"] / meta["train_tokens"])

@@ -810,7 +810,7 @@ def run(config, flags=()):
         gc.collect()  # the sharded modules' hooks hold them in cycles; freed after it, a gloo process can abort
         end_run(run, stopper)
     progress.done(it, stopper.requested)
-    return metrics
+    return dict(metrics, stopped=stopper.requested)  # a caller running several (eval.py --scaling) stops too
 
 
 def stage_main(run, argv, defaults, presets, prog, doc):

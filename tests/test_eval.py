@@ -851,6 +851,16 @@ def test_scaling_study_stopped_then_resumed(world, tmp_path, monkeypatch):
     assert len(calls) == 6 and all(math.isfinite(r["val_loss"]) for r in results["runs"])
 
 
+def test_scaling_study_stops_when_ctrl_c_lands_in_a_runs_last_step(world, tmp_path, monkeypatch):
+    real = E.train.run
+
+    def signalled_at_the_end(config, flags=()):
+        return dict(real(config, flags), stopped=True)  # the run completes, the stop is still asked for
+    monkeypatch.setattr(E.train, "run", signalled_at_the_end)
+    with pytest.raises(ValueError, match="stopped in run 1 of 6"):
+        E.scaling_study(scaling_config(world, tmp_path), log=lambda text: None)
+
+
 def test_scaling_command_line_and_its_errors(world, tmp_path, capsys, monkeypatch):
     config = E.parse_args(["--scaling=tiny"])
     assert config["scaling"] == "tiny" and config["scaling_dataset"] == "tinyworld", "no --config needed"

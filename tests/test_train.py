@@ -623,6 +623,19 @@ def test_ctrl_c_or_sigterm_saves_and_exits_cleanly(data_dir, tmp_path, sig):
     assert ckpt["resume"]["iter"] >= 5
 
 
+def test_run_tells_its_caller_it_was_stopped(data_dir, tmp_path, monkeypatch):
+    class StopAtOnce(train.StopRequested):  # as if Ctrl-C came during the first step
+        def __init__(self):
+            super().__init__()
+            self.requested = True
+    monkeypatch.setattr(train, "StopRequested", StopAtOnce)
+    metrics = train.run(tiny_config(data_dir, tmp_path / "stopped", max_iters=50, eval_interval=100))
+    assert metrics["stopped"] is True, "a caller running several runs (eval.py --scaling) must stop too"
+    assert load_checkpoint(str(tmp_path / "stopped"))["resume"]["iter"] == 1
+    monkeypatch.undo()
+    assert train.run(tiny_config(data_dir, tmp_path / "whole", max_iters=2, eval_interval=2))["stopped"] is False
+
+
 # --- logs and plots --------------------------------------------------------------------
 
 def test_jsonl_log_skips_torn_line_and_a_resumed_run_truncates_it(tmp_path):
