@@ -905,19 +905,20 @@ def test_sharded_training_matches_one_process(tmp_path, parallel):
         assert torch.allclose(sharded["weights"][name], tensor, atol=1e-5), f"{parallel}: {name} differs"
 
 
-def _run_worker(rank, world, port, config, flags):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    train.run(config, flags)
+def _run_worker(rank, world, runs):
+    for port, config, flags in runs:  # one after another in the same two processes: torch starts once
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE=str(world))
+        train.run(config, flags)
 
 
 @pytest.mark.parametrize("parallel", ["fsdp", "tp"])
 def test_sharded_run_resumes_bit_for_bit_and_its_checkpoint_loads(data_dir, tmp_path, parallel):
     common = dict(max_iters=6, eval_interval=3, grad_accum=2, log_interval=1, parallel=parallel)
-    for out, extra, flags in (("straight", {}, set()), ("resumed", {"stop_at_iter": 3}, set()),
-                              ("resumed", {}, {"resume"})):
-        config = tiny_config(data_dir, tmp_path / out, **common, **extra)
-        torch.multiprocessing.spawn(_run_worker, args=(2, free_port(), config, flags), nprocs=2, join=True)
+    runs = [(free_port(), tiny_config(data_dir, tmp_path / out, **common, **extra), flags)
+            for out, extra, flags in (("straight", {}, set()), ("resumed", {"stop_at_iter": 3}, set()),
+                                      ("resumed", {}, {"resume"}))]
+    torch.multiprocessing.spawn(_run_worker, args=(2, runs), nprocs=2, join=True)
     logs = [[r["loss"] for r in read_jsonl_log(str(tmp_path / out / "log.jsonl")) if "loss" in r]
             for out in ("straight", "resumed")]
     assert len(logs[0]) == 6 and logs[0] == logs[1], f"{parallel}: a resumed run must continue bit for bit"
