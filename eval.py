@@ -700,14 +700,19 @@ def fit_chinchilla_loss(params, tokens, losses, grid=np.linspace(0.02, 2.0, 100)
         return {"reason": f"{len(loss)} runs: its 5 parameters need at least {min_runs}"}
     if abs(np.corrcoef(np.log(n), np.log(d))[0, 1]) > 0.99:  # one budget: D ~ 1/N, the two terms look alike
         return {"reason": "N and D vary together (runs of one compute budget)"}
+    alpha, beta = (g.ravel() for g in np.meshgrid(grid, grid, indexing="ij"))  # every pair of the grid: (G,)
+    X = np.stack([np.ones((len(alpha), len(n))), n ** -alpha[:, None], d ** -beta[:, None]], axis=2)  # (G, runs, 3)
+    Xs = X / X.max(axis=1, keepdims=True)  # N^-alpha can be 1e-10: columns of like size
+    # least squares at every pair at once, through the 3x3 normal equations
+    coef = np.linalg.solve(Xs.transpose(0, 2, 1) @ Xs, (Xs.transpose(0, 2, 1) @ loss)[..., None])[..., 0]
+    coef = coef / X.max(axis=1)  # (G, 3): E, A, B
+    rmse = np.sqrt(np.mean((np.einsum("grk,gk->gr", X, coef) - loss) ** 2, axis=1))
+    ok = (coef >= 0).all(axis=1)
     best = None
-    for alpha, beta in itertools.product(grid, grid):
-        X = np.stack([np.ones_like(n), n ** -alpha, d ** -beta], axis=1)  # (runs, 3)
-        scale = X.max(axis=0)  # N^-alpha can be 1e-10: columns of like size for lstsq
-        coef = np.linalg.lstsq(X / scale, loss, rcond=None)[0] / scale
-        rmse = float(np.sqrt(np.mean((X @ coef - loss) ** 2)))
-        if (coef >= 0).all() and (best is None or rmse < best["rmse"]):
-            best = dict(zip(("E", "A", "B"), coef.tolist()), alpha=float(alpha), beta=float(beta), rmse=rmse)
+    if ok.any():
+        i = int(np.flatnonzero(ok)[np.argmin(rmse[ok])])
+        best = dict(zip(("E", "A", "B"), coef[i].tolist()), alpha=float(alpha[i]), beta=float(beta[i]),
+                    rmse=float(rmse[i]))
     if best is None or {best["alpha"], best["beta"]} & {float(grid[0]), float(grid[-1])}:
         return {"reason": "the best exponents lie on the edge of the grid searched" if best else
                 "no exponents of the grid give E, A, B >= 0"}
