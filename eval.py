@@ -702,10 +702,10 @@ def fit_chinchilla_loss(params, tokens, losses, grid=np.linspace(0.02, 2.0, 100)
         return {"reason": "N and D vary together (runs of one compute budget)"}
     alpha, beta = (g.ravel() for g in np.meshgrid(grid, grid, indexing="ij"))  # every pair of the grid: (G,)
     X = np.stack([np.ones((len(alpha), len(n))), n ** -alpha[:, None], d ** -beta[:, None]], axis=2)  # (G, runs, 3)
-    Xs = X / X.max(axis=1, keepdims=True)  # N^-alpha can be 1e-10: columns of like size
+    scale = X.max(axis=1)  # (G, 3); N^-alpha can be 1e-10: columns of like size
+    Xs = X / scale[:, None, :]
     # least squares at every pair at once, through the 3x3 normal equations
-    coef = np.linalg.solve(Xs.transpose(0, 2, 1) @ Xs, (Xs.transpose(0, 2, 1) @ loss)[..., None])[..., 0]
-    coef = coef / X.max(axis=1)  # (G, 3): E, A, B
+    coef = np.linalg.solve(Xs.transpose(0, 2, 1) @ Xs, (Xs.transpose(0, 2, 1) @ loss)[..., None])[..., 0] / scale
     rmse = np.sqrt(np.mean((np.einsum("grk,gk->gr", X, coef) - loss) ** 2, axis=1))
     ok = (coef >= 0).all(axis=1)
     best = None

@@ -221,21 +221,26 @@ def grade_alone(folder, reference, functions, out=None):
             if out:
                 print(f"[{i + 1}/{len(changed)}] {function}", file=out, flush=True)
             module = function.split(".")[0]
-            path = os.path.join(copy, module + ".py")
             original, _ = read_source(copy, module)
             student, tree = read_source(folder, module)
             spliced = splice(original, student, function) if tree else None
-            if spliced is None:
-                results_of[function] = {}  # no such function (or no such file) in the copy: every test fails
-                continue
-            try:
-                with open(path, "w", encoding="utf-8", newline="") as f:
-                    f.write(spliced)
-                results_of[function] = run_tests(copy, tests_of(function))
-            finally:
-                with open(path, "w", encoding="utf-8", newline="") as f:
-                    f.write(original)
+            # no such function (or file) in the student's copy: no results, every test fails
+            results_of[function] = run_with_module(copy, module, spliced, tests_of(function)) if spliced else {}
     return results_of
+
+
+def run_with_module(copy, module, source, entries):
+    """run_tests in a project copy with module.py replaced by `source`; the file is put back after."""
+    path = os.path.join(copy, module + ".py")
+    with open(path, encoding="utf-8", newline="") as f:
+        original = f.read()
+    try:
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            f.write(source)
+        return run_tests(copy, entries)
+    finally:
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            f.write(original)
 
 
 def run_tests(project, entries):
@@ -312,17 +317,9 @@ def verify_one(copy, function):
     """Blank one function in a project copy, run its grading tests, put the file back.
     Returns (status, the tests that still passed): 'caught' when every test ran and failed."""
     module, _ = handout.split_name(function)
-    path = os.path.join(copy, module + ".py")
-    with open(path, encoding="utf-8", newline="") as f:
-        original = f.read()
-    found = handout.resolve(copy, [function])
-    try:
-        with open(path, "w", encoding="utf-8", newline="") as f:
-            f.write(handout.blank_source(original, found[module + ".py"]))
-        results = run_tests(copy, tests_of(function))
-    finally:
-        with open(path, "w", encoding="utf-8", newline="") as f:
-            f.write(original)
+    original, _ = read_source(copy, module)
+    blanked = handout.blank_source(original, handout.resolve(copy, [function])[module + ".py"])
+    results = run_with_module(copy, module, blanked, tests_of(function))
     outcomes = [c for e in tests_of(function) for c in entry_outcomes(e, results)]
     still_passing = [case for case, outcome in outcomes if outcome == "passed"]
     if not any(outcome in ("failed", "passed") for _, outcome in outcomes):
