@@ -1,41 +1,33 @@
 """
 bpe.py: byte-level Byte Pair Encoding, the tokenizer of every stage.
 
-A language model reads integers, not text. This file turns text into ids and
-back, and it is the only place in stagegpt that does so.
+A language model reads integers, not text. This file, and only this file, turns text into ids and back.
 
 The algorithm, as in the lectures:
-  1. Text is UTF-8 bytes, so the first 256 ids are the 256 byte values and any
-     text at all can be encoded (nothing is ever "unknown").
+  1. Text is UTF-8 bytes, so ids 0..255 are the 256 byte values and any text can be encoded (nothing is "unknown").
   2. Count every adjacent pair of ids in the training text.
   3. Merge the most frequent pair into a new id (256, 257, ...), everywhere.
   4. Repeat until the vocabulary has the size we asked for.
 Encoding new text replays the merges in the order they were learned.
 
-Before counting, the text is pre-split by a regular expression (GPT-2's or
-GPT-4's) into words, numbers, punctuation and whitespace, so that a merge never
-glues a word to the punctuation after it ("dog." and "dog!" share "dog").
-
-Tie rule: when several pairs are equally frequent, the smallest pair wins,
-comparing the first id and then the second (so (97, 98) beats (97, 99) and
-(98, 0)).
+Before counting, a regular expression (GPT-2's or GPT-4's) pre-splits the text into words, numbers, punctuation
+and whitespace, so that a merge never glues a word to the punctuation after it ("dog." and "dog!" share "dog").
+Tie rule: among equally frequent pairs the smallest wins, first id then second: (97, 98) beats (97, 99) and (98, 0).
 
 Two trainers give exactly the same merges:
   train_naive  recounts every pair of the whole text after each merge (readable);
-  train_fast   counts each distinct pre-token once, keeps pair counts up to date
-               by touching only the words that contain the merged pair, and finds
-               the most frequent pair with a heap.
+  train_fast   counts each distinct pre-token once, updates pair counts by touching only the words
+               that contain the merged pair, and finds the most frequent pair with a heap.
 Two encoders give exactly the same ids:
   Tokenizer.encode_reference  the merge loop in plain Python (readable);
   Tokenizer.encode            the same merges exported to tiktoken (fast, Rust).
 
-Special tokens (document separator, chat turn markers, end of turn, reward) get
-the ids after the merges. They are never learned from text, and plain `encode`
-never produces them: the text "<|end|>" typed by a user is just characters.
-Only `encode(text, allow_special=True)` turns those strings into control ids.
+Special tokens (document separator, chat turn markers, end of turn, reward) get the ids after the merges.
+They are never learned from text, and plain `encode` never produces them: the text "<|end|>" typed by a user
+is just characters. Only `encode(text, allow_special=True)` turns those strings into control ids.
 
-Another BPE (GPT-2's files, say) loads with from_vocab and keeps its own ids;
-encode_iterable encodes a stream of text (a large file) without holding it all.
+Another BPE (GPT-2's files, say) loads with from_vocab and keeps its own ids; encode_iterable encodes a
+stream of text (a large file) without holding it all.
 
 Command line:
   python bpe.py train  --input FILE --vocab-size N --out PATH [--pattern gpt4|gpt2]
@@ -44,6 +36,7 @@ Command line:
 """
 
 import argparse
+import collections
 import hashlib
 import heapq
 import json
@@ -55,17 +48,15 @@ import regex  # the `regex` package (installed with tiktoken): \p{L} classes and
 import tiktoken
 
 # -----------------------------------------------------------------------------
-# Pre-split patterns. These are tiktoken's own strings, so that the pure-Python
-# split and tiktoken's Rust split cut text at the same places.
+# Pre-split patterns: tiktoken's own strings, so that the pure-Python split and tiktoken's Rust split cut text alike.
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 
-# Where encode_iterable may cut a stream so that the two halves encode to the ids of the whole: next to a "\n"
-# followed by a non-space character. No chunk of either pattern joins such a "\n" to the character after it, so
-# what matters is the whitespace before it: GPT-4 ends it with the "\n" (" \n" is one chunk), so the cut goes
-# after the "\n"; GPT-2 leaves the "\n" alone (" ", "\n"), so the cut goes before it. Other patterns: no cut.
+# Where encode_iterable may cut a stream so that both halves encode to the ids of the whole: next to a "\n" followed
+# by a non-space character, which no chunk of either pattern joins to that "\n". GPT-4 ends the whitespace before
+# it with the "\n" (" \n" is one chunk): cut after it; GPT-2 leaves it alone (" ", "\n"): before it. Others: no cut.
 STREAM_CUT_OFFSET = {GPT4_PATTERN: 1, GPT2_PATTERN: 0}
 STREAM_CHARS = 1 << 16  # encode_iterable encodes pieces of at least this many characters
 
@@ -97,8 +88,7 @@ def get_pair_counts(ids, counts=None):
 
 
 def merge_pair(ids, pair, new_id):
-    """Replace every occurrence of `pair` in `ids` by `new_id`, scanning left to
-    right: merge_pair([5, 5, 5], (5, 5), 9) -> [9, 5]."""
+    """Replace every `pair` in `ids` by `new_id`, scanning left to right: merge_pair([5, 5, 5], (5, 5), 9) -> [9, 5]."""
     merged = []
     i = 0
     while i < len(ids):
@@ -112,8 +102,7 @@ def merge_pair(ids, pair, new_id):
 
 
 def resolve_pattern(pattern):
-    """'gpt2' or 'gpt4' -> the regex string; a regex string is returned as is
-    after checking that it compiles."""
+    """'gpt2' or 'gpt4' -> the regex string; a regex string is returned as is after checking that it compiles."""
     if pattern in PATTERNS:
         return PATTERNS[pattern]
     if not isinstance(pattern, str) or not any(c in pattern for c in "\\|[(?+*"):
@@ -126,21 +115,12 @@ def resolve_pattern(pattern):
 
 
 def split_text(text, pattern=GPT4_PATTERN):
-    """Pre-split text into the chunks BPE works inside. Special-token strings
-    are boundaries and are dropped (their ids are reserved, never learned), so a
-    merge can never span a document separator.
+    """Pre-split text into the chunks BPE works inside. Special-token strings are boundaries and are dropped
+    (their ids are reserved, never learned), so a merge can never span a document separator.
     split_text("Hi there!") -> ['Hi', ' there', '!']"""
     compiled = regex.compile(resolve_pattern(pattern))
-    chunks = []
-    for piece in _split_on_specials(text):
-        chunks.extend(compiled.findall(piece))
-    return chunks
-
-
-def _split_on_specials(text):
-    """Text between special-token strings: 'a<|end|>b' -> ['a', 'b']."""
-    specials = "|".join(regex.escape(s) for s in SPECIAL_TOKENS)
-    return [piece for piece in regex.split(specials, text) if piece]
+    pieces = regex.split("|".join(map(regex.escape, SPECIAL_TOKENS)), text)  # 'a<|end|>b' -> ['a', 'b']
+    return [chunk for piece in pieces if piece for chunk in compiled.findall(piece)]
 
 
 def _check_num_merges(num_merges):
@@ -149,9 +129,8 @@ def _check_num_merges(num_merges):
 
 
 def train_naive(text, num_merges, pattern=GPT4_PATTERN):
-    """The readable trainer: after every merge, count all pairs of the whole
-    text again. Returns the merges in creation order, a list of (id, id) pairs;
-    merge i creates id 256 + i. Stops early if no pair is left to merge."""
+    """The readable trainer: after every merge, count all pairs of the whole text again. Returns the merges
+    in creation order, a list of (id, id) pairs; merge i creates id 256 + i. Stops early if no pair is left."""
     _check_num_merges(num_merges)
     chunks = [list(chunk.encode("utf-8")) for chunk in split_text(text, pattern)]
     merges = []
@@ -171,25 +150,17 @@ def train_naive(text, num_merges, pattern=GPT4_PATTERN):
 def count_words(text, pattern=GPT4_PATTERN):
     """Distinct pre-tokens and how often each occurs, as byte-id tuples:
     count_words("a a b") -> {(97,): 1, (32, 97): 1, (32, 98): 1}."""
-    counts = {}
-    for chunk in split_text(text, pattern):
-        key = tuple(chunk.encode("utf-8"))
-        counts[key] = counts.get(key, 0) + 1
-    return counts
+    return dict(collections.Counter(tuple(chunk.encode("utf-8")) for chunk in split_text(text, pattern)))
 
 
 def train_fast(text, num_merges, pattern=GPT4_PATTERN, verbose=False):
-    """The fast trainer; returns exactly the merges of train_naive.
-
-    Three ideas make it fast:
-      - each distinct pre-token ("word") is stored once with its count, so
-        " the" appearing 20,000 times is merged once, not 20,000 times;
-      - pair counts are kept up to date: a merge touches only the words that
-        contain the merged pair (pair_words remembers which ones);
-      - the most frequent pair comes from a heap of (-count, pair). Entries go
-        stale when counts change; a popped entry whose count is no longer the
-        live count is dropped (lazy deletion).
-    """
+    """The fast trainer; returns exactly the merges of train_naive. Three ideas make it fast:
+      - each distinct pre-token ("word") is stored once with its count, so " the" appearing 20,000 times
+        is merged once, not 20,000 times;
+      - pair counts are kept up to date: a merge touches only the words that contain the merged pair
+        (pair_words remembers which ones);
+      - the most frequent pair comes from a heap of (-count, pair). Entries go stale when counts change;
+        a popped entry whose count is no longer the live count is dropped (lazy deletion)."""
     _check_num_merges(num_merges)
     word_counts = count_words(text, pattern)
     words = [list(w) for w in word_counts]      # word index -> current ids
@@ -204,7 +175,6 @@ def train_fast(text, num_merges, pattern=GPT4_PATTERN, verbose=False):
     heapq.heapify(heap)
 
     merges = []
-    pieces = build_vocab([]) if verbose else None  # id -> bytes, only to show progress
     start = time.time()
     while len(merges) < num_merges and heap:
         neg_count, pair = heapq.heappop(heap)
@@ -229,25 +199,16 @@ def train_fast(text, num_merges, pattern=GPT4_PATTERN, verbose=False):
             if count > 0:
                 heapq.heappush(heap, (-count, p))
             else:
-                pair_counts.pop(p, None)
-        pair_counts.pop(pair, None)
+                pair_counts.pop(p, None)  # no occurrence left, as for the merged pair itself
         merges.append(pair)
-        if verbose:
-            pieces.append(pieces[pair[0]] + pieces[pair[1]])
-            _report_progress(len(merges), num_merges, pair, pieces[-1], -neg_count, start)
+        done = len(merges)
+        if verbose and (done % max(1, num_merges // 20) == 0 or done == num_merges):  # about 20 lines in all
+            rate = done / max(time.time() - start, 1e-9)
+            piece = build_vocab(merges)[-1].decode("utf-8", errors="replace")
+            print(f"merge {done:6d}/{num_merges} ({100 * done / num_merges:3.0f}%) {pair} -> {new_id} {piece!r} "
+                  f"count {-neg_count} | {rate:,.0f} merges/s, ETA {(num_merges - done) / max(rate, 1e-9):.1f}s",
+                  flush=True)
     return merges
-
-
-def _report_progress(done, total, pair, piece, count, start):
-    every = max(1, total // 20)
-    if done % every and done != total:
-        return
-    elapsed = time.time() - start
-    rate = done / max(elapsed, 1e-9)
-    eta = (total - done) / max(rate, 1e-9)
-    print(f"merge {done:6d}/{total} ({100 * done / total:3.0f}%) {pair} -> {255 + done} "
-          f"{piece.decode('utf-8', errors='replace')!r} count {count} | "
-          f"{rate:,.0f} merges/s, ETA {eta:.1f}s", flush=True)
 
 
 def build_vocab(merges):
@@ -268,13 +229,11 @@ def gpt2_bytes_to_unicode():
 
 
 def encode_chunk(ids, ranks):
-    """Apply learned merges to one pre-token, earliest-learned first.
-    `ranks` maps pair -> the id it merges into (smaller id = learned earlier).
-    encode_chunk([97, 98, 99], {(97, 98): 256, (256, 99): 257}) -> [257]"""
+    """Apply learned merges to one pre-token, earliest-learned first. `ranks` maps pair -> the id it merges into
+    (smaller id = learned earlier): encode_chunk([97, 98, 99], {(97, 98): 256, (256, 99): 257}) -> [257]"""
     ids = list(ids)
     while len(ids) >= 2:
-        pairs = set(zip(ids, ids[1:]))
-        pair = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+        pair = min(zip(ids, ids[1:]), key=lambda p: ranks.get(p, float("inf")))
         if pair not in ranks:
             break  # nothing left that was learned
         ids = merge_pair(ids, pair, ranks[pair])
@@ -290,9 +249,8 @@ class Tokenizer:
     ids 0..255      the bytes
     ids 256..       one per merge, in creation order
     then            the special tokens, in order (SPECIAL_TOKENS unless given)
-    These are the tokens' ranks. A tokenizer built from another BPE's vocabulary
-    (from_vocab) gives each token that vocabulary's id instead: ids[rank].
-    """
+    These are the tokens' ranks. A tokenizer built from another BPE's vocabulary (from_vocab) gives each
+    token that vocabulary's id instead: ids[rank]."""
 
     def __init__(self, merges, pattern="gpt4", special_tokens=SPECIAL_TOKENS, ids=None):
         self.pattern = resolve_pattern(pattern)
@@ -322,13 +280,9 @@ class Tokenizer:
         if len(mergeable_ranks) != len(self.token_bytes):
             raise ValueError("two ids share one byte string; tiktoken cannot represent this tokenizer")
         n = len(self.token_bytes)
-        return tiktoken.Encoding(
-            name=name,
-            pat_str=self.pattern,
-            mergeable_ranks=mergeable_ranks,
-            special_tokens={s: n + k for k, s in enumerate(self.special_tokens)},
-            explicit_n_vocab=n + len(self.special_tokens),
-        )
+        return tiktoken.Encoding(name=name, pat_str=self.pattern, mergeable_ranks=mergeable_ranks,
+                                 special_tokens={s: n + k for k, s in enumerate(self.special_tokens)},
+                                 explicit_n_vocab=n + len(self.special_tokens))
 
     @property
     def encoding(self):
@@ -391,10 +345,8 @@ class Tokenizer:
         """Text -> ids with the plain-Python merge loop. Same ids as encode()."""
         if allow_special and self.special_tokens:
             return self._around_specials(text, self.encode_reference)
-        ids = []
-        for chunk in self._regex.findall(text):
-            ids.extend(encode_chunk(chunk.encode("utf-8"), self.ranks))
-        return self._own_ids(ids)
+        chunks = self._regex.findall(text)
+        return self._own_ids([i for chunk in chunks for i in encode_chunk(chunk.encode("utf-8"), self.ranks)])
 
     # --- decoding ------------------------------------------------------------
     def decode_bytes(self, ids):
@@ -405,8 +357,7 @@ class Tokenizer:
             raise ValueError(f"token id {bad} is outside this tokenizer's vocabulary (0..{self.vocab_size - 1})") from None
 
     def decode(self, ids):
-        """ids -> text. Ids that cut a multi-byte character in half decode to the
-        replacement character U+FFFD instead of failing."""
+        """ids -> text. Ids that cut a multi-byte character in half decode to U+FFFD (replacement), not an error."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def pieces(self, ids):
@@ -415,13 +366,10 @@ class Tokenizer:
 
     # --- chat template -------------------------------------------------------
     def encode_chat(self, prompt, response=None, ended=True):
-        """The one chat template of stagegpt:
-            <|user|> prompt <|end|> <|assistant|> response <|end|>
-        Returns (prompt_ids, response_ids); response_ids is [] when response is
-        None (a prompt waiting for the model's answer). ended=False leaves out
-        the response's end-of-turn token (a response cut at a length limit).
-        User and model text are encoded as plain text, so "<|end|>" typed by a
-        user stays characters."""
+        """The one chat template of stagegpt: <|user|> prompt <|end|> <|assistant|> response <|end|>
+        Returns (prompt_ids, response_ids); response_ids is [] when response is None (a prompt waiting for the
+        model's answer); ended=False leaves out the response's end-of-turn token (a response cut at a length
+        limit). User and model text are encoded as plain text, so "<|end|>" typed by a user stays characters."""
         sid = self.special_ids
         if missing := [s for s in (USER, END_OF_TURN, ASSISTANT) if s not in sid]:
             raise ValueError(f"this tokenizer has no {missing[0]} token: the chat template needs {USER}, "
@@ -432,17 +380,12 @@ class Tokenizer:
 
     # --- save / load -------------------------------------------------------------
     def to_dict(self):
-        """A plain dict (str, int, list only) that a checkpoint can embed and
-        torch.load(weights_only=True) can read back."""
+        """A plain dict (str, int, list only) that a checkpoint can embed and torch.load(weights_only=True) reads."""
         if len(self.vocab) > len(self.token_bytes) + len(self.special_tokens):
             raise ValueError("vocab ids that no merge makes (from_vocab) cannot be saved: keep the vocab and merges")
-        return {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "pattern": self.pattern,
-            "merges": [list(pair) for pair in self.merges],
-            "special_tokens": dict(self.special_ids),
-        } | ({} if self.ids is None else {"ids": self.ids})  # the id table, only when ids are not ranks
+        d = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "pattern": self.pattern,
+             "merges": [list(pair) for pair in self.merges], "special_tokens": dict(self.special_ids)}
+        return d | ({} if self.ids is None else {"ids": self.ids})  # the id table, only when ids are not ranks
 
     @classmethod
     def from_dict(cls, d, source="tokenizer dict"):
@@ -455,9 +398,8 @@ class Tokenizer:
         if not isinstance(merges, list):
             raise ValueError(f"{source}: 'merges' must be a list of [id, id] pairs")
         for i, pair in enumerate(merges):
-            ok = (isinstance(pair, (list, tuple)) and len(pair) == 2
-                  and all(isinstance(x, int) and 0 <= x < 256 + i for x in pair))
-            if not ok:
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                    and all(isinstance(x, int) and 0 <= x < 256 + i for x in pair)):
                 raise ValueError(f"{source}: merge {i} is {pair!r}; each merge must be two ids below {256 + i}")
         specials, ids = d.get("special_tokens"), d.get("ids")
         ids_ok = ids is None or isinstance(ids, list) and all(type(i) is int for i in ids)
@@ -468,24 +410,30 @@ class Tokenizer:
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
         if specials != tok.special_ids:
-            raise ValueError(f"{source}: special tokens {specials!r} do not match the "
-                             f"expected {tok.special_ids!r}")
+            raise ValueError(f"{source}: special tokens {specials!r} do not match the expected {tok.special_ids!r}")
         if len(set(tok.token_bytes)) != len(tok.token_bytes):
             raise ValueError(f"{source}: two merges produce the same bytes")
         return tok
 
     def save(self, path):
-        """Write a small human-readable JSON file (one merge per line), atomically:
-        to a temporary file first, then renamed over `path`."""
-        d = self.to_dict()
-        head = {k: v for k, v in d.items() if k != "merges"}
-        lines = ["{"]
-        for k, v in head.items():
-            lines.append(f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)},")
-        merge_lines = [f"    [{a}, {b}]" for a, b in self.merges]
-        lines.append('  "merges": [' + ("\n" + ",\n".join(merge_lines) + "\n  " if merge_lines else "") + "]")
-        lines.append("}")
-        _atomic_write_text(path, "\n".join(lines) + "\n")
+        """Write a small human-readable JSON file (one merge per line) atomically: a temp file renamed over `path`."""
+        head = "".join(f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)},\n"
+                       for k, v in self.to_dict().items() if k != "merges")
+        merges = ",\n".join(f"    [{a}, {b}]" for a, b in self.merges)
+        text = "{\n" + head + '  "merges": [' + (f"\n{merges}\n  " if merges else "") + "]\n}\n"
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only folder, a full disk: the error names the file meant, not its temporary
+            raise OSError(e.errno, e.strerror, path) from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     @classmethod
     def load(cls, path):
@@ -542,19 +490,7 @@ class Tokenizer:
 
     def sha256(self):
         """A fingerprint of the tokenizer's content (pattern, merges, specials)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode("utf-8")
-        return hashlib.sha256(blob).hexdigest()
-
-
-def _atomic_write_text(path, text):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def min_vocab_size():
@@ -563,8 +499,7 @@ def min_vocab_size():
 
 
 def train_tokenizer(text, vocab_size, pattern="gpt4", trainer="fast", verbose=False):
-    """Train a Tokenizer whose vocabulary (bytes + merges + specials) has
-    `vocab_size` ids, or fewer if the text runs out of pairs to merge."""
+    """Train a Tokenizer of `vocab_size` ids (bytes + merges + specials), fewer if the text runs out of pairs."""
     if not isinstance(vocab_size, int) or vocab_size < min_vocab_size():
         raise ValueError(f"vocab size {vocab_size} is too small: it must be at least {min_vocab_size()} "
                          f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens)")

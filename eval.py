@@ -387,12 +387,10 @@ def text_overlap(answers, records):
                       for m in answers}, "pairs": 0, "agree": {"bleu": 0, "rouge_l": 0}}
     for a, b in itertools.combinations(answers, 2):
         for k in range(len(refs)):
-            gold = answers[a][k]["gold"] - answers[b][k]["gold"]
-            if gold == 0:
-                continue
-            out["pairs"] += 1
-            for metric in ("bleu", "rouge_l"):  # a tie of the metric counts as disagreeing
-                out["agree"][metric] += (scores[a][metric][k] - scores[b][metric][k]) * gold > 0
+            if gold := answers[a][k]["gold"] - answers[b][k]["gold"]:  # only the pairs gold tells apart
+                out["pairs"] += 1
+                for metric in ("bleu", "rouge_l"):  # a tie of the metric counts as disagreeing
+                    out["agree"][metric] += (scores[a][metric][k] - scores[b][metric][k]) * gold > 0
     return out
 
 
@@ -432,16 +430,15 @@ def plot_ppo(records, keys, path):
     with _figure(path, 1, 2, figsize=(11, 4)) as (left, right):
         series = [(f"{name} ({keys[name]})", keys[name]) for name in ("proxy", "gold") if keys[name]]
         for label, key in series + [("eval_rm", "eval_rm"), ("eval_gold", "eval_gold")]:  # + the held-out prompts
-            if _points(records, key):
-                left.plot(*zip(*_points(records, key)), label=label)
+            if points := _points(records, key):
+                left.plot(*zip(*points), label=label)
         if keys["kl"]:
             twin = left.twinx()
             twin.plot(*zip(*_points(records, keys["kl"])), color="grey", linestyle="--", label=f"KL ({keys['kl']})")
             twin.set_ylabel("KL to reference")
             twin.legend(loc="lower right")
             for label, key in series:
-                points = sorted((math.sqrt(max(0.0, kl)), v) for kl, v in _points(records, key, x=keys["kl"]))
-                if points:
+                if points := sorted((math.sqrt(max(0.0, kl)), v) for kl, v in _points(records, key, x=keys["kl"])):
                     right.plot(*zip(*points), marker=".", label=label)
         _finish(left, "PPO: scores and KL per iteration", "iteration", "upper left")
         _finish(right, "proxy (reward model) vs gold score", "sqrt(KL to reference)")
@@ -453,8 +450,7 @@ def plot_loss_curves(logs, path):
     with _figure(path, 1, max(1, len(logs)), figsize=(4.5 * max(1, len(logs)), 3.8), squeeze=False) as axes:
         for ax, (label, records) in zip(axes[0], logs.items()):
             for key in sorted({k for r in records for k in r if k.endswith("loss")}):
-                points = _points(records, key)
-                if points:
+                if points := _points(records, key):
                     ax.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
             _finish(ax, label, "iteration")
 
@@ -474,8 +470,7 @@ def plot_accuracy(rows, path):
     width = 0.8 / max(1, len(labels))
     with _figure(path, figsize=(8, 4)) as ax:
         for i, label in enumerate(labels):
-            xs = [j + i * width for j, m in enumerate(bars) if label in bars[m]]
-            if xs:
+            if xs := [j + i * width for j, m in enumerate(bars) if label in bars[m]]:
                 ax.bar(xs, [bars[m][label] for m in bars if label in bars[m]], width, label=label)
         ax.set(xticks=[j + width * (len(labels) - 1) / 2 for j in range(len(bars))], ylim=(0, 1))
         ax.set_xticklabels(list(bars), fontsize=8)
@@ -512,7 +507,7 @@ def plot_alignment_tax(taxes, path):
     with _figure(path, 1, 2, figsize=(9, 3.8)) as axes:
         for ax, key, title in zip(axes, ("bpb", "cloze"), ("val bits per byte (lower is better)", "cloze accuracy")):
             for i, (label, t) in enumerate(taxes.items()):
-                if t[key] is not None:
+                if None not in (t[key], t[key + "_base"]):  # cloze needs both models scored
                     ax.bar(3 * i, t[key + "_base"], color="tab:blue", label="base model" if i == 0 else None)
                     ax.bar(3 * i + 1, t[key], color="tab:orange", label="chat model" if i == 0 else None)
                     ratio = f"{t['bpb_ratio']:.2f}x" if key == "bpb" else f"{100 * t['cloze_change']:+.1f} pts"
@@ -708,14 +703,12 @@ def fit_chinchilla_loss(params, tokens, losses, grid=np.linspace(0.02, 2.0, 100)
     coef = np.linalg.solve(Xs.transpose(0, 2, 1) @ Xs, (Xs.transpose(0, 2, 1) @ loss)[..., None])[..., 0] / scale
     rmse = np.sqrt(np.mean((np.einsum("grk,gk->gr", X, coef) - loss) ** 2, axis=1))
     ok = (coef >= 0).all(axis=1)
-    best = None
-    if ok.any():
-        i = int(np.flatnonzero(ok)[np.argmin(rmse[ok])])
-        best = dict(zip(("E", "A", "B"), coef[i].tolist()), alpha=float(alpha[i]), beta=float(beta[i]),
-                    rmse=float(rmse[i]))
-    if best is None or {best["alpha"], best["beta"]} & {float(grid[0]), float(grid[-1])}:
-        return {"reason": "the best exponents lie on the edge of the grid searched" if best else
-                "no exponents of the grid give E, A, B >= 0"}
+    if not ok.any():
+        return {"reason": "no exponents of the grid give E, A, B >= 0"}
+    i = int(np.flatnonzero(ok)[np.argmin(rmse[ok])])
+    best = dict(zip(("E", "A", "B"), coef[i].tolist()), alpha=float(alpha[i]), beta=float(beta[i]), rmse=float(rmse[i]))
+    if {best["alpha"], best["beta"]} & {float(grid[0]), float(grid[-1])}:
+        return {"reason": "the best exponents lie on the edge of the grid searched"}
     total = best["alpha"] + best["beta"]
     return dict(best, a=best["beta"] / total, b=best["alpha"] / total)
 
@@ -725,12 +718,11 @@ def fit_scaling_laws(runs):
     budgets whose minimum lies among their sizes (else a reason); L(N, D) over all runs."""
     budgets = []
     for budget in sorted({r["budget"] for r in runs}):
-        group = [r for r in runs if r["budget"] == budget]
-        fit = fit_parabola_minimum([r["params"] for r in group], [r["val_loss"] for r in group])
+        fit = fit_parabola_minimum(*zip(*[(r["params"], r["val_loss"]) for r in runs if r["budget"] == budget]))
         budgets.append(dict(fit, budget=budget, d_opt=fit["n_opt"] and budget / 6 / fit["n_opt"]))
     used = [b for b in budgets if b["inside"]]
-    fits = {"budgets": budgets, "loss_fit": fit_chinchilla_loss(*([r[k] for r in runs] for k in ("params", "tokens",
-                                                                                                  "val_loss")))}
+    fits = {"budgets": budgets,
+            "loss_fit": fit_chinchilla_loss(*([r[k] for r in runs] for k in ("params", "tokens", "val_loss")))}
     if len(used) < 2:
         return dict(fits, reason=f"{len(used)} of {len(budgets)} budgets have their minimum among their sizes")
     return dict(fits, **{f"{k}_fit": fit_power_law([b["budget"] for b in used], [b[k] for b in used])

@@ -366,6 +366,20 @@ def test_save_load_round_trip_and_readable_file(tok, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p], "no temporary file left behind"
 
 
+def test_save_on_a_full_disk_names_the_file_and_keeps_the_old_one(tok, tmp_path, monkeypatch):
+    path = tmp_path / "tok.json"
+    path.write_text("the old file")
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError) as full:
+        tok.save(str(path))
+    assert full.value.filename == str(path), "the error names the tokenizer file, not its temporary"
+    assert path.read_text() == "the old file", "a failed save leaves the file that was there"
+    assert os.listdir(tmp_path) == ["tok.json"], "no temporary file left behind"
+
+
 def test_load_bad_files_give_clear_errors(tok, tmp_path):
     missing = tmp_path / "missing.json"
     with pytest.raises(ValueError, match="does not exist"):

@@ -473,6 +473,9 @@ def test_alignment_tax_against_the_base_model_of_each_chat_model(tmp_path):
     assert "| sft | pretrain | 0.250 -> 0.500 | 2.00x | 80.0% -> 60.0% | -20.0 pts |" in md
     E.plot_alignment_tax(taxes, str(tmp_path / "tax.png"))
     assert is_png(tmp_path / "tax.png")
+    taxes["sft"].update(cloze_base=None, cloze_change=None)  # a base without cloze items: no cloze bars for it
+    E.plot_alignment_tax(taxes, str(tmp_path / "tax2.png"))
+    assert is_png(tmp_path / "tax2.png")
 
 
 # --- the whole run -----------------------------------------------------------------------
