@@ -421,7 +421,7 @@ def _figure(path, *args, **kwargs):
 def _finish(ax, title, xlabel, legend_loc="best"):
     ax.set(title=title, xlabel=xlabel)
     ax.grid(alpha=0.3, axis="y" if ax.patches else "both")
-    if ax.lines or ax.patches:
+    if ax.get_legend_handles_labels()[1]:  # only labelled lines and bars have a legend entry
         ax.legend(loc=legend_loc)
 
 
