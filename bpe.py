@@ -421,6 +421,8 @@ class Tokenizer:
                        for k, v in self.to_dict().items() if k != "merges")
         merges = ",\n".join(f"    [{a}, {b}]" for a, b in self.merges)
         text = "{\n" + head + '  "merges": [' + (f"\n{merges}\n  " if merges else "") + "]\n}\n"
+        if os.path.exists(path) and not os.path.isfile(path):  # a folder or a device (/dev/null) is never replaced
+            raise OSError(None, "is not a file (a folder or a device): give a file's path", path)
         tmp = f"{path}.tmp{os.getpid()}"
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -580,6 +582,10 @@ def main(argv=None):
             print(tok.decode(args.ids))
     except ValueError as e:
         print(f"bpe.py: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the machine's mistake (a read-only folder, a full disk), named in one line
+        print(f"bpe.py: error: {e.filename}: {e.strerror or e} (check that its folder exists, is writable and has room)",
+              file=sys.stderr)
         return 1
     return 0
 

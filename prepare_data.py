@@ -112,6 +112,8 @@ def pid_alive(pid):
 
 def atomic_write(path, data):
     """Bytes, str (UTF-8) or a writer f(file) -> path via a synced temporary renamed over it: never half a file."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a folder or a device (/dev/null) is never replaced
+        raise OSError(None, "is not a file (a folder or a device): give a file's path", path)
     if callable(data):  # the writer fills memory first: a full disk is then an OSError (torch.save reports its own)
         data(buffer := io.BytesIO())
         data = buffer.getvalue()

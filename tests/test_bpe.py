@@ -710,6 +710,13 @@ def test_cli_bad_inputs_give_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and err.startswith("bpe.py: error:"), err
     assert not out.exists(), "a failed run writes nothing"
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)  # stands for a device such as /dev/null: an output path that is not a file
+    for target in (pipe, tmp_path / "corpus.txt" / "tok.json"):
+        assert bpe.main(["train", "--input", str(corpus), "--vocab-size", "300", "--out", str(target)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"bpe.py: error: {target}"), err
+    assert pipe.is_fifo(), "a device or pipe named as the output is never replaced by a file"
 
 
 def test_cli_help_runs_as_a_script():

@@ -413,6 +413,10 @@ def test_atomic_write_failure_names_the_file_and_keeps_the_old_one(tmp_path):
     with pytest.raises(OSError) as failed:
         P.atomic_write(str(tmp_path / "ckpt.pt" / "x.json"), "{}")  # a file where the folder should be
     assert failed.value.filename == str(tmp_path / "ckpt.pt" / "x.json")
+    os.mkfifo(tmp_path / "pipe")  # stands for a device such as /dev/null
+    with pytest.raises(OSError, match="not a file"):
+        P.atomic_write(str(tmp_path / "pipe"), "{}")
+    assert (tmp_path / "pipe").is_fifo(), "a device or pipe is never replaced by a file"
 
 
 def test_error_line():
