@@ -1,5 +1,4 @@
-"""
-bpe.py: byte-level Byte Pair Encoding, the tokenizer of every stage.
+"""bpe.py: byte-level Byte Pair Encoding, the tokenizer of every stage.
 
 A language model reads integers, not text. This file, and only this file, turns text into ids and back.
 
@@ -16,18 +15,14 @@ Tie rule: among equally frequent pairs the smallest wins, first id then second: 
 
 Two trainers give exactly the same merges:
   train_naive  recounts every pair of the whole text after each merge (readable);
-  train_fast   counts each distinct pre-token once, updates pair counts by touching only the words
-               that contain the merged pair, and finds the most frequent pair with a heap.
+  train_fast   counts each distinct pre-token once, recounts only words a merge touches, takes the top pair off a heap.
 Two encoders give exactly the same ids:
   Tokenizer.encode_reference  the merge loop in plain Python (readable);
   Tokenizer.encode            the same merges exported to tiktoken (fast, Rust).
+from_vocab loads another BPE (GPT-2's, say) with its own ids; encode_iterable encodes a stream without holding it all.
 
-Special tokens (document separator, chat turn markers, end of turn, reward) get the ids after the merges.
-They are never learned from text, and plain `encode` never produces them: the text "<|end|>" typed by a user
-is just characters. Only `encode(text, allow_special=True)` turns those strings into control ids.
-
-Another BPE (GPT-2's files, say) loads with from_vocab and keeps its own ids; encode_iterable encodes a
-stream of text (a large file) without holding it all.
+Special tokens (document separator, chat turn markers, end of turn, reward) get the ids after the merges. They are
+never learned, and only `encode(text, allow_special=True)` makes them: plain `encode` reads a typed "<|end|>" as text.
 
 Command line:
   python bpe.py train  --input FILE --vocab-size N --out PATH [--pattern gpt4|gpt2]
@@ -37,7 +32,7 @@ Command line:
 
 import argparse
 import collections
-import hashlib
+import functools
 import heapq
 import json
 import os
@@ -61,8 +56,7 @@ STREAM_CUT_OFFSET = {GPT4_PATTERN: 1, GPT2_PATTERN: 0}
 STREAM_CHARS = 1 << 16  # encode_iterable encodes pieces of at least this many characters
 
 # -----------------------------------------------------------------------------
-# Special tokens, reserved in every tokenizer, with ids right after the merges
-# in this order. The chat template below is the only place they are combined.
+# Special tokens, reserved in every tokenizer, ids right after the merges in this order; only encode_chat combines them.
 
 DOC_SEP = "<|endoftext|>"      # between documents in pretraining data
 USER = "<|user|>"              # starts a user turn
@@ -79,8 +73,7 @@ FORMAT_VERSION = 1
 # The algorithm in plain loops
 
 def get_pair_counts(ids, counts=None):
-    """Count adjacent pairs: [1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}.
-    Adds into `counts` when given, so counts over many chunks can be summed."""
+    """Count adjacent pairs, summed into `counts` if given: [1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}."""
     counts = {} if counts is None else counts
     for pair in zip(ids, ids[1:]):
         counts[pair] = counts.get(pair, 0) + 1
@@ -115,9 +108,8 @@ def resolve_pattern(pattern):
 
 
 def split_text(text, pattern=GPT4_PATTERN):
-    """Pre-split text into the chunks BPE works inside. Special-token strings are boundaries and are dropped
-    (their ids are reserved, never learned), so a merge can never span a document separator.
-    split_text("Hi there!") -> ['Hi', ' there', '!']"""
+    """Pre-split text into the chunks BPE works inside: split_text("Hi there!") -> ['Hi', ' there', '!']. Special-token
+    strings are dropped as boundaries (their ids are reserved, never learned): no merge spans a document separator."""
     compiled = regex.compile(resolve_pattern(pattern))
     pieces = regex.split("|".join(map(regex.escape, SPECIAL_TOKENS)), text)  # 'a<|end|>b' -> ['a', 'b']
     return [chunk for piece in pieces if piece for chunk in compiled.findall(piece)]
@@ -148,19 +140,16 @@ def train_naive(text, num_merges, pattern=GPT4_PATTERN):
 
 
 def count_words(text, pattern=GPT4_PATTERN):
-    """Distinct pre-tokens and how often each occurs, as byte-id tuples:
-    count_words("a a b") -> {(97,): 1, (32, 97): 1, (32, 98): 1}."""
+    """Each distinct pre-token (byte ids) and its count: count_words("a a b") -> {(97,): 1, (32, 97): 1, (32, 98): 1}"""
     return dict(collections.Counter(tuple(chunk.encode("utf-8")) for chunk in split_text(text, pattern)))
 
 
 def train_fast(text, num_merges, pattern=GPT4_PATTERN, verbose=False):
     """The fast trainer; returns exactly the merges of train_naive. Three ideas make it fast:
-      - each distinct pre-token ("word") is stored once with its count, so " the" appearing 20,000 times
-        is merged once, not 20,000 times;
-      - pair counts are kept up to date: a merge touches only the words that contain the merged pair
-        (pair_words remembers which ones);
-      - the most frequent pair comes from a heap of (-count, pair). Entries go stale when counts change;
-        a popped entry whose count is no longer the live count is dropped (lazy deletion)."""
+      - each distinct pre-token ("word") is stored once with its count: " the" seen 20,000 times is merged once;
+      - pair counts are kept up to date: a merge touches only the words that contain its pair (pair_words lists them);
+      - the most frequent pair comes from a heap of (-count, pair). Entries go stale when counts change; a popped entry
+        whose count is no longer the live count is dropped (lazy deletion)."""
     _check_num_merges(num_merges)
     word_counts = count_words(text, pattern)
     words = [list(w) for w in word_counts]      # word index -> current ids
@@ -220,9 +209,8 @@ def build_vocab(merges):
 
 
 def gpt2_bytes_to_unicode():
-    """GPT-2's files spell each byte as a printable character: the 188 printable bytes ('!'..'~',
-    '¡'..'¬', '®'..'ÿ') stand for themselves, the other 68 become chr(256 + n) in byte order
-    (0 -> 'Ā', 32 (space) -> 'Ġ'). In this dict's order, a byte's position is its GPT-2 id."""
+    """GPT-2's files spell each byte as a printable character: the 188 printable bytes ('!'..'~', '¡'..'¬', '®'..'ÿ')
+    as themselves, the other 68 as chr(256 + n) in byte order (32 -> 'Ġ'); a byte's position here is its GPT-2 id."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
@@ -249,8 +237,7 @@ class Tokenizer:
     ids 0..255      the bytes
     ids 256..       one per merge, in creation order
     then            the special tokens, in order (SPECIAL_TOKENS unless given)
-    These are the tokens' ranks. A tokenizer built from another BPE's vocabulary (from_vocab) gives each
-    token that vocabulary's id instead: ids[rank]."""
+    These are the tokens' ranks; a tokenizer from another BPE's vocabulary (from_vocab) gives its ids: ids[rank]."""
 
     def __init__(self, merges, pattern="gpt4", special_tokens=SPECIAL_TOKENS, ids=None):
         self.pattern = resolve_pattern(pattern)
@@ -266,16 +253,14 @@ class Tokenizer:
         self.vocab = dict(zip(table, self.token_bytes + [s.encode() for s in self.special_tokens]))  # id -> bytes
         self.special_ids = {s: table[len(self.token_bytes) + k] for k, s in enumerate(self.special_tokens)}
         self.vocab_size = max(table) + 1
-        self._encoding = None  # the tiktoken.Encoding, built on first use
         self._regex = regex.compile(self.pattern)
         longest_first = sorted(self.special_tokens, key=len, reverse=True)
         self._specials = regex.compile("(" + "|".join(map(regex.escape, longest_first)) + ")")  # see _around_specials
 
     # --- fast path (tiktoken) ---------------------------------------------
     def to_tiktoken(self, name="stagegpt"):
-        """The same tokenizer as a tiktoken.Encoding: every byte string ranked by
-        merge order (bytes first, merges in creation order), specials after them.
-        Its ids are the ranks, which encode() maps to ids (the same unless from_vocab)."""
+        """The same tokenizer as a tiktoken.Encoding: every byte string ranked by merge order (bytes, then merges),
+        specials after them. Its ids are the ranks, which encode() maps to ids (the same unless from_vocab)."""
         mergeable_ranks = {b: i for i, b in enumerate(self.token_bytes)}
         if len(mergeable_ranks) != len(self.token_bytes):
             raise ValueError("two ids share one byte string; tiktoken cannot represent this tokenizer")
@@ -284,24 +269,16 @@ class Tokenizer:
                                  special_tokens={s: n + k for k, s in enumerate(self.special_tokens)},
                                  explicit_n_vocab=n + len(self.special_tokens))
 
-    @property
+    @functools.cached_property
     def encoding(self):
-        if self._encoding is None:
-            self._encoding = self.to_tiktoken()
-        return self._encoding
+        """The tiktoken.Encoding, built on first use."""
+        return self.to_tiktoken()
 
     def encode(self, text, allow_special=False):
-        """Text -> ids through tiktoken. Special-token strings in `text` are
-        plain characters unless allow_special=True (never for user text)."""
+        """Text -> ids (tiktoken); special-token strings stay text unless allow_special=True (never for user text)."""
         if allow_special and self.special_tokens:
             return self._around_specials(text, self.encode)
         return self._own_ids(self.encoding.encode_ordinary(text))
-
-    def encode_batch(self, texts, allow_special=False, num_threads=8):
-        """Many texts at once, on several threads (tiktoken releases the GIL)."""
-        if allow_special:
-            return [self.encode(text, allow_special=True) for text in texts]
-        return [self._own_ids(ids) for ids in self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)]
 
     def _around_specials(self, text, encode_plain):
         """encode_plain() on the text between special-token strings, their ids between:
@@ -452,10 +429,9 @@ class Tokenizer:
     # --- another BPE's vocabulary ---------------------------------------------------
     @classmethod
     def from_vocab(cls, vocab, merges, special_tokens=SPECIAL_TOKENS, pattern="gpt2"):
-        """A tokenizer that encodes to another BPE's ids: vocab {id: bytes}, merges [(bytes, bytes)] in the
-        order they were learned. A special token keeps its id if the vocab has its bytes, else takes the
-        next free id. Vocab ids that no byte, merge or special token makes only decode (and cannot be
-        saved). `pattern`: the pre-split the merges were learned with (GPT-2's by default)."""
+        """A tokenizer that encodes to another BPE's ids: vocab {id: bytes}, merges [(bytes, bytes)] in learned order.
+        A special token keeps its id if the vocab has its bytes, else takes the next free id. Vocab ids no byte, merge
+        or special token makes only decode (cannot be saved). `pattern`: the merges' pre-split, GPT-2's by default."""
         vocab_id = {b: i for i, b in vocab.items()}
         for s in special_tokens or []:
             vocab_id.setdefault(s.encode("utf-8"), max(vocab_id.values(), default=-1) + 1)
@@ -489,10 +465,6 @@ class Tokenizer:
             lines = [line for line in f if line.strip() and not line.startswith("#version")]
         merges = [tuple(map(to_bytes, line.split())) for line in lines]
         return cls.from_vocab(vocab, merges, special_tokens, "gpt2")
-
-    def sha256(self):
-        """A fingerprint of the tokenizer's content (pattern, merges, specials)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def min_vocab_size():
@@ -578,8 +550,7 @@ def main(argv=None):
             n_bytes = len(args.text.encode("utf-8"))
             print(f"{len(ids)} tokens for {n_bytes} bytes ({n_bytes / max(len(ids), 1):.2f} bytes/token)")
         elif args.command == "decode":
-            tok = Tokenizer.load(args.tokenizer)
-            print(tok.decode(args.ids))
+            print(Tokenizer.load(args.tokenizer).decode(args.ids))
     except ValueError as e:
         print(f"bpe.py: error: {e}", file=sys.stderr)
         return 1

@@ -227,8 +227,7 @@ def compare_ppo_sft(rows, models, config, ctx, log=print):
     (policy, tokenizer), reference = models[ppo["label"]], models[sft["label"]][0]
     end, block = tokenizer.special_ids[bpe.END_OF_TURN], policy.config.block_size
     room = block - max(1, min(config["max_new_tokens"], block - 1))  # the prompt tokens generate_responses keeps
-    prompts_ids = [tokenizer.encode_chat(a["prompt"])[0][-room:] for a in ppo["answers"][:config["kl_prompts"]]]
-    if prompts_ids:
+    if prompts_ids := [tokenizer.encode_chat(a["prompt"])[0][-room:] for a in ppo["answers"][:config["kl_prompts"]]]:
         t0 = time.time()
         with ctx:
             samples = generate_responses(policy, prompts_ids, config["max_new_tokens"], end, KL_TEMPERATURE,
@@ -351,9 +350,8 @@ def bleu(candidates, references, max_n=4, smooth=False):
     matches, totals, c, r = [0] * max_n, [0] * max_n, 0, 0
     for candidate, reference in zip(candidates, references):
         c, r = c + len(candidate), r + len(reference)
-        for n in range(1, max_n + 1):
-            ref = ngram_counts(reference, n)
-            matches[n - 1] += sum(min(k, ref[g]) for g, k in ngram_counts(candidate, n).items())
+        for n in range(1, max_n + 1):  # Counter &: each n-gram's smaller count of the two, the clipping
+            matches[n - 1] += sum((ngram_counts(candidate, n) & ngram_counts(reference, n)).values())
             totals[n - 1] += max(0, len(candidate) - n + 1)
     add = [0] + [int(smooth)] * (max_n - 1)
     if c == 0 or any(m + a == 0 for m, a in zip(matches, add)):
@@ -553,9 +551,8 @@ def markdown_report(report):
                   "|---|" + "---|" * len(tasks)]
         lines += [f"| {label} | " + " | ".join(pct(by[t]["accuracy"]) if t in by else "-" for t in tasks)
                   + " |" for label, by in chats] + [""]
-    shots = [(f"{r['label']}, {m} (plain text)", g) for r in rows for m, g in r.get("metrics", {}).items()
-             if m.endswith("-shot")]
-    if shots:
+    if shots := [(f"{r['label']}, {m} (plain text)", g) for r in rows for m, g in r.get("metrics", {}).items()
+                 if m.endswith("-shot")]:
         shots += [(f"{r['label']}, chat template, zero-shot", dict(r["metrics"]["chat"], shots=0)) for r in rows
                   if r["stage"] in ("sft", "ppo") and "chat" in r["metrics"]]
         lines += ["## Few-shot prompting", "", "Task accuracy of the base model with k solved examples of the same "
@@ -564,8 +561,7 @@ def markdown_report(report):
         lines += [f"| {label} | {g['shots']:.1f} | {pct(g['accuracy'])} | " + " | ".join(
             pct(g["by_task"][t]["accuracy"]) if t in g["by_task"] else "-" for t in tasks) + " |"
             for label, g in shots] + [""]
-    hs = [(r["label"], r["metrics"]["hellaswag"]) for r in rows if "hellaswag" in r.get("metrics", {})]
-    if hs:
+    if hs := [(r["label"], r["metrics"]["hellaswag"]) for r in rows if "hellaswag" in r.get("metrics", {})]:
         lines += ["## HellaSwag", ""] + [f"- {label}: {pct(h['accuracy'])} (per token {pct(h['accuracy_norm'])}) on "
                                          f"{h['n']} items" for label, h in hs] + [""]
     if report.get("alignment_tax"):
@@ -593,8 +589,7 @@ def markdown_report(report):
                              f"{fmt(bpb)} | {change} | {pct(row['metrics'].get('mc', {}).get('accuracy'))} | "
                              f"{pct(row['metrics'].get('chat', {}).get('accuracy'))} | {row['tokens_per_s']:.0f} |")
         lines.append("")
-    if report.get("overlap"):
-        o = report["overlap"]
+    if o := report.get("overlap"):
         lines += ["## BLEU and ROUGE-L", "", "Each chat model's greedy answers against the stored reference answers "
                   "(words: tinyworld.tokens_of), then how often each metric orders two models' answers to one prompt "
                   "as the gold labeler does, over the pairs the labeler tells apart (a coin: 50%).", "",
@@ -624,8 +619,7 @@ def markdown_report(report):
     lines += [""] + (["## Skipped", ""] + skipped + [""] if skipped else [])
     if report["plots"]:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in report["plots"]] + [""]
-    lines.append(f"Evaluated in {report['time_s']:.1f}s on {report['device']}.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [f"Evaluated in {report['time_s']:.1f}s on {report['device']}."]) + "\n"
 
 
 # -----------------------------------------------------------------------------
@@ -774,9 +768,8 @@ def plot_optimal(fits, path):
     with _figure(path, 1, 2, figsize=(10, 4)) as axes:
         for ax, key, name in zip(axes, ("n_opt", "d_opt"), ("N_opt (parameters)", "D_opt (tokens)")):
             ax.plot(c, [b[key] for b in used], "o", label="IsoFLOP minima")
-            if f"{key}_fit" in fits:
-                a, b = fits[f"{key}_fit"]["a"], fits[f"{key}_fit"]["b"]
-                ax.plot(c, a * c ** b, label=f"{a:.3g} C^{b:.2f}")
+            if fit := fits.get(f"{key}_fit"):
+                ax.plot(c, fit["a"] * c ** fit["b"], label=f"{fit['a']:.3g} C^{fit['b']:.2f}")
             if used:  # none: empty axes, the reason in scaling.md
                 ax.set(xscale="log", yscale="log", ylabel=name)
             _finish(ax, f"{name.split()[0]} against compute", "compute C (FLOPs)")
@@ -794,12 +787,11 @@ def scaling_study(config, log=print):
         # train.py's defaults, the run's size and length, the LR schedule fitted to that length (cosine_lr decays
         # over max_iters, warmup a twentieth of it), one evaluation at the end (the same seeded val windows), no sample
         train_config = {**train.DEFAULTS, "config": f"scaling {run['name']}", "dataset": dataset, "pos": "rope",
-                        "data_dir": config["data_dir"], "out_dir": os.path.join(out_dir, run["name"]),
-                        **{key: config[key] for key in ("device", "dtype", "seed")},
+                        "out_dir": os.path.join(out_dir, run["name"]), "log_interval": max(1, run["max_iters"] // 4),
+                        **{key: config[key] for key in ("data_dir", "device", "dtype", "seed")},
                         **{key: run[key] for key in ("n_layer", "n_head", "n_embd", "max_iters")},
                         **{key: study[key] for key in ("block_size", "batch_size", "learning_rate", "eval_iters")},
-                        "warmup_iters": run["max_iters"] // 20, "eval_interval": run["max_iters"],
-                        "log_interval": max(1, run["max_iters"] // 4), "sample_tokens": 0}
+                        "warmup_iters": run["max_iters"] // 20, "eval_interval": run["max_iters"], "sample_tokens": 0}
         path = os.path.join(train_config["out_dir"], "ckpt.pt")
         saved = load_checkpoint(path, stages={"pretrain"}) if os.path.exists(path) else {"config": {}, "metrics": {}}
         if saved["config"].get("max_iters") == saved["metrics"].get("iter") == run["max_iters"]:  # done before

@@ -5,12 +5,7 @@ A decoder-only transformer in the nanoGPT / GPT-2 lineage:
                -> n_layer x Block:  x = x + attn(norm(x));  x = x + mlp(norm(x))
                -> final norm -> linear head tied to the token embedding -> logits (B, T, V)
 
-The design choices the lectures discuss are switches in GPTConfig, GPT-2's choices being the defaults:
-    norm       "layernorm" | "rmsnorm"
-    mlp        "gelu"      | "swiglu"
-    pos        "learned"   | "rope"      (rotary embeddings rotate q and k instead)
-    attention  "sdpa"      | "explicit"  (F.scaled_dot_product_attention, or scores / mask / softmax / sum by hand)
-"""
+The design choices the lectures discuss are switches in GPTConfig, GPT-2's choices being the defaults."""
 
 import math
 import os
@@ -38,8 +33,8 @@ class GPTConfig:
     bias: bool = True          # biases in linear layers and norms, as GPT-2
     norm: str = "layernorm"    # "layernorm" | "rmsnorm"
     mlp: str = "gelu"          # "gelu" | "swiglu"
-    pos: str = "learned"       # "learned" | "rope"
-    attention: str = "sdpa"    # "sdpa" | "explicit"
+    pos: str = "learned"       # "learned" | "rope" (rotary embeddings rotate q and k instead)
+    attention: str = "sdpa"    # "sdpa" (F.scaled_dot_product_attention) | "explicit" (scores, mask, softmax, sum)
     rope_theta: float = 10000.0
 
     def __post_init__(self):
@@ -126,7 +121,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer_index):
         super().__init__()
-        self.n_head, self.head_size = config.n_head, config.n_embd // config.n_head
+        self.head_size = config.n_embd // config.n_head
         self.attention, self.dropout, self.layer_index = config.attention, config.dropout, layer_index
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -215,17 +210,15 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying: logits read with the input embedding
-        self.apply(self._init_weights)
+        for module in self.modules():  # GPT-2's init: weights N(0, 0.02), biases 0
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), as each block adds two to the residual stream
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def num_params(self):
         """Parameters counted once (the tied head shares the embedding)."""
@@ -276,19 +269,18 @@ class GPT(nn.Module):
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         cache = KVCache(self.config, idx.size(0), idx.size(1) + max_new_tokens, idx.device,
                         next(self.parameters()).dtype) if use_cache else None
-        out = idx
         for _ in range(max_new_tokens):
             # feed the cache only what it has not seen (the whole prompt first); without one, the whole context
-            h = self.hidden_states(out[:, cache.pos:], cache) if use_cache else self.hidden_states(out)
+            h = self.hidden_states(idx[:, cache.pos:], cache) if use_cache else self.hidden_states(idx)
             next_id = sample_next_token(self.lm_head(h[:, -1, :]), temperature, top_k, top_p, generator)
             if stop_token is not None:
                 next_id = torch.where(finished, torch.full_like(next_id, stop_token), next_id)
                 finished |= next_id == stop_token
-            out = torch.cat([out, next_id[:, None]], dim=1)
+            idx = torch.cat([idx, next_id[:, None]], dim=1)
             if stop_token is not None and bool(finished.all()):
                 break
         self.train(was_training)
-        return out
+        return idx
 
 
 def flops_per_token(config, num_params):
@@ -319,8 +311,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = F.softmax(sorted_logits, dim=-1)
-        # drop an id when the ids more likely than it already reach top_p
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # drop an id when those more likely already reach top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator).squeeze(-1)
@@ -366,14 +357,13 @@ QUANTIZE = ("none", "int8", "int4")
 def quantize_absmax(weight, bits, group_size):
     """weight (out, in) -> (q int8 (out, in), scale (out, in // group_size)): each group of group_size inputs of a
     row scaled so that its largest |w| maps to 2^(bits-1) - 1 (127, or 7), rounded. Absmax keeps w = 0 exact."""
-    out_features, in_features = weight.shape
-    if in_features % group_size:
-        raise ValueError(f"{in_features} input features are not a whole number of groups of {group_size}")
+    if weight.size(1) % group_size:
+        raise ValueError(f"{weight.size(1)} input features are not a whole number of groups of {group_size}")
     qmax = 2 ** (bits - 1) - 1
-    groups = weight.float().view(out_features, in_features // group_size, group_size)
+    groups = weight.float().unflatten(1, (-1, group_size))  # (out, in // group_size, group_size)
     scale = groups.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / qmax  # a zero group: any scale will do
     q = (groups / scale).round().clamp(-qmax, qmax).to(torch.int8)
-    return q.view(out_features, in_features), scale.squeeze(-1)
+    return q.flatten(1), scale.squeeze(-1)
 
 
 def dequantize(q, scale):
@@ -411,7 +401,6 @@ class QuantizedLinear(nn.Module):
         """Rows idx (ids, any shape; default all) of the float weight, only those dequantized -> idx.shape + (in,)."""
         q = self.qweight[idx]
         return dequantize(unpack_int4(q) if self.bits == 4 else q, self.scale[idx])
-
     weight = property(rows)  # the whole float weight, as nn.Linear's
 
     def forward(self, x):
@@ -437,11 +426,9 @@ def quantize_model(model, mode, group_size=32):
     if mode == "none":
         return model
     bits = 8 if mode == "int8" else 4
-    for module in list(model.transformer.h.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, QuantizedLinear(child.weight, child.bias, bits, group_size))
-    model.lm_head = QuantizedLinear(model.lm_head.weight, None, bits, group_size)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):  # the blocks' layers, and the head, whose weight is the embedding's
+            model.set_submodule(name, QuantizedLinear(module.weight, module.bias, bits, group_size))
     model.transformer.wte = QuantizedEmbedding(model.lm_head)
     return model.requires_grad_(False)
 
@@ -537,9 +524,8 @@ def load_checkpoint(path, stages=None, map_location="cpu"):
                               f"this code reads version {CHECKPOINT_VERSION}")
     if missing := [k for k in REQUIRED_KEYS if k not in ckpt]:
         raise CheckpointError(f"checkpoint {file} is incomplete: it lacks {missing}")
-    if stages is not None and ckpt["stage"] not in stages:
-        raise CheckpointError(f"checkpoint {file} is a '{ckpt['stage']}' checkpoint; "
-                              f"this needs one of {sorted(stages)}")
+    if stages is not None and (stage := ckpt["stage"]) not in stages:
+        raise CheckpointError(f"checkpoint {file} is a '{stage}' checkpoint; this needs one of {sorted(stages)}")
     if bad := nonfinite(ckpt["model"]):
         raise CheckpointError(f"checkpoint {file} has NaN or infinite weights ({bad[0]}): a diverged run's")
     return ckpt

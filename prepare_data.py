@@ -26,6 +26,7 @@ import io
 import itertools
 import json
 import os
+import pathlib
 import re
 import sys
 import time
@@ -86,6 +87,9 @@ MIN_DUP_LINE_CHARS = 50    # only lines at least this long count as repeated lin
 BOILERPLATE_LINE_PHRASES = ["javascript", "cookie policy", "privacy policy", "terms of use",
                             "all rights reserved", "subscribe to", "click here"]
 BOILERPLATE_DOC_PHRASES = ["lorem ipsum"]
+EMAIL_RE = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
+IP_RE = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\b")
+PHONE_RE = re.compile(r"(?<![\w.])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?!\w|\.\d)")
 
 # Small helpers used everywhere
 class DataError(Exception):
@@ -188,8 +192,7 @@ def source_url(name, mirror=None):
 
 def read_checksums(folder):
     try:
-        with open(os.path.join(folder, CHECKSUMS_FILE), encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(pathlib.Path(folder, CHECKSUMS_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
 
@@ -215,11 +218,10 @@ def download(url, path, sha256=None, timeout=DOWNLOAD_TIMEOUT_S, retries=DOWNLOA
             with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
                 r.raise_for_status()
                 announced = int(r.headers.get("Content-Length") or 0)
-                data = b"".join(r.iter_content(chunk_size=1 << 16))
-            if not announced or len(data) == announced:
-                body = data
+                body = b"".join(r.iter_content(chunk_size=1 << 16))
+            if not announced or len(body) == announced:
                 break
-            error = f"got {len(data)} of {announced} bytes"  # the server closed the connection early
+            error, body = f"got {len(body)} of {announced} bytes", None  # the server closed the connection early
         except requests.HTTPError as e:
             status = e.response.status_code if e.response is not None else 0
             error = f"HTTP {status}"
@@ -265,8 +267,7 @@ def read_text(path):
 
 
 def read_maybe_gzip(path):
-    with open(path, "rb") as f:
-        data = f.read()
+    data = pathlib.Path(path).read_bytes()
     return (gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).decode("utf-8")
 
 
@@ -355,16 +356,14 @@ def drop_lines(docs, drop, step):
         lines = d.split("\n")
         kept = [line for line in lines if not drop(line)]
         removed_lines += len(lines) - len(kept)
-        new = "\n".join(kept).strip("\n")
-        if new.strip():
-            out.append(new)
+        if any(line.strip() for line in kept):
+            out.append("\n".join(kept).strip("\n"))
     return out, {"step": step, "removed_lines": removed_lines, "removed_docs": len(docs) - len(out)}
 
 
 def dedup_lines(docs, min_chars=MIN_DUP_LINE_CHARS):
     """Lines (min_chars or longer) seen earlier in the corpus go: repeated footers and headers."""
     seen = set()
-
     def repeated(line):
         key = line.strip()
         found = len(key) >= min_chars and key in seen
@@ -429,22 +428,15 @@ def near_dedup(docs, threshold=NEAR_DUP_THRESHOLD, num_perm=MINHASH_PERMS, bands
     """Drop documents whose estimated Jaccard similarity (MinHash of shingles) to an earlier kept one is at
     least `threshold`. LSH: only documents sharing a band (num_perm/bands signature values) are compared."""
     rows = num_perm // bands
-    buckets, kept, signatures = {}, [], []
+    buckets, kept = {}, []  # (band, its values) -> the signatures of the kept documents that share it
     for d in docs:
         sig = minhash_signature(shingles(d), num_perm)
         keys = [(i, sig[i * rows:(i + 1) * rows].tobytes()) for i in range(bands)]
-        candidates = sorted({j for key in keys for j in buckets.get(key, [])})
-        if any(estimated_jaccard(sig, signatures[j]) >= threshold for j in candidates):
-            continue
-        for key in keys:
-            buckets.setdefault(key, []).append(len(kept))
-        kept.append(d)
-        signatures.append(sig)
+        if not any(estimated_jaccard(sig, other) >= threshold for key in keys for other in buckets.get(key, [])):
+            for key in keys:
+                buckets.setdefault(key, []).append(sig)
+            kept.append(d)
     return kept, {"step": "near_dedup", "removed_docs": len(docs) - len(kept), "threshold": threshold}
-
-EMAIL_RE = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
-IP_RE = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\b")
-PHONE_RE = re.compile(r"(?<![\w.])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?!\w|\.\d)")
 
 
 def redact_pii(text):
@@ -512,8 +504,7 @@ def encode_documents(tokenizer, docs, dtype):
     The ids stream into the array (encode_iterable, a document at a time, so text that looks like a special token
     stays text): a corpus's ids held as Python ints would take far more memory than the corpus."""
     eot = [tokenizer.special_ids[bpe.DOC_SEP]]
-    ids = itertools.chain.from_iterable(itertools.chain(tokenizer.encode_iterable([d]), eot) for d in docs)
-    return np.fromiter(ids, dtype=dtype)
+    return np.fromiter((i for d in docs for i in itertools.chain(tokenizer.encode_iterable([d]), eot)), dtype=dtype)
 
 
 def write_pretraining_files(cfg, docs):
@@ -598,8 +589,7 @@ def load_meta(data_dir):
     """meta.json of a prepared dataset folder; missing or unreadable, a DataError that names the fix."""
     path, name = os.path.join(data_dir, "meta.json"), os.path.basename(os.path.normpath(data_dir))
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
         return meta
@@ -734,9 +724,6 @@ def build_hellaswag(cfg):
     paths, meta = fetch_all(cfg)
     return meta, write_records(cfg, cut(parse_hellaswag(read_maybe_gzip(paths[0])), [("mc", cfg.mc)]), meta)
 
-BUILDERS = {"generated": build_tinyworld, "pretrain": build_pretrain, "sft": build_alpaca,
-            "prefs": build_hh, "mc": build_hellaswag}
-
 
 def prepare(cfg=None, **overrides):
     """Build a dataset folder (or find it up to date) and return its path. cfg: the parsed command line; from Python,
@@ -757,7 +744,9 @@ def prepare(cfg=None, **overrides):
     os.makedirs(cfg.out, exist_ok=True)
     if os.path.exists(meta_path := os.path.join(cfg.out, "meta.json")):
         os.remove(meta_path)  # the folder is "complete" again only when the new meta.json is written
-    meta, files = BUILDERS[build["kind"]](cfg)
+    builders = {"generated": build_tinyworld, "pretrain": build_pretrain, "sft": build_alpaca, "prefs": build_hh,
+                "mc": build_hellaswag}
+    meta, files = builders[build["kind"]](cfg)
     paths = {name: os.path.join(cfg.out, name) for name in files}
     meta = dict({"format_version": FORMAT_VERSION, "dataset": build["dataset"], "kind": build["kind"], "build": build},
                 **meta, files={n: {"bytes": os.path.getsize(p), "sha256": sha256_file(p)} for n, p in paths.items()})
@@ -787,7 +776,6 @@ def make_parser():
     p.add_argument("--force", action="store_true", help="rebuild even if the folder is up to date")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(**{name: None for name in SIZE_FIELDS})  # None: the dataset's sizes
-
     def error(message):  # one line, no usage block
         raise DataError(f"{message} (see --help)")
     p.error = error

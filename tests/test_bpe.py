@@ -244,12 +244,6 @@ def test_encode_round_trips(tok):
         assert tok.decode(tok.encode_reference(text)) == text
 
 
-def test_encode_batch_equals_encode(tok):
-    texts = VARIED_TEXTS[:9]
-    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
-    assert tok.encode_batch([DOC_SEP], allow_special=True) == [[tok.special_ids[DOC_SEP]]]
-
-
 def test_encode_compresses_trained_text(tok):
     assert len(tok.encode(ENGLISH)) < 0.6 * len(ENGLISH.encode("utf-8"))
 
@@ -411,12 +405,6 @@ def test_from_dict_rejects_bad_fields(tok):
         Tokenizer.from_dict({**d, "pattern": "nope"})
 
 
-def test_sha256_is_a_content_fingerprint(tok):
-    assert tok.sha256() == Tokenizer.from_dict(tok.to_dict()).sha256()
-    assert len(tok.sha256()) == 64
-    assert tok.sha256() != Tokenizer(tok.merges[:-1], tok.pattern).sha256()
-
-
 # --- another BPE's vocabulary: from_vocab and GPT-2's files ------------------------
 
 def gpt2_spelling():
@@ -476,7 +464,6 @@ def test_from_gpt2_files_encodes_to_the_files_ids(gpt2_files):
         assert tok.decode(tok.encode(text, allow_special=True)) == text, "decode inverts the files' ids"
     for text in VARIED_TEXTS[:10]:
         assert tok.encode_reference(text, allow_special=True) == ref.encode(text, allowed_special="all")
-    assert tok.encode_batch(VARIED_TEXTS[:3]) == [ref.encode_ordinary(t) for t in VARIED_TEXTS[:3]]
 
 
 def test_from_vocab_keeps_ids_that_are_not_in_merge_order(tok):
